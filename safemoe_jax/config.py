@@ -1,0 +1,268 @@
+"""Typed configuration: dataclass schema, YAML files, dotted command-line overrides, validation.
+
+Every choice the paper leaves open is a field here with a default and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration value is missing, unknown, or of the wrong type."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model architecture (Llama family). Filled from an HF config.json or GGUF metadata.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 256
+  hidden_size: int = 64  # D
+  intermediate_size: int = 128  # F (SwiGLU width)
+  num_layers: int = 2  # L
+  num_heads: int = 4  # Hq
+  num_kv_heads: int = 2  # Hkv (grouped-query attention when < num_heads)
+  head_dim: int = 16  # hd
+  rope_theta: float = 10000.0
+  # Llama-3.1 style RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
+  # "high_freq_factor", "original_max_position_embeddings"}; None for plain RoPE.
+  rope_scaling: dict | None = None
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 2048
+  tie_embeddings: bool = False  # SmolLM2 ties the LM head to the input embedding
+  qkv_bias: bool = False  # Qwen2/2.5 have biases on q, k, v
+  param_dtype: str = "float32"  # storage dtype of the frozen base (bfloat16 on TPU)
+  compute_dtype: str = "float32"  # matmul dtype (bfloat16 on TPU); norms/softmax stay float32
+  remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+
+  def validate(self) -> None:
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim"):
+      if getattr(self, f) <= 0:
+        raise ConfigError(f"model.{f} must be > 0, got {getattr(self, f)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f"model.num_heads ({self.num_heads}) must be a multiple of "
+                        f"model.num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+    for f in ("param_dtype", "compute_dtype"):
+      if getattr(self, f) not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.{f} must be float32, bfloat16 or float16, got "
+                          f"{getattr(self, f)!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The SafeMoE layer: stacked LoRA experts and the router.
+# --------------------------------------------------------------------------------------------
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsConfig:
+  num_experts: int = 0  # E; 0 means a plain model without experts
+  domains: tuple[str, ...] = ()  # expert e is trained on domains[e]; len == num_experts
+  targets: tuple[str, ...] = ("q", "k", "v")  # authors' development code: q, k, v of every layer
+  rank: int = 32  # authors' development code
+  alpha: float = 16.0  # scaling alpha / rank, as in PEFT
+  dropout: float = 0.05  # on the LoRA input, training only (one mask shared by all experts)
+  init_scale: float = 0.0  # 0 -> A ~ Kaiming-uniform like PEFT; >0 -> A ~ N(0, init_scale^2)
+
+  def validate(self) -> None:
+    if self.num_experts < 0:
+      raise ConfigError(f"experts.num_experts must be >= 0, got {self.num_experts}")
+    if self.num_experts and self.rank <= 0:
+      raise ConfigError(f"experts.rank must be > 0, got {self.rank}")
+    if self.domains and len(self.domains) != self.num_experts:
+      raise ConfigError(f"experts.domains has {len(self.domains)} entries but num_experts is "
+                        f"{self.num_experts}; give one domain per expert")
+    bad = [t for t in self.targets if t not in TARGETS]
+    if bad or not self.targets:
+      raise ConfigError(f"experts.targets {list(self.targets)}: valid targets are {list(TARGETS)}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"experts.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+  # per_token: gate from the hidden state entering each layer, at every position.
+  # per_sequence: gate from the mean of the prompt's hidden states entering each layer,
+  #   computed once (at prefill) and reused for every generated token.
+  granularity: Literal["per_token", "per_sequence"] = "per_token"
+  scope: Literal["per_layer", "shared"] = "per_layer"  # one router per layer, or one for all
+  form: Literal["linear", "mlp"] = "linear"  # lightweight by design
+  mlp_hidden: int = 64  # width of the MLP router's hidden layer
+  # softmax: convex mix; sigmoid: independent gates; tanh: signed (an expert can be subtracted);
+  # linear: unconstrained. Default tanh: the negated-average baseline shows subtraction matters.
+  activation: Literal["softmax", "sigmoid", "tanh", "linear"] = "tanh"
+  temperature: float = 1.0  # logits are divided by it before the activation
+  top_k: int = 0  # 0 = dense; k > 0 keeps the k largest logits per token
+  renormalize: bool = True  # after top-k, rescale kept gates to sum |g| of the dense gates' scale
+  normalize_input: bool = True  # RMS-normalise the router's input (hidden states grow with depth)
+  init_std: float = 0.0  # 0 -> zero-init output (router starts at act(0)); else N(0, std^2)
+  # Auxiliary losses, each with a coefficient (0 disables it).
+  entropy_coef: float = 0.0  # + coef * mean gate entropy (negative coef rewards spread)
+  load_balance_coef: float = 0.0  # Switch-style E * sum_e f_e * P_e
+  z_loss_coef: float = 0.0  # mean logsumexp(logits)^2
+
+  def validate(self, num_experts: int = 0) -> None:
+    if self.temperature <= 0:
+      raise ConfigError(f"router.temperature must be > 0, got {self.temperature}")
+    if self.top_k < 0 or (num_experts and self.top_k > num_experts):
+      raise ConfigError(f"router.top_k must be in [0, num_experts={num_experts}], got {self.top_k}")
+    if self.form == "mlp" and self.mlp_hidden <= 0:
+      raise ConfigError(f"router.mlp_hidden must be > 0, got {self.mlp_hidden}")
+
+
+ROUTING_MODES = ("learned", "base", "uniform", "negated", "oracle", "fixed")
+
+
+# --------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict / YAML / overrides.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_type(path: str, tp: Any, value: Any) -> Any:
+  """Coerce `value` to type `tp` where that is lossless; raise ConfigError otherwise."""
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if tp is Any:
+    return value
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+    return value
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _check_type(path, a, value)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(f"{path}: {value!r} matches none of {args}: {errors}")
+  if origin is tuple:
+    if isinstance(value, str):
+      value = [v for v in value.split(",") if v] if value else []
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+    inner = args[0] if args else Any
+    return tuple(_check_type(f"{path}[{i}]", inner, v) for i, v in enumerate(value))
+  if origin is dict or tp is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+    return dict(value)
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+    return from_dict(tp, value, path)
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+      return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{path}: expected true/false, got {value!r}")
+  if tp is int:
+    if isinstance(value, bool):
+      raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+      return value
+    if isinstance(value, str):
+      try:
+        return int(value)
+      except ValueError:
+        pass
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+    raise ConfigError(f"{path}: expected an integer, got {value!r}")
+  if tp is float:
+    if isinstance(value, bool):
+      raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+      return float(value)
+    if isinstance(value, str):
+      try:
+        return float(value)
+      except ValueError:
+        pass
+    raise ConfigError(f"{path}: expected a number, got {value!r}")
+  if tp is str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+      return str(value)
+    raise ConfigError(f"{path}: expected a string, got {value!r}")
+  return value
+
+
+def from_dict(cls, d: dict, path: str = "") -> Any:
+  """Build dataclass `cls` from a (possibly partial) dict; unknown keys are errors."""
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = [k for k in d if k not in fields]
+  if unknown:
+    where = path or cls.__name__
+    raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
+  kwargs = {k: _check_type(f"{path}.{k}" if path else k, hints[k], v) for k, v in d.items()}
+  return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+  if dataclasses.is_dataclass(obj):
+    return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+  if isinstance(obj, tuple):
+    return [to_dict(v) for v in obj]
+  if isinstance(obj, dict):
+    return {k: to_dict(v) for k, v in obj.items()}
+  return obj
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+  """Apply `a.b.c=value` overrides (YAML-parsed values) to a nested dict, in place."""
+  for ov in overrides:
+    if "=" not in ov:
+      raise ConfigError(f"override {ov!r} must look like key.sub=value")
+    key, raw = ov.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node = d
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"override {ov!r}: {p} is not a section")
+    node[parts[-1]] = value
+  return d
+
+
+def load_yaml(path: str | Path) -> dict:
+  path = Path(path)
+  if not path.exists():
+    raise ConfigError(f"config file {path} does not exist")
+  with open(path) as f:
+    d = yaml.safe_load(f) or {}
+  if not isinstance(d, dict):
+    raise ConfigError(f"config file {path} must hold a mapping at the top level")
+  base = d.pop("base", None)  # `base: other.yaml` inherits from another file
+  if base:
+    parent = load_yaml(path.parent / base)
+    d = _merge(parent, d)
+  return d
+
+
+def _merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
