@@ -209,6 +209,9 @@ class SafeMoELM(nnx.Module):
     if routing not in ROUTING_MODES:
       raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
     B, T = input_ids.shape
+    if cache is None and T > cfg.max_position_embeddings:
+      raise ValueError(f"sequence of {T} tokens is longer than the model's context of "
+                       f"{cfg.max_position_embeddings}; truncate it (data.max_length)")
     use_experts = E > 0 and routing != "base"
     cdt = jnp.dtype(cfg.compute_dtype)
     mask_BT = (jnp.ones((B, T), jnp.int32) if attention_mask is None

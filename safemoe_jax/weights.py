@@ -1,0 +1,372 @@
+"""Checkpoints -> our parameter layout: Hugging Face safetensors folders and GGUF files.
+
+Our layout is a flat dict of numpy arrays, weights stored (in, out) (transposed from PyTorch's
+(out, in) Linear weights), the L decoder layers stacked on a leading axis; `expected_shapes` is
+the full list. RoPE is HF's rotate-half convention, so llama.cpp's permuted GGUF Q/K are undone.
+
+Only safetensors, GGUF and JSON are read: never pickle, never remote code. Tensors are read one
+at a time (memory-mapped) and written into preallocated stacks, so peak memory stays near the
+size of the result, also for 8B models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from safemoe_jax.config import ModelConfig
+
+
+class WeightsError(ValueError):
+  """A checkpoint cannot be read, is of an unsupported kind, or does not match its config."""
+
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM2, TinyLlama, Llama 2/3.x are "llama"
+GGUF_ARCHS = ("llama",)
+DType = np.dtype | type | str
+
+
+# --------------------------------------------------------------------------------------------
+# The layout.
+# --------------------------------------------------------------------------------------------
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every parameter of a `cfg`-shaped model and its shape (our layout)."""
+  L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  Q, K = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim  # Hq*hd, Hkv*hd
+  s = {"embed": (V, D), "layers.attn_norm": (L, D),
+       "layers.q": (L, D, Q), "layers.k": (L, D, K), "layers.v": (L, D, K), "layers.o": (L, Q, D)}
+  if cfg.qkv_bias:
+    s |= {"layers.q_bias": (L, Q), "layers.k_bias": (L, K), "layers.v_bias": (L, K)}
+  s |= {"layers.mlp_norm": (L, D), "layers.gate": (L, D, F), "layers.up": (L, D, F),
+        "layers.down": (L, F, D), "final_norm": (D,)}
+  if not cfg.tie_embeddings:
+    s["lm_head"] = (D, V)
+  return s
+
+
+def check_params(cfg: ModelConfig, params: dict[str, Any]) -> None:
+  """Raise WeightsError unless `params` has exactly the keys and shapes `cfg` expects."""
+  want = expected_shapes(cfg)
+  problems = [f"  {k}: missing (expected shape {want[k]})" for k in want if k not in params]
+  problems += [f"  {k}: shape {tuple(np.shape(params[k]))}, expected {want[k]}"
+               for k in want if k in params and tuple(np.shape(params[k])) != want[k]]
+  problems += [f"  {k}: unexpected tensor of shape {tuple(np.shape(params[k]))}"
+               for k in params if k not in want]
+  if problems:
+    raise WeightsError("the checkpoint does not match the model config:\n" + "\n".join(problems)
+                       + f"\n  config: {_arch_summary(cfg)}\n  fix: load the weights with the "
+                       "config that came with them (config.json / GGUF metadata).")
+
+
+def _arch_summary(cfg: ModelConfig) -> str:
+  return (f"layers={cfg.num_layers} hidden={cfg.hidden_size} ffn={cfg.intermediate_size} "
+          f"heads={cfg.num_heads} kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} "
+          f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings} qkv_bias={cfg.qkv_bias}")
+
+
+def _np_dtype(dtype: DType) -> np.dtype:
+  return np.dtype(ml_dtypes.bfloat16) if str(dtype) in ("bfloat16", "bf16") else np.dtype(dtype)
+
+
+def _assemble(cfg: ModelConfig, name_of: Callable[[str, int | None], str],
+              read: Callable[[str], np.ndarray | None], dtype: DType, where: str,
+              fix: Callable[[str, np.ndarray], np.ndarray] = lambda key, w: w
+              ) -> tuple[dict[str, np.ndarray], set[str]]:
+  """Fill our layout tensor by tensor: `read(source_name)` gives the (out, in) source array
+  (None if absent), `fix` may rewrite it (GGUF Q/K un-permutation). Returns params and the
+  source names used."""
+  params, used = {}, set()
+  for key, shape in expected_shapes(cfg).items():
+    out = np.empty(shape, _np_dtype(dtype))
+    for i in range(cfg.num_layers) if key.startswith("layers.") else [None]:
+      name = name_of(key, i)
+      w = read(name)
+      if w is None:
+        raise WeightsError(f"tensor {name} (our {key}) is missing from {where}.\n"
+                           f"  the config ({_arch_summary(cfg)}) needs it; the checkpoint does "
+                           "not match the config, or is of a variant we do not support.")
+      want = shape[1:] if i is not None else shape
+      want_src = want[::-1] if len(want) == 2 and key != "embed" else want  # (out, in)
+      if tuple(w.shape) != want_src:
+        raise WeightsError(f"tensor {name} has shape {tuple(w.shape)} in {where}, but the config "
+                           f"expects {want_src} ({_arch_summary(cfg)}): the checkpoint does not "
+                           "match the config.")
+      w = fix(key, w)
+      if w.ndim == 2 and key != "embed":
+        w = w.T  # (out, in) -> (in, out)
+      out[() if i is None else i] = w  # casts to dtype
+      used.add(name)
+    params[key] = out
+  return params, used
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face: config.json + safetensors.
+# --------------------------------------------------------------------------------------------
+
+_HF_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+             "lm_head": "lm_head.weight", "attn_norm": "input_layernorm.weight",
+             "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
+             "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight",
+             "q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias",
+             "v_bias": "self_attn.v_proj.bias", "mlp_norm": "post_attention_layernorm.weight",
+             "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+             "down": "mlp.down_proj.weight"}
+
+
+def _hf_name(key: str, i: int | None) -> str:
+  if i is None:
+    return _HF_NAMES[key]
+  return f"model.layers.{i}.{_HF_NAMES[key.removeprefix('layers.')]}"
+
+
+def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
+  """(rope_theta, our rope_scaling) from transformers 5 `rope_parameters` or the older
+  top-level `rope_theta` + `rope_scaling` ({"type" | "rope_type": ...})."""
+  rp = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+  theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+  kind = rp.get("rope_type", rp.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind != "llama3":
+    raise WeightsError(f"RoPE scaling type {kind!r} is not supported (supported: plain RoPE and "
+                       f"'llama3'); rope settings found: {rp}")
+  keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  if missing := [k for k in keys if k not in rp]:
+    raise WeightsError(f"llama3 RoPE scaling lacks {missing}; found {rp}")
+  return theta, {"rope_type": "llama3", **{k: rp[k] for k in keys}}
+
+
+def config_from_hf(cfg: dict, **overrides: Any) -> ModelConfig:
+  """Our ModelConfig from an HF config.json dict (llama, mistral, qwen2); `overrides` replace
+  fields afterwards (e.g. param_dtype="bfloat16")."""
+  mt = cfg.get("model_type")
+  if mt not in HF_MODEL_TYPES:
+    raise WeightsError(f"model_type {mt!r} is not supported; supported: {list(HF_MODEL_TYPES)} "
+                       "(SmolLM2, TinyLlama and Llama 2/3.x are 'llama').")
+  try:
+    D, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    F, L, V = int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"]), int(cfg["vocab_size"])
+  except KeyError as e:
+    raise WeightsError(f"config.json lacks {e.args[0]!r}, needed for a {mt} model") from None
+  if (act := cfg.get("hidden_act", "silu")) != "silu":
+    raise WeightsError(f"hidden_act {act!r} is not supported: the MLP is SwiGLU (silu)")
+  if mt != "qwen2" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+    raise WeightsError("attention_bias / mlp_bias = true is not supported (only Qwen2-style "
+                       "biases on q, k, v)")
+  max_pos = int(cfg.get("max_position_embeddings") or ModelConfig.max_position_embeddings)
+  sw = cfg.get("sliding_window")
+  if (mt == "mistral" or cfg.get("use_sliding_window")) and sw is not None and sw < max_pos:
+    warnings.warn(f"{mt}: sliding_window={sw} < max_position_embeddings={max_pos}; we use full "
+                  f"attention, which equals the model only for sequences up to {sw} tokens",
+                  stacklevel=2)
+  theta, scaling = _rope_from_hf(cfg)
+  out = ModelConfig(
+      vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L, num_heads=heads,
+      num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+      head_dim=int(cfg.get("head_dim") or D // heads), rope_theta=theta, rope_scaling=scaling,
+      rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), max_position_embeddings=max_pos,
+      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=mt == "qwen2")
+  return _replace(out, overrides)
+
+
+def _replace(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  if bad := sorted(set(overrides) - fields):
+    raise WeightsError(f"unknown ModelConfig override(s) {bad}; fields are {sorted(fields)}")
+  cfg = dataclasses.replace(cfg, **overrides)
+  cfg.validate()
+  return cfg
+
+
+# safetensors' own numpy reader cannot return bfloat16, so we read the (simple) format directly:
+# 8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, the bytes.
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+def _safetensors_tensors(files: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
+  """name -> zero-argument reader returning a memory-mapped (read-only) array."""
+  out = {}
+  for f in files:
+    with open(f, "rb") as fh:
+      n = int.from_bytes(fh.read(8), "little")
+      header = json.loads(fh.read(n))
+    buf = np.memmap(f, np.uint8, mode="r", offset=8 + n)
+    for name, info in header.items():
+      if name == "__metadata__":
+        continue
+      if info["dtype"] not in _ST_DTYPES:
+        raise WeightsError(f"{f.name}: tensor {name} has dtype {info['dtype']}; supported: "
+                           f"{list(_ST_DTYPES)}")
+      dt, (a, b), shape = np.dtype(_ST_DTYPES[info["dtype"]]), info["data_offsets"], info["shape"]
+      if b - a != math.prod(shape) * dt.itemsize or b > buf.size:
+        raise WeightsError(f"{f}: tensor {name} has a corrupt header entry {info}")
+      out[name] = lambda buf=buf, a=a, b=b, dt=dt, shape=shape: buf[a:b].view(dt).reshape(shape)
+  return out
+
+
+def _hf_files(d: Path) -> list[Path]:
+  if (idx := d / "model.safetensors.index.json").exists():
+    return [d / f for f in sorted(set(json.loads(idx.read_text())["weight_map"].values()))]
+  if (d / "model.safetensors").exists():
+    return [d / "model.safetensors"]
+  if list(d.glob("*.bin")) or list(d.glob("*.pt")) or list(d.glob("*.pth")):
+    raise WeightsError(
+        f"{d} has only PyTorch pickle weights (*.bin / *.pt); pickle is refused because loading "
+        "it can run arbitrary code.\n  fix: convert once, where you trust the file: "
+        f"AutoModelForCausalLM.from_pretrained('{d}').save_pretrained('{d}', "
+        "safe_serialization=True)")
+  raise WeightsError(f"{d} has no model.safetensors or model.safetensors.index.json; found "
+                     f"{sorted(p.name for p in d.iterdir())[:20]}")
+
+
+def load_hf_checkpoint(path: str | Path, dtype: DType = np.float32, **overrides: Any
+                       ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """Read an HF folder (config.json + model.safetensors, or sharded with its index)."""
+  d = Path(path)
+  if not (d / "config.json").is_file():
+    raise WeightsError(f"{d} is not an HF model folder: config.json not found")
+  cfg = config_from_hf(json.loads((d / "config.json").read_text()), **overrides)
+  tensors = _safetensors_tensors(_hf_files(d))
+  params, used = _assemble(cfg, _hf_name, lambda n: tensors[n]() if n in tensors else None,
+                           dtype, where=str(d))
+  ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # tied: duplicate of embed
+  extra = sorted(n for n in set(tensors) - used - ignored if not n.endswith("rotary_emb.inv_freq"))
+  if extra:
+    raise WeightsError(f"{d} has tensors the model would ignore: {extra[:10]}"
+                       f"{' ...' if len(extra) > 10 else ''}; this variant is not supported.")
+  return cfg, params
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF (llama.cpp): dequantised with the `gguf` package.
+# --------------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {"embed": "token_embd.weight", "final_norm": "output_norm.weight",
+               "lm_head": "output.weight", "attn_norm": "attn_norm.weight",
+               "q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight",
+               "o": "attn_output.weight", "q_bias": "attn_q.bias", "k_bias": "attn_k.bias",
+               "v_bias": "attn_v.bias", "mlp_norm": "ffn_norm.weight", "gate": "ffn_gate.weight",
+               "up": "ffn_up.weight", "down": "ffn_down.weight"}
+
+
+def _gguf_name(key: str, i: int | None) -> str:
+  if i is None:
+    return _GGUF_NAMES[key]
+  return f"blk.{i}.{_GGUF_NAMES[key.removeprefix('layers.')]}"
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undo llama.cpp's interleaved-RoPE row permutation of a Q/K weight (out, in) or bias (out,):
+  gives HF's rotate-half layout."""
+  hd = w.shape[0] // n_head
+  return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(scaling: dict, theta: float, head_dim: int) -> np.ndarray:
+  """Per-frequency divisors of Llama-3.1 RoPE scaling ([head_dim // 2]), as GGUF's rope_freqs."""
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  wavelen = 2 * np.pi / inv_freq
+  old, lo, hi = (scaling["original_max_position_embeddings"], scaling["low_freq_factor"],
+                 scaling["high_freq_factor"])
+  smooth = np.clip((old / wavelen - lo) / (hi - lo), 0.0, 1.0)  # 0: long waves, 1: short waves
+  return 1.0 / ((1 - smooth) / scaling["factor"] + smooth)
+
+
+def _f32(x: Any) -> float:
+  return float(str(np.float32(x)))  # shortest decimal of a float32 field: 1e-05, not 9.99e-06
+
+
+def gguf_metadata(path: str | Path) -> dict[str, Any]:
+  """All key/value metadata of a GGUF file as Python values (token lists included)."""
+  return {k: f.contents() for k, f in _gguf_reader(path).fields.items()}
+
+
+def _gguf_reader(path: str | Path):
+  from gguf import GGUFReader
+  if not Path(path).is_file():
+    raise WeightsError(f"GGUF file {path} not found")
+  try:
+    return GGUFReader(path)
+  except Exception as e:
+    raise WeightsError(f"{path} could not be read as GGUF: {type(e).__name__}: {e}") from e
+
+
+def load_gguf(path: str | Path, dtype: DType = np.float32, **overrides: Any
+              ) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, Any]]:
+  """Read a llama-architecture GGUF: (config, dequantised params, raw metadata)."""
+  from gguf.quants import dequantize
+  r = _gguf_reader(path)
+  md = {k: f.contents() for k, f in r.fields.items()}
+  arch = md.get("general.architecture")
+  if arch not in GGUF_ARCHS:
+    raise WeightsError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                       f"{list(GGUF_ARCHS)} (for others use the HF safetensors checkpoint)")
+  tensors = {t.name: t for t in r.tensors}
+
+  def g(key: str, default: Any = None) -> Any:
+    if (v := md.get(f"{arch}.{key}", default)) is None:
+      raise WeightsError(f"{path}: metadata {arch}.{key} is missing")
+    return v
+
+  if (kind := md.get(f"{arch}.rope.scaling.type", "none")) != "none":
+    raise WeightsError(f"{path}: RoPE scaling {kind!r} in GGUF is not supported")
+  D, heads = int(g("embedding_length")), int(g("attention.head_count"))
+  hd = int(md.get(f"{arch}.attention.key_length", D // heads))
+  if int(md.get(f"{arch}.rope.dimension_count", hd)) != hd:
+    raise WeightsError(f"{path}: partial rotary embeddings (rope.dimension_count "
+                       f"{md[f'{arch}.rope.dimension_count']} != head_dim {hd}) are not supported")
+  if "token_embd.weight" not in tensors:
+    raise WeightsError(f"{path}: no token_embd.weight tensor")
+  V = int(tensors["token_embd.weight"].shape[-1])  # ggml shapes are reversed: (D, V)
+  if len(md.get("tokenizer.ggml.tokens", ())) > V:
+    raise WeightsError(f"{path}: {len(md['tokenizer.ggml.tokens'])} tokens but only {V} "
+                       "embedding rows")
+  cfg = ModelConfig(
+      vocab_size=V, hidden_size=D, intermediate_size=int(g("feed_forward_length")),
+      num_layers=int(g("block_count")), num_heads=heads,
+      num_kv_heads=int(md.get(f"{arch}.attention.head_count_kv", heads)), head_dim=hd,
+      rope_theta=_f32(g("rope.freq_base", 10000.0)),
+      rms_norm_eps=_f32(g("attention.layer_norm_rms_epsilon", 1e-5)),
+      max_position_embeddings=int(g("context_length", ModelConfig.max_position_embeddings)),
+      tie_embeddings="output.weight" not in tensors, qkv_bias="blk.0.attn_q.bias" in tensors)
+  cfg = _replace(cfg, overrides)
+  used = set()
+  if "rope_freqs.weight" in tensors:  # Llama-3.1 RoPE scaling, stored only as its factors
+    found = dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type)
+    if cfg.rope_scaling is None:
+      raise WeightsError(
+          f"{path} uses scaled RoPE (rope_freqs.weight) but GGUF does not store its parameters; "
+          "pass them, e.g. for Llama-3.1: load_gguf(path, rope_scaling={'rope_type': 'llama3', "
+          "'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, "
+          "'original_max_position_embeddings': 8192})")
+    want = llama3_rope_factors(cfg.rope_scaling, cfg.rope_theta, cfg.head_dim)
+    if not np.allclose(found, want, rtol=1e-4):
+      raise WeightsError(f"{path}: rope_scaling {cfg.rope_scaling} gives RoPE factors {want}, but "
+                         f"the file has {np.asarray(found)}")
+    used.add("rope_freqs.weight")
+
+  def read(name: str) -> np.ndarray | None:
+    t = tensors.get(name)
+    return None if t is None else np.asarray(dequantize(t.data, t.tensor_type), np.float32)
+
+  def fix(key: str, w: np.ndarray) -> np.ndarray:
+    if key.removesuffix("_bias") in ("layers.q", "layers.k"):
+      return unpermute_qk(w, cfg.num_heads if key.startswith("layers.q") else cfg.num_kv_heads)
+    return w
+
+  params, used_w = _assemble(cfg, _gguf_name, read, dtype, where=str(path), fix=fix)
+  if extra := sorted(set(tensors) - used - used_w):
+    raise WeightsError(f"{path} has tensors the model would ignore: {extra[:10]}; this variant "
+                       "is not supported.")
+  return cfg, params, md
