@@ -65,18 +65,52 @@ def split_for(model: SafeMoELM, group: str):
 
 
 def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformation,
-                    routing: str) -> tuple[Callable, Any, Any]:
-  """Returns (step, trainable, frozen). step(params, opt_state, frozen, batch, rng) is pure:
-  -> (params, opt_state, metrics). Only `params` (the trainable group) is differentiated."""
+                    routing: str, accum_steps: int = 1) -> tuple[Callable, Any, Any]:
+  """Returns (step, trainable, frozen).
+
+  step(params, opt_state, frozen, batch, rng) -> (params, opt_state, metrics) is pure; only
+  `params` (the trainable group) is differentiated. With accum_steps > 1 every batch array has
+  a leading micro-batch axis [A, b, ...]; gradients are summed over a scan so the update equals
+  one step on the whole batch (loss weighted by response tokens, aux losses averaged).
+  A non-finite loss or gradient leaves params and optimiser state unchanged and sets
+  metrics['nonfinite'] so the caller can stop or skip.
+  """
   _, trainable, frozen, merge = split_for(model, group)
 
+  def micro_loss(p, frozen, mb, rng, n_total):
+    loss, m = forward_loss(merge(p, frozen), mb, routing, dropout_rng=rng)
+    # Token-weighted, so the sum over micro-batches equals the loss of the whole batch (exact
+    # for the CE, entropy and z-loss; load balance is a product of means, so approximate).
+    obj = (jnp.sum(m["per_example_nll"]) + m["aux_loss"] * m["tokens"]) / n_total
+    return obj, m
+
   def step(params, opt_state, frozen, batch, rng):
-    def loss_fn(p):
-      return forward_loss(merge(p, frozen), batch, routing, dropout_rng=rng)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return params, opt_state, metrics
+    if accum_steps == 1:
+      batch = jax.tree.map(lambda x: x[None], batch)
+    n_total = jnp.maximum(jnp.sum(batch["loss_mask"][..., 1:].astype(jnp.float32)), 1.0)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    rngs = jax.random.split(rng, accum_steps)
+
+    def body(acc, xs):
+      mb, r = xs
+      (obj, m), g = grad_fn(params, frozen, mb, r, n_total)
+      acc = jax.tree.map(jnp.add, acc, (g, obj))
+      return acc, m
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+    (grads, obj), ms = jax.lax.scan(body, zeros, (batch, rngs))
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(obj) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    metrics = {"loss": obj, "ce": jnp.sum(ms["per_example_nll"]) / n_total,
+               "aux_loss": jnp.sum(ms["aux_loss"] * ms["tokens"]) / n_total, "tokens": n_total, "grad_norm": grad_norm,
+               "nonfinite": ~ok,
+               "per_example_nll": ms["per_example_nll"].reshape(-1),
+               "per_example_tokens": ms["per_example_tokens"].reshape(-1)}
+    if "routing" in ms:
+      metrics["routing"] = jax.tree.map(lambda x: jnp.mean(x, 0), ms["routing"])
+    return keep(new_params, params), keep(new_opt, opt_state), metrics
 
   return step, trainable, frozen

@@ -1,0 +1,106 @@
+"""Metrics sinks: JSONL (always), TensorBoard (tensorboardX), Weights & Biases (optional)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+  out: dict[str, float] = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "/"))
+      continue
+    a = np.asarray(v)
+    if a.ndim == 0:
+      out[key] = float(a)
+    elif a.size <= 64:  # small vectors (e.g. per-expert weights) are logged element-wise
+      for idx in np.ndindex(a.shape):
+        out[key + "/" + "_".join(map(str, idx))] = float(a[idx])
+  return out
+
+
+class MetricsWriter:
+  """Writes one JSON object per step to `path` and scalars to TensorBoard / W&B if enabled."""
+
+  def __init__(self, out_dir: Path, *, tensorboard: bool = True, wandb_project: str = "",
+               run_name: str = "", config: dict | None = None):
+    self.path = Path(out_dir) / "metrics.jsonl"
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.f = open(self.path, "a", buffering=1)
+    self.tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+      except ImportError:
+        print("[metrics] tensorboardX not installed; TensorBoard logging off", file=sys.stderr)
+    self.wandb = None
+    if wandb_project:
+      try:
+        import wandb
+        self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config,
+                                resume="allow")
+      except ImportError:
+        print("[metrics] wandb not installed; W&B logging off", file=sys.stderr)
+
+  def write(self, record: dict[str, Any], step: int, tag: str) -> None:
+    flat = _flatten(record)
+    row = {"tag": tag, "step": step, **{k: (v if math.isfinite(v) else str(v))
+                                          for k, v in flat.items()}}
+    self.f.write(json.dumps(row) + "\n")
+    for k, v in flat.items():
+      if self.tb is not None and math.isfinite(v):
+        self.tb.add_scalar(f"{tag}/{k}", v, step)
+    if self.wandb is not None:
+      self.wandb.log({f"{tag}/{k}": v for k, v in flat.items()}, step=step)
+
+  def close(self) -> None:
+    self.f.close()
+    if self.tb is not None:
+      self.tb.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  if not Path(path).exists():
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
+  """Loss curves of both phases (train loss per step, validation where logged) as a PNG."""
+  rows = read_jsonl(metrics_path)
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, phase in zip(axes, ("phase1", "phase2")):
+    tr = [(r["step"], r["ce"]) for r in rows if r["tag"] == f"{phase}/train" and "ce" in r]
+    va = [(r["step"], r["ce"]) for r in rows if r["tag"] == f"{phase}/val" and "ce" in r]
+    if tr:
+      # Keep the last record per step (a resumed run may re-log a step it had not saved).
+      tr = sorted(dict(tr).items())
+      ax.plot(*zip(*tr), label="train", lw=1)
+    if va:
+      ax.plot(*zip(*sorted(dict(va).items())), "o-", label="validation")
+    ax.set_title({"phase1": "phase 1: experts (oracle routing)",
+                  "phase2": "phase 2: router"}[phase])
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy on response tokens")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+  plt.close(fig)
+  return out_png
