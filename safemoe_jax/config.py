@@ -158,6 +158,10 @@ def _check_type(path: str, tp: Any, value: Any) -> Any:
       value = [v for v in value.split(",") if v] if value else []
     if not isinstance(value, (list, tuple)):
       raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+    if args and args[-1] is not Ellipsis:  # fixed-length tuple[A, B, ...]: one type per slot
+      if len(value) != len(args):
+        raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}: {value!r}")
+      return tuple(_check_type(f"{path}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
     inner = args[0] if args else Any
     return tuple(_check_type(f"{path}[{i}]", inner, v) for i, v in enumerate(value))
   if origin is dict or tp is dict:

@@ -21,6 +21,7 @@ from flax import nnx
 
 from safemoe_jax import experts as ex
 from safemoe_jax.config import ROUTING_MODES, ExpertsConfig, ModelConfig, RouterConfig
+from safemoe_jax.sharding import constrain
 
 NEG_INF = -1e30  # finite, so fully padded query rows give finite (ignored) outputs
 
@@ -232,7 +233,8 @@ class SafeMoELM(nnx.Module):
       causal_TS = (start + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
     attn_mask_BTS = causal_TS[None] & (key_valid_BS[:, None, :] > 0)
 
-    h_BTD = self.embed[...].astype(cdt)[input_ids]
+    w_VD = constrain(self.embed[...], ("vocab", None))  # FSDP-gather D first: no [B,T,D] replica
+    h_BTD = constrain(w_VD.astype(cdt)[input_ids], ("batch", "seq", "embed"))
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     per_seq = use_experts and self.rcfg.granularity == "per_sequence"
 
@@ -326,7 +328,7 @@ class SafeMoELM(nnx.Module):
           ys["gates"] = jnp.broadcast_to(g_BTE, (B, T, E))
         if per_seq and logits_BTE is not None:
           ys["seq_gates"] = g_BTE
-      return (h, ck, cv), ys
+      return (constrain(h, ("batch", "seq", "embed")), ck, cv), ys
 
     body = jax.checkpoint(layer, prevent_cse=False) if cfg.remat else layer
     carry0 = (h_BTD, None if cache is None else cache["k"], None if cache is None else cache["v"])
@@ -336,7 +338,8 @@ class SafeMoELM(nnx.Module):
     if last_only:
       h_BTD = h_BTD[:, -1:]
     w_DV = (self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]).astype(cdt)
-    logits = jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32)
+    logits = constrain(jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32),
+                       ("batch", "seq", "vocab"))
 
     aux: dict[str, Any] = {"aux_loss": jnp.zeros((), jnp.float32)}
     if use_experts:
