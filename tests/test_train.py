@@ -1,0 +1,126 @@
+"""`python -m safemoe_jax.train` on a tiny model: both phases, freezing, resume, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from safemoe_jax import train
+from safemoe_jax.config import ConfigError
+from tests.fixtures import tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tiny_train")
+  return tiny_run.write_model(d / "model"), tiny_run.write_data(d / "data.jsonl")
+
+
+def _rows(out: Path, tag: str) -> list[dict]:
+  return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
+          if json.loads(l)["tag"] == tag]
+
+
+def test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts(tiny, tmp_path):
+  model_dir, data = tiny
+  out = tmp_path / "run"
+  cfg = train.load_config(None, tiny_run.overrides(model_dir, data, out,
+                                                   **{"phase1.steps": 10}))
+  summary, model = train.run_with_model(cfg)
+  p1 = [r["ce"] for r in _rows(out, "phase1/train")]
+  p2 = [r["ce"] for r in _rows(out, "phase2/train")]
+  assert len(p1) == 10 and len(p2) == 6
+  assert np.mean(p1[-3:]) < np.mean(p1[:3]) - 0.05, p1
+  assert np.mean(p2[-3:]) < np.mean(p2[:3]), p2
+  for k in ("experts", "router", "loss_curves"):
+    assert Path(summary["artifacts"][k]).exists()
+  # Phase 2 trained only the router: the final experts equal the phase-1 artifact and the base
+  # equals the checkpoint on disk, bit for bit; the router moved away from its initialisation.
+  from flax import nnx
+  from safemoe_jax import weights
+  from safemoe_jax.experts import ExpertParam, RouterParam
+  flat = lambda st: {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(st)}
+  experts = load_file(str(out / "experts.safetensors"))
+  assert flat(nnx.state(model, ExpertParam)).keys() == experts.keys()
+  for k, v in flat(nnx.state(model, ExpertParam)).items():
+    np.testing.assert_array_equal(v, experts[k])
+  assert all(np.abs(v).sum() > 0 for k, v in experts.items() if ".B_" in k)
+  for k, v in flat(nnx.state(model, RouterParam)).items():
+    np.testing.assert_array_equal(v, load_file(str(out / "router.safetensors"))[k])
+  _, base = weights.load_hf_checkpoint(model_dir)
+  np.testing.assert_array_equal(np.asarray(model.layers.q[...]), base["layers.q"])
+  np.testing.assert_array_equal(np.asarray(model.embed[...]), base["embed"])
+  summary_json = json.loads((out / "safemoe.json").read_text())
+  assert summary_json["domains"] == ["alpha", "beta"]
+  assert "ce" in summary_json["metrics"]["phase1"]["val"]
+
+
+def test_stopped_after_phase1_resumes_at_phase2(tiny, tmp_path):
+  model_dir, data = tiny
+  out = tmp_path / "run"
+  train.run(train.load_config(None, tiny_run.overrides(model_dir, data, out,
+                                                       **{"phase2.steps": 0})))
+  experts_before = load_file(str(out / "experts.safetensors"))
+  assert not (out / "router.safetensors").exists()
+  n1 = len(_rows(out, "phase1/train"))
+  train.run(train.load_config(None, tiny_run.overrides(model_dir, data, out)))
+  assert len(_rows(out, "phase1/train")) == n1  # phase 1 was not trained again
+  assert len(_rows(out, "phase2/train")) == 6
+  experts_after = load_file(str(out / "experts.safetensors"))
+  for k in experts_before:
+    np.testing.assert_array_equal(experts_before[k], experts_after[k])
+
+
+def test_mid_phase_checkpoint_resumes_at_its_step(tiny, tmp_path):
+  model_dir, data = tiny
+  out = tmp_path / "run"
+  ov = tiny_run.overrides(model_dir, data, out, **{"phase2.steps": 0})
+  train.run(train.load_config(None, ov + ["phase1.steps=4"]))  # "interrupted" at step 4 of 6
+  (out / "experts.safetensors").unlink()  # as if the phase had not finished
+  train.run(train.load_config(None, ov))
+  steps = [r["step"] for r in _rows(out, "phase1/train")]
+  assert steps == [1, 2, 3, 4, 5, 6], steps  # resumed at step 5
+
+
+@pytest.mark.parametrize("override,match", [
+    ("phase1.stepz=3", r"unknown key\(s\) \['stepz'\].*valid keys"),
+    ("phase1.steps=many", r"phase1.steps: expected an integer"),
+    ("router.activation=relu", r"router.activation: 'relu' is not one of"),
+    ("experts.rank=0", r"experts.rank must be > 0"),
+    ("data.domains=[]", r"data.domains must be a non-empty list"),
+    ("experts.num_experts=3", r"one expert per domain"),
+])
+def test_config_errors_are_clear(override, match):
+  with pytest.raises(ConfigError, match=match):
+    train.load_config(None, [override])
+
+
+def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "safemoe_jax.train", "phase1.lr=-1",
+                         f"output_dir={tmp_path / 'x'}"], capture_output=True, text=True,
+                        cwd=ROOT, timeout=300)
+  assert proc.returncode == 2 and "phase1.lr must be > 0" in proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_one_device_and_eight_devices_agree(tiny, tmp_path):
+  model_dir, data = tiny
+  losses = {}
+  for n, mesh in ((1, []), (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
+    out = tmp_path / f"run{n}"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    ov = tiny_run.overrides(model_dir, data, out, **{"phase1.steps": 3, "phase2.steps": 3})
+    proc = subprocess.run([sys.executable, "-m", "safemoe_jax.train", *ov, *mesh],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses[n] = [r["loss"] for tag in ("phase1/train", "phase2/train") for r in _rows(out, tag)]
+  np.testing.assert_allclose(losses[1], losses[8], rtol=2e-5)
