@@ -124,3 +124,10 @@ def test_one_device_and_eight_devices_agree(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses[n] = [r["loss"] for tag in ("phase1/train", "phase2/train") for r in _rows(out, tag)]
   np.testing.assert_allclose(losses[1], losses[8], rtol=2e-5)
+
+
+def test_shipped_configs_load_and_embedded_yaml_is_the_default():
+  assert train.load_config(str(ROOT / "configs/embedded.yaml")) == train.load_config(None)
+  for name in ("llama31_8b_tpu.yaml", "gpu_small.yaml"):
+    cfg = train.load_config(str(ROOT / "configs" / name))
+    assert cfg.experts_config().num_experts == 14 and cfg.model.param_dtype == "bfloat16"
