@@ -265,6 +265,7 @@ class Phase:
     with S.use_mesh_rules(mesh, rules):
       self.step_fn = jax.jit(step_fn, out_shardings=(self.p_sh, self.o_sh, None),
                              donate_argnums=(0, 1))
+    self.out = out
     self.ckpt_dir = (out / "checkpoints" / name).absolute()
     self.mgr = ocp.CheckpointManager(
         self.ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
@@ -317,6 +318,8 @@ class Phase:
                  dynamic_ncols=True)
     last: dict[str, Any] = {}
     tokens_seen, time_steady, t_first = 0.0, 0.0, None
+    order_f = (open(self.out / "data_order.jsonl", "a", buffering=1)
+               if jax.process_index() == 0 else None)
     for step in range(start, pc.steps):
       batch = next(train_iter)
       example_index = batch.pop("example_index", None)
@@ -344,6 +347,9 @@ class Phase:
       else:
         tokens_seen += float(m["tokens"])
         time_steady += dt
+      if order_f is not None and example_index is not None:  # audit trail of the data order
+        order_f.write(json.dumps({"phase": self.name, "step": step + 1,
+                                  "examples": np.asarray(example_index).ravel().tolist()}) + "\n")
       rec = {"loss": m["loss"], "ce": m["ce"], "aux_loss": m["aux_loss"],
              "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
              "tokens": m["tokens"], "step_time_s": dt, "skipped": bool(m["nonfinite"])}
@@ -366,6 +372,8 @@ class Phase:
         last["val"] = val
     if bar is not None:
       bar.close()
+    if order_f is not None:
+      order_f.close()
     if time_steady > 0:  # tokens/s after the first (compiling) step of this run
       last["tokens_per_s"] = tokens_seen / time_steady
     self.mgr.close()
