@@ -323,6 +323,7 @@ class Phase:
     for step in range(start, pc.steps):
       batch = next(train_iter)
       example_index = batch.pop("example_index", None)
+      n_in = float(batch["attention_mask"].sum()) * jax.process_count()  # tokens processed
       if pc.grad_accum > 1:
         batch = {k: v.reshape((pc.grad_accum, -1) + v.shape[1:]) for k, v in batch.items()}
       batch = S.shard_batch(batch, self.mesh, leading_dims=2 if pc.grad_accum > 1 else 1)
@@ -345,21 +346,22 @@ class Phase:
       if t_first is None:
         t_first = dt  # includes compilation
       else:
-        tokens_seen += float(m["tokens"])
+        tokens_seen += n_in
         time_steady += dt
       if order_f is not None and example_index is not None:  # audit trail of the data order
         order_f.write(json.dumps({"phase": self.name, "step": step + 1,
                                   "examples": np.asarray(example_index).ravel().tolist()}) + "\n")
       rec = {"loss": m["loss"], "ce": m["ce"], "aux_loss": m["aux_loss"],
              "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
-             "tokens": m["tokens"], "step_time_s": dt, "skipped": bool(m["nonfinite"])}
+             "tokens": m["tokens"], "input_tokens": n_in, "step_time_s": dt,
+             "skipped": bool(m["nonfinite"])}
       if "routing" in m:
         rec["routing"] = {"weight_mean": m["routing"]["weight"].mean(0),
                           "entropy_mean": m["routing"]["entropy"].mean()}
       self.writer.write(rec, step + 1, f"{self.name}/train")
       last = rec
       if bar is not None:
-        bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{float(m['tokens']) / dt:.0f}")
+        bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{n_in / dt:.0f}")
         bar.update(1)
       done = step + 1 == pc.steps
       if (step + 1) % pc.ckpt_every == 0 or done or guard.flag:
@@ -374,7 +376,7 @@ class Phase:
       bar.close()
     if order_f is not None:
       order_f.close()
-    if time_steady > 0:  # tokens/s after the first (compiling) step of this run
+    if time_steady > 0:  # input tokens/s after the first (compiling) step of this run
       last["tokens_per_s"] = tokens_seen / time_steady
     self.mgr.close()
     return last
