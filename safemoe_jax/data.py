@@ -357,16 +357,43 @@ def prompt_key(prompt: str) -> str:
   return " ".join(prompt.lower().split())
 
 
+def _utf8(name: str, data: bytes, line0: int = 1) -> str:
+  """The text, or a DataError naming the file and line that is not UTF-8."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = line0 + data.count(b"\n", 0, e.start)
+    raise DataError(f"{name} line {line}: not valid UTF-8 "
+                    f"({e.reason}: {data[e.start:e.end + 3]!r}).\n  fix: save the file as UTF-8"
+                    ) from None
+
+
+def _check_text_file(name: str, p: Path) -> None:
+  """Empty and non-UTF-8 files fail inside `datasets` without naming the file or the line."""
+  line, empty, rest = 1, True, b""
+  with open(p, "rb") as f:
+    while True:
+      block = f.read(1 << 24)
+      data = rest + block
+      cut = data.rfind(b"\n") + 1 if block else len(data)  # UTF-8 never splits at a newline
+      empty = empty and not _utf8(name, data[:cut], line).strip()
+      line, rest = line + data.count(b"\n", 0, cut), data[cut:]
+      if not block:
+        break
+  if empty:
+    raise DataError(f"{name}: the file is empty (no rows)")
+
+
 def _wheel_members(src: _Src) -> list[tuple[str, str]]:
   """(name, text) of the files a wheel kind reads: a file on disk, or members of the wheel."""
   if Path(src.path).is_file():
-    return [(src.path, Path(src.path).read_text(encoding="utf-8"))]
+    return [(src.path, _utf8(src.path, Path(src.path).read_bytes()))]
   names = [m for m in assets.list_members(src.spec.wheel, src.path)
            if not any(fnmatch.fnmatch(m, x) for x in src.exclude)]
   if not names:
     raise DataError(f"source {src.name!r}: no file matches {src.path!r} in the "
                     f"{src.spec.wheel} wheel (excluding {list(src.exclude)})")
-  return [(m, assets.read_member(src.spec.wheel, m).decode("utf-8")) for m in names]
+  return [(m, _utf8(m, assets.read_member(src.spec.wheel, m))) for m in names]
 
 
 def _csv_rows(name: str, text: str) -> Iterator[tuple[str, dict]]:
@@ -469,8 +496,14 @@ def _table(src: _Src, hub_loader: HubLoader):
         p.suffix.lower())
     if fmt is None:
       raise DataError(f"source {src.name!r}: {p} must be .jsonl, .json, .csv or .parquet")
+    if fmt != "parquet":
+      _check_text_file(f"source {src.name!r}: {p}", p)
     import datasets
-    ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+    try:
+      ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+    except Exception as e:  # malformed JSON/CSV/parquet: name the file, not a datasets internal
+      raise DataError(f"source {src.name!r}: {p} could not be read as {fmt}: "
+                      f"{type(e).__name__}: {str(e)[:300]}") from e
     return ds, str(p), ("line" if p.suffix.lower() == ".jsonl" else "row")
   if src.kind == "safety_tuned_llamas":
     return (hub_loader("json", data_files=src.path, field="instructions", split="train"),

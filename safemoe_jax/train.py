@@ -163,7 +163,9 @@ def make_optimizer(p: PhaseConfig) -> optax.GradientTransformation:
 
 
 def fingerprint(path: Path) -> str:
-  """sha256 of a weights file, or of a folder's config.json plus its files' names and sizes."""
+  """sha256 of a weights file; of a folder: its files' names and sizes, its JSON files, and 16
+  evenly spaced 64 KiB samples of every other file (a retrained model of the same shape has the
+  same sizes and config, but not the same bytes)."""
   path = Path(path)
   if path.is_file():
     from safemoe_jax.assets import sha256_file
@@ -171,10 +173,16 @@ def fingerprint(path: Path) -> str:
   h = hashlib.sha256()
   for f in sorted(path.iterdir()):
     if f.is_file():
+      size = f.stat().st_size
       h.update(f.name.encode())
-      h.update(str(f.stat().st_size).encode())
-      if f.name.endswith(".json"):
+      h.update(str(size).encode())
+      if f.name.endswith(".json") or size <= 1 << 20:
         h.update(f.read_bytes())
+        continue
+      with open(f, "rb") as fh:
+        for k in range(16):
+          fh.seek(k * (size - (1 << 16)) // 15)
+          h.update(fh.read(1 << 16))
   return h.hexdigest()
 
 
@@ -187,11 +195,21 @@ def _np(tree) -> dict[str, np.ndarray]:
   return flat
 
 
+class StorageError(RuntimeError):
+  """A checkpoint or artifact could not be written (disk full, quota, storage gone)."""
+
+
 def save_group(path: Path, state, meta: dict) -> None:
   from safetensors.numpy import save_file
   tmp = path.with_suffix(".tmp")
-  save_file(_np(state), str(tmp), metadata={"safemoe": json.dumps(meta)})
-  os.replace(tmp, path)
+  try:
+    save_file(_np(state), str(tmp), metadata={"safemoe": json.dumps(meta)})
+    os.replace(tmp, path)
+  except Exception as e:  # a full disk is a SafetensorError, not an OSError
+    tmp.unlink(missing_ok=True)
+    raise StorageError(f"could not write {path} ({type(e).__name__}: {e}); nothing was written "
+                       f"in its place and the phase's last checkpoint is intact. Free space or "
+                       f"fix the storage, then run the same command again") from e
 
 
 def load_group(path: Path, state) -> None:
@@ -245,6 +263,24 @@ def _to_host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
+@jax.jit
+def _checksum_fn(tree):
+  def leaf(x):
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    u = (x.astype(jnp.uint32) if x.dtype == jnp.bool_ else
+         jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32))
+    i = jnp.arange(u.size, dtype=jnp.uint32).reshape(u.shape)
+    return jnp.sum(u * (2 * i + 1), dtype=jnp.uint32)  # wraps mod 2**32: exact, order-free
+  return jax.tree.map(leaf, tree)
+
+
+def checksums(tree) -> list[int]:
+  """Per leaf, sum_i bits(x_i) * (2i + 1) mod 2**32: any changed element changes it (odd
+  weights are invertible), on any mesh. Orbax has no checksum of its own: a checkpoint with
+  overwritten bytes restores silently, so one is stored with each checkpoint and checked."""
+  return [int(v) for v in jax.tree.leaves(jax.device_get(_checksum_fn(tree)))]
+
+
 class Phase:
   """Trains one group (experts or router) for `pc.steps` updates, checkpointing as it goes."""
 
@@ -274,14 +310,26 @@ class Phase:
 
   # --- checkpoints ---------------------------------------------------------------------
   def save(self, step: int, data_state: Any) -> None:
-    meta = {"phase": self.name, "step": step, "seed": self.cfg.seed, "data_state": data_state}
-    self.mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(self.params),
-                                                opt=ocp.args.StandardSave(self.opt),
-                                                meta=ocp.args.JsonSave(meta)), force=True)
-    self.mgr.wait_until_finished()
+    meta = {"phase": self.name, "step": step, "seed": self.cfg.seed, "data_state": data_state,
+            "checksum": checksums((self.params, self.opt))}
+    try:
+      self.mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(self.params),
+                                                  opt=ocp.args.StandardSave(self.opt),
+                                                  meta=ocp.args.JsonSave(meta)), force=True)
+      self.mgr.wait_until_finished()
+    except Exception as e:  # a full disk comes from TensorStore as a ValueError, not an OSError
+      raise StorageError(
+          f"could not write checkpoint {step} of {self.name} to {self.ckpt_dir} "
+          f"({type(e).__name__}: {str(e)[:300]}). Orbax commits a step only once it is complete, "
+          f"so this one will not be loaded and the previous checkpoint is intact. Free space or "
+          f"fix the storage, then run the same command again to resume from it") from e
 
   def restore_latest(self) -> tuple[int, Any]:
-    """Restores the newest readable checkpoint; returns (step, data iterator state)."""
+    """Restores the newest readable checkpoint; returns (step, data iterator state).
+
+    Newer unreadable ones (truncated, or contents that differ from their checksum) are reported
+    and moved aside to <step>.unreadable-<time>, so training can save those steps again."""
+    bad: list[int] = []
     for step in sorted(self.mgr.all_steps(), reverse=True):
       try:
         abstract = lambda t, sh: jax.tree.map(
@@ -290,18 +338,40 @@ class Phase:
             params=ocp.args.StandardRestore(abstract(self.params, self.p_sh)),
             opt=ocp.args.StandardRestore(abstract(self.opt, self.o_sh)),
             meta=ocp.args.JsonRestore()))
+        want = r.meta.get("checksum")  # absent in checkpoints written before it was added
+        if want is not None and want != checksums((r.params, r.opt)):
+          raise ValueError("its arrays differ from the checksum written with them")
       except Exception as e:  # a corrupted or truncated checkpoint: fall back to an older one
         _log(f"WARNING: checkpoint {self.ckpt_dir}/{step} cannot be read "
              f"({type(e).__name__}: {str(e)[:200]}); trying an older one")
+        bad.append(step)
         continue
       if r.meta.get("seed") != self.cfg.seed:
         raise ConfigError(f"checkpoint {self.ckpt_dir}/{step} was written with seed "
                           f"{r.meta.get('seed')}, this run has seed {self.cfg.seed}; use another "
                           f"output_dir or the same seed")
+      self._set_aside(bad)
       self.params, self.opt = r.params, r.opt
       _log(f"{self.name}: resumed from step {step} ({self.ckpt_dir})")
       return step, r.meta.get("data_state")
+    if bad:  # never restart from scratch silently over a long run's checkpoints
+      raise ConfigError(f"none of the checkpoints {bad} in {self.ckpt_dir} can be read (see the "
+                        f"warnings above). Move them out of that folder to train {self.name} "
+                        f"from the start, or use another output_dir")
     return 0, None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for s in steps:
+        dst = self.ckpt_dir / f"{s}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(self.ckpt_dir / str(s), dst)
+        _log(f"WARNING: moved unreadable checkpoint {s} aside to {dst}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"{self.name}: unreadable checkpoints moved aside")
+    self.mgr.reload()
 
   # --- the loop --------------------------------------------------------------------------
   def run(self, train_iter, val_fn, guard: _SignalGuard) -> dict[str, Any]:
@@ -595,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     cfg = load_config(args.config, args.overrides)
     summary = run(cfg)
-  except (ConfigError, D.DataError, FloatingPointError) as e:
+  except (ConfigError, D.DataError, FloatingPointError, StorageError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except Preempted:
