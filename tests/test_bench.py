@@ -1,0 +1,96 @@
+"""safemoe_jax.bench: the FLOP count, a one-repeat run on the tiny model, TPU ahead-of-time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from safemoe_jax import bench
+from safemoe_jax.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# D=8, F=16, L=2 layers, 2 query heads and 1 KV head of dim 4 (q width 8, kv width 4), V=100.
+SMALL = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=4)
+
+
+def test_flop_count_equals_a_hand_count():
+  # N per layer: q 8*8=64, k and v 8*4*2=64, o 8*8=64, gate/up/down 3*8*16=384 -> 576;
+  # 2 layers 1152, LM head 8*100=800 -> N = 1952.
+  assert bench.matmul_params(SMALL) == 1952
+  # Attention forward per token at T=10: (q k^T + a v) 2 * 2*T*H*Dh = 4*10*2*4 = 320 per layer.
+  assert bench.attention_flops(SMALL, 10) == 640
+  base = 4 * 1952 + 3 * 640  # frozen: 2N forward + 2N input gradients; attention 3x forward
+  assert bench.train_flops_per_token(SMALL, 10, "base") == {"base": base, "adapter": 0,
+                                                            "router": 0, "total": base}
+  # 3 experts of rank 2 on q (8 -> 8) and v (8 -> 4): 2*E*r*(in+out) = 12*16 + 12*12 = 336 per
+  # layer, 672 forward for both layers.
+  p1 = bench.train_flops_per_token(SMALL, 10, "phase1", experts=3, rank=2, targets=("q", "v"))
+  assert p1 == {"base": base, "adapter": 3 * 672, "router": 0, "total": base + 2016}
+  p2 = bench.train_flops_per_token(SMALL, 10, "phase2", experts=3, rank=2, targets=("q", "v"))
+  # phase 2: the adapters' forward + input gradient (2x672); the router 2*D*E = 48 per layer,
+  # forward, input and weight gradients -> 3 * 2 * 48 = 288.
+  assert p2 == {"base": base, "adapter": 1344, "router": 288, "total": base + 1344 + 288}
+
+
+def test_bench_runs_on_the_tiny_model_and_writes_json(tmp_path):
+  s = bench.Settings(model="tiny", batch=2, seq=16, experts=(1, 2), repeats=1, warmup=1,
+                     gen_repeats=1, new_tokens=4, prompt_len=8, matmul_n=256)
+  names = ["base", "lora", "p1_E2", "p2_E2", "gen_safemoe_b1", "matmul"]
+  doc = bench.run_bench(s, names, memory=False, quiet=True)
+  doc["memory"] = bench.measure_memory(["p2_E2"], s, quiet=True)  # its own process
+  out = tmp_path / "bench.json"
+  out.write_text(json.dumps(doc, default=str))
+  back = json.loads(out.read_text())
+  c = back["results"]["configs"]
+  assert set(c) == set(names)
+  for name in names:
+    assert c[name]["median_s"] > 0 and len(c[name]["all_s"]) == 1
+  assert c["p2_E2"]["tokens_per_s"] == pytest.approx(2 * 16 / c["p2_E2"]["median_s"])
+  assert 0 < c["base"]["mfu"] and back["results"]["matmul_flops_per_s"] > 0
+  # Only the trainable group has optimiser state: AdamW's mu and nu (+ a step counter).
+  assert c["base"]["opt_state_bytes"] == 0
+  for name in ("lora", "p1_E2", "p2_E2"):
+    t = c[name]["trainable_bytes"]
+    assert 2 * t <= c[name]["opt_state_bytes"] <= 2 * t + 64
+  assert c["p2_E2"]["trainable"] == "router" and c["p1_E2"]["trainable"] == "experts"
+  assert c["p1_E2"]["trainable_bytes"] == 2 * c["lora"]["trainable_bytes"]  # 2 experts vs 1
+  assert c["p2_E2"]["trainable_bytes"] < c["p1_E2"]["trainable_bytes"] / 10  # the router is tiny
+  assert back["memory"]["p2_E2"]["peak_rss_mb"] > 50
+  assert "single LoRA step / frozen base step" in {r["what"] for r in back["ratios"]}
+  table = "\n".join(back["table"])
+  assert "p2_E2" in table and "load average" in table
+
+
+def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path):
+  libtpu = bench.find_libtpu(download=True, quiet=True)
+  if libtpu is None:
+    pytest.skip(f"libtpu could not be installed here (pip download {bench.libtpu_spec()} failed)")
+  out = tmp_path / "aot.json"
+  cmd = [sys.executable, "-m", "safemoe_jax.bench", "aot", "--tiny", "--topology", "v5e:2x2",
+         "--no-max-batch", "--out", str(out), "mesh.data=1", "mesh.fsdp=4", "data.batch_size=8",
+         "data.max_length=64", "experts.rank=128"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  t = doc["topologies"]["v5e:2x2"]
+  assert t["chips"] == 4 and t["device_kind"] == "TPU v5 lite" and t["hbm_bytes"] == 16 * 2**30
+  p1, p2 = t["phases"]["phase1"], t["phases"]["phase2"]
+  for r in (p1, p2):
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["fits"]
+    assert r["bytes_per_chip"]["argument"] > 0 and r["bytes_per_chip"]["temp"] >= 0
+  # The state (base, trainable group, optimiser state) is FSDP-sharded over the 4 chips: the
+  # compiled program's arguments are one chip's shards (plus the compiler's tile padding and the
+  # batch), well under the unsharded bytes.
+  for r in (p1, p2):
+    assert r["state_bytes_per_chip"] < 0.6 * r["state_bytes_unsharded"]
+    assert r["state_bytes_per_chip"] <= r["bytes_per_chip"]["argument"]
+    assert r["bytes_per_chip"]["argument"] < 2 * r["state_bytes_per_chip"] + 2**20
+  assert p2["state_bytes_per_chip"] < p1["state_bytes_per_chip"]  # no expert optimiser state
+  assert p1["flops_per_step"] == 8 * 64 * p1["flops_per_token"]["total"]
+  assert "v5e:2x2" in "\n".join(doc["table"])
