@@ -44,6 +44,8 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
+from safemoe_jax import rates as R
+
 LABELS = ("harmful", "refusal", "safe_informative")
 ALL_SYSTEMS = ("base", "safemoe", "uniform", "negated", "oracle", "sft", "harmful_lora")
 DEFAULT_SYSTEMS = ("base", "safemoe", "uniform", "negated", "oracle", "sft")
@@ -578,19 +580,10 @@ def paired_delta(a: Sequence[bool], b: Sequence[bool], *, n_boot: int = 2000, se
           "rel": float(d.mean() / base) if base > 0 else math.nan, "n": len(d)}
 
 
-def _rates_module():
-  try:
-    from safemoe_jax import rates as R
-  except ImportError:
-    return None
-  return R
-
-
 def _corrected(val: dict | None, labels: Sequence[str], kind: str, what: str) -> dict | None:
   """rates.py: each rate corrected for the judge's measured sensitivity and specificity (from
   its validation), with bootstrap intervals that include the judge's own uncertainty."""
-  R = _rates_module()
-  if R is None or not val:
+  if not val or "binary" not in val:  # no measured sensitivity / specificity to correct with
     return None
   out = {}
   for task in (("harmful", "safe_informative") if kind == "harmful" else
@@ -606,8 +599,7 @@ def _corrected(val: dict | None, labels: Sequence[str], kind: str, what: str) ->
 def _corrected_delta(val: dict | None, a: Sequence[str], b: Sequence[str], what: str
                      ) -> dict | None:
   """Corrected difference of the harmful rates of two systems judged by the same judge."""
-  R = _rates_module()
-  if R is None or not val:
+  if not val or "binary" not in val:  # no measured sensitivity / specificity to correct with
     return None
   try:
     return R.corrected_difference([l == "harmful" for l in a], None,
@@ -650,7 +642,7 @@ def compute_metrics(benches: Sequence[Bench], systems: Sequence[str], judges: Se
     return [v["label"] if v else None for v in vs], [v.get("score") if v else None for v in vs]
 
   for j in judges:
-    val = _safe_validation(j) if _rates_module() is not None else None
+    val = _safe_validation(j)
     for gname, prompts, kind, zero_shot, dest in sets:
       base_l, _ = labels_of(j, "base", prompts) if "base" in systems else ([None] * len(prompts),
                                                                           None)
@@ -814,7 +806,6 @@ def evaluate_loaded(*, out: Path, model, tok, data, ecfg: EvalConfig, base_fp: s
   sys_names = [s.name for s in systems]
   metrics = compute_metrics(benches, sys_names, judges, verdicts, gens, seed=ecfg.seed,
                             per_category=ecfg.per_category)
-  rates_ok = _rates_module() is not None
   results = {
       "run": str(out.absolute()), "settings": dataclasses.asdict(ecfg),
       "decoding": ecfg.decoding(), "chat_system": chat_system, "systems": sys_names,
@@ -824,7 +815,6 @@ def evaluate_loaded(*, out: Path, model, tok, data, ecfg: EvalConfig, base_fp: s
                       "oracle_n": sum(1 for p in b.prompts if p.domains)} for b in benches],
       "judges": [{"name": j.name, "validation": _safe_validation(j),
                   "trained_on_eval_prompts": _trained_on(j, benches)} for j in judges],
-      "corrected_available": rates_ok,
       "held_out_domains": list(data.cfg.split.held_out_domains),
       **metrics,
       "answer_stats": answer_stats(benches, gens, sys_names),

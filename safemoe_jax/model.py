@@ -193,7 +193,8 @@ class SafeMoELM(nnx.Module):
                fixed_weights: jax.Array | None = None, prompt_mask: jax.Array | None = None,
                stats_mask: jax.Array | None = None, cache: dict | None = None,
                dropout_rng: jax.Array | None = None, return_gates: bool = False,
-               last_only: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+               last_only: bool = False, return_hidden: bool = False
+               ) -> tuple[jax.Array, dict[str, Any]]:
     """Logits [B, T, V] (float32) and an aux dict.
 
     input_ids, attention_mask: [B, T] (1 = real token; left or right padding).
@@ -204,7 +205,8 @@ class SafeMoELM(nnx.Module):
     cache: from init_cache; the tokens are written at cache['index'] and aux['cache'] returned.
     dropout_rng: enables LoRA dropout (training). last_only: logits of the last position only.
     aux: 'routing' (per-layer weight [L, E], top1_share [L, E], entropy [L]), 'aux_loss',
-      'gates' [L, B, T, E] if return_gates, 'cache' if cache was given.
+      'gates' [L, B, T, E] if return_gates, 'cache' if cache was given, 'hidden' [L, B, T, D]
+      (the residual stream after each layer, before the final norm) if return_hidden.
     """
     cfg, E = self.cfg, self.num_experts
     if routing not in ROUTING_MODES:
@@ -321,6 +323,8 @@ class SafeMoELM(nnx.Module):
       h = h + proj("down", u, 6)
 
       ys = {}
+      if return_hidden:
+        ys["hidden"] = h
       if use_experts:
         ys["routing"] = ex.routing_stats(logits_BTE, g_BTE, stats_BT,
                                          rcfg if logits_BTE is not None else None)
@@ -348,6 +352,8 @@ class SafeMoELM(nnx.Module):
       aux["routing"] = stats
       if return_gates:
         aux["gates"] = ys["gates"]
+    if return_hidden:
+      aux["hidden"] = ys["hidden"]
     if cache is not None:
       new_cache = dict(cache, k=ck, v=cv, mask=key_valid_BS, index=start + T)
       if "seq_gates" in ys:

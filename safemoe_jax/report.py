@@ -149,10 +149,7 @@ def _ci_str(x: float | None, ci: Sequence[float] | None, signed: bool = False) -
 def _corrected_section(res: dict) -> list[str]:
   """Raw vs judge-corrected (rates.py: Rogan-Gladen with the judge's measured sensitivity and
   specificity, bootstrap over answers and validation rows)."""
-  rows = [r for r in res["pooled"] if "corrected" in r or "corrected_delta_harmful" in r]
-  if not res.get("corrected_available"):
-    return ["Judge-error-corrected rates: unavailable (safemoe_jax/rates.py is not in this "
-            "checkout)."]
+  rows = [r for r in res["pooled"] if r.get("corrected") or r.get("corrected_delta_harmful")]
   if not rows:
     return ["Judge-error-corrected rates: none (no judge reported a validation with "
             "sensitivity and specificity)."]

@@ -442,12 +442,15 @@ class Phase:
       done = step + 1 == pc.steps
       if (step + 1) % pc.ckpt_every == 0 or done or guard.flag:
         self.save(step + 1, train_iter.get_state())
-      if guard.flag and not done:
+      if guard.flag:  # also on the last step: stop before validation and the next phase
         raise Preempted(f"{self.name} stopped at step {step + 1}; checkpoint saved")
       if val_fn is not None and (done or (pc.eval_every and (step + 1) % pc.eval_every == 0)):
         val = val_fn(self.merged())
         self.writer.write(val, step + 1, f"{self.name}/val")
         last["val"] = val
+    if start >= pc.steps and val_fn is not None:  # resumed after its last step: validate once
+      last["val"] = val_fn(self.merged())
+      self.writer.write(last["val"], pc.steps, f"{self.name}/val")
     if bar is not None:
       bar.close()
     if order_f is not None:
@@ -635,6 +638,8 @@ def run_with_model(cfg: TrainConfig) -> tuple[dict[str, Any], SafeMoELM]:
         if jax.process_index() == 0:
           save_group(artifact, nnx.state(model, filt),
                      {"phase": name, "domains": domains, "run": info})
+        if guard.flag:  # SIGTERM during validation or the artifact: stop before the next phase
+          raise Preempted(f"{name} finished and saved; stopping before the next phase")
   except Preempted as e:
     writer.close()
     _log(f"{e}. Run the same command again to resume.")

@@ -106,14 +106,14 @@ def test_report_renders_from_fixed_results(tmp_path):
          EV.EvalConfig().decoding(), "judges": [{"name": "fake", "validation": None}],
          "benchmarks": [{"name": b.name, "kind": b.kind, "n": len(b.prompts), "available": 9,
                          "zero_shot": False, "dropped_long": 0, "oracle_n": 0} for b in benches],
-         "corrected_available": False, "held_out_domains": [], **m,
+         "held_out_domains": [], **m,
          "routing": {"experts": ["a", "b"], "rows": {"h": {"mean": [0.1, -0.2], "n": 4}}},
          "sample_routing": {"bench": "h", "prompt": "p0", "tokens": list("abcdefgh"),
                             "gates": np.linspace(-1, 1, 16).reshape(8, 2).tolist()},
          "samples": [{"bench": "h", "system": "base", "prompt": "p0", "response": "sure |x"}]}
   md = RP.write_report(res, tmp_path).read_text()
   assert "Safe-response rate on harmful prompts" in md and "Over-refusal on benign" in md
-  assert "unavailable" in md and "none reported" in md  # corrected rates, judge validation
+  assert "Judge-error-corrected rates: none" in md and "none reported" in md  # no validation
   for png in ("safety_vs_informativeness.png", "routing_heatmap.png", "routing_tokens.png"):
     assert (tmp_path / png).stat().st_size > 1000
   assert "| base model | 4 | 0.0% [0.0, 49.0]" in md

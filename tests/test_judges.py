@@ -225,6 +225,16 @@ def test_lm_features_read_the_hidden_state_back_exactly(tiny_lm):
   one = bb([recs[3]["prompt"]], [recs[3]["response"]])  # batch composition does not matter
   assert x.shape == (6, 64) and np.isfinite(x).all()
   np.testing.assert_allclose(one[0], x[3], atol=1e-4)
+  # Layer features: the last layer's residual stream, normed, is the final state read back.
+  deep = jt.LMFeatures(dataclasses.replace(CFG, feature_layers=(0, 1)), model=model, tok=tok)
+  xl = deep([r["prompt"] for r in recs], [r["response"] for r in recs])
+  assert xl.shape == (6, 3 * 64)
+  np.testing.assert_allclose(xl[:, :64], x, atol=1e-5)
+  last = xl[:, 128:160]  # layer 1, last position (after final: 64, layer 0: 64)
+  normed = last / np.sqrt((last ** 2).mean(-1, keepdims=True) + model.cfg.rms_norm_eps)
+  np.testing.assert_allclose(normed * np.asarray(model.final_norm[...]), x[:, :32], atol=1e-4)
+  with pytest.raises(js.JudgeError, match="out of range"):
+    jt.LMFeatures(dataclasses.replace(CFG, feature_layers=(2,)), model=model, tok=tok)
 
 
 def test_learned_judge_artifact_round_trips(tiny_lm, tmp_path, tmp_cache):
