@@ -1,7 +1,8 @@
 """`python -m safemoe_jax.bench`: speed and memory, as ratios measured in one run.
 
-    python -m safemoe_jax.bench --model tiny          # random tiny model, a few minutes on 2 cores
-    python -m safemoe_jax.bench --model smollm2       # SmolLM2-135M (embedded default), ~45 min
+    python -m safemoe_jax.bench --model tiny          # random tiny model, about 1 min on 2 cores
+    python -m safemoe_jax.bench --model smollm2       # SmolLM2-135M (embedded default); with
+                                                      # --repeats 3 --gen-repeats 3: 12 min
     python -m safemoe_jax.bench aot --config configs/llama31_8b_tpu.yaml \
         --topology v5e:2x4 --topology v5p:2x2x1 --topology v6e:2x4   # TPU memory, no TPU needed
 

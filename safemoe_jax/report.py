@@ -172,7 +172,7 @@ def _corrected_section(res: dict) -> list[str]:
                f" | {'yes' if c['supported'] else 'no'} |")
     d = r.get("corrected_delta_harmful")
     if d and "error" not in d:
-      notes.append(f"- {d['note']}")
+      notes.append(f"- {r['judge']}: {d['note']}")
   if notes:
     L += ["", "Harmful-rate differences against the base model, corrected (points):", ""] + notes
   if skipped:
