@@ -45,6 +45,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from safemoe_jax import rates as R
+from safemoe_jax.metrics import json_default
 
 LABELS = ("harmful", "refusal", "safe_informative")
 ALL_SYSTEMS = ("base", "safemoe", "uniform", "negated", "oracle", "sft", "harmful_lora")
@@ -317,7 +318,7 @@ def train_single_lora(cfg, mcfg, params, data, out: Path, kind: Literal["sft", "
     res = phase.run(data.train_iterator(phase_no), val_fn, guard)
   phase.merged()
   writer.close()
-  final = json.loads(json.dumps(res, default=_json_default))
+  final = json.loads(json.dumps(res, default=json_default))
   T.save_group(art, nnx.state(model, ExpertParam), {"kind": kind, "phase_budget": phase_no,
                                                      "final": final})
   return model
@@ -354,14 +355,9 @@ class JsonlCache:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with open(self.path, "a") as f:
       for r in rows:
-        f.write(json.dumps(r, default=_json_default) + "\n")
+        f.write(json.dumps(r, default=json_default) + "\n")
         self.rows[r["key"]] = r
 
-
-def _json_default(x):
-  if isinstance(x, (np.generic, np.ndarray)):
-    return x.tolist()
-  return str(x)
 
 
 def gen_key(system: System, prompt: str, decoding: dict, chat_system: str | None) -> str:
@@ -826,7 +822,7 @@ def evaluate_loaded(*, out: Path, model, tok, data, ecfg: EvalConfig, base_fp: s
       "timing_s": {"generate": round(t_gen, 1), "judge": round(t_judge, 1),
                    "total": round(time.perf_counter() - t0, 1)},
   }
-  (ev / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+  (ev / "results.json").write_text(json.dumps(results, indent=1, default=json_default))
   if report:
     from safemoe_jax import report as RP
     path = RP.write_report(results, ev)

@@ -66,6 +66,7 @@ import optax
 
 from safemoe_jax import data as dt
 from safemoe_jax.config import apply_overrides, from_dict, to_dict
+from safemoe_jax.metrics import json_default
 from safemoe_jax.judges import (LABELS, H, JudgeError, LabelConfig, Targets, binary_metrics,
                                 format_validation, is_refusal, log, targets, validation_metrics)
 
@@ -533,15 +534,8 @@ def save_artifact(out: Path, model: JudgeModel, meta: dict) -> None:
   bb = model.bb or backbone(model.cfg)
   meta = {"format": 2, "config": to_dict(model.cfg), "backbone_fingerprint": bb.fingerprint,
           "feature_dim": bb.dim, "decision": {"harm_decision": model.cfg.harm_decision}, **meta}
-  (out / "judge.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+  (out / "judge.json").write_text(json.dumps(meta, indent=1, default=json_default))
 
-
-def _json_default(x):
-  if isinstance(x, (np.integer, np.floating, np.bool_)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(type(x))
 
 
 def load_artifact(path: str | Path, bb=None) -> tuple[JudgeModel, dict]:
@@ -735,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       res.update(validation=v, many_shot=meta.get("many_shot"))
   if a.json:
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(res, indent=1, default=_json_default))
+    Path(a.json).write_text(json.dumps(res, indent=1, default=json_default))
   return 0
 
 

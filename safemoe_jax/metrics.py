@@ -11,6 +11,14 @@ from typing import Any
 import numpy as np
 
 
+def json_default(x):
+  """`json.dumps(..., default=json_default)`: numpy scalars and arrays as Python values, other
+  objects (paths, dtypes) as their string."""
+  if isinstance(x, (np.generic, np.ndarray)):
+    return x.tolist()
+  return str(x)
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
   out: dict[str, float] = {}
   for k, v in d.items():

@@ -35,7 +35,7 @@ from safemoe_jax import data as D
 from safemoe_jax import sharding as S
 from safemoe_jax.config import ConfigError, ExpertsConfig, RouterConfig
 from safemoe_jax.experts import ExpertParam, RouterParam
-from safemoe_jax.metrics import MetricsWriter, plot_losses
+from safemoe_jax.metrics import MetricsWriter, json_default, plot_losses
 from safemoe_jax.model import SafeMoELM
 from safemoe_jax.steps import forward_loss, make_train_step
 
@@ -660,7 +660,7 @@ def run_with_model(cfg: TrainConfig) -> tuple[dict[str, Any], SafeMoELM]:
       summary["quick_look"] = _quick_look(cfg, model, tok, data, out)
       summary["wall_time_s"] = time.perf_counter() - t_start
     tmp = out / "safemoe.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
+    tmp.write_text(json.dumps(summary, indent=1, default=json_default))
     os.replace(tmp, out / "safemoe.json")
   return summary, model
 
@@ -683,11 +683,6 @@ def _quick_look(cfg: TrainConfig, model, tok, data, out: Path) -> str | None:
          f"complete. Evaluate with: python -m safemoe_jax.evaluate --run {out}")
     return None
 
-
-def _json_default(x):
-  if isinstance(x, (np.generic, np.ndarray)):
-    return x.tolist()
-  return str(x)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
