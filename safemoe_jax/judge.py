@@ -306,12 +306,13 @@ def minilm_dir() -> Path:
 def _bert_features(graphdef, state, ids_BT, seg_BT):
   """[CLS; mean prompt; mean response; max response] of the last layer [B, 4D]."""
   from flax import nnx
+
+  from safemoe_jax.bert import mean_pool
   h = nnx.merge(graphdef, state)(ids_BT, (seg_BT > 0).astype(jnp.int32),
                                  (seg_BT == 2).astype(jnp.int32))
-  mean = lambda m: jnp.sum(h * m[..., None], 1) / jnp.maximum(jnp.sum(m, 1), 1.0)[:, None]
   resp = seg_BT == 2
   mx = jnp.max(jnp.where(resp[..., None], h, -1e4), 1)
-  return jnp.concatenate([h[:, 0], mean(seg_BT == 1), mean(resp), mx], -1)
+  return jnp.concatenate([h[:, 0], mean_pool(h, seg_BT == 1), mean_pool(h, resp), mx], -1)
 
 
 class BertFeatures:
