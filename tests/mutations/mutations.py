@@ -1,0 +1,109 @@
+"""The mutations: one small, realistic bug each, and the tests that must catch it.
+
+`pattern` must occur exactly once in `file` (the harness refuses otherwise, so an entry cannot
+silently stop applying after the code changes); it is replaced by `replacement`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  id: str
+  file: str
+  pattern: str
+  replacement: str
+  tests: tuple[str, ...]  # pytest node ids (files or file::test); at least one must fail
+  why: str  # the bug, in a line
+
+
+MUTATIONS: list[Mutation] = [
+    Mutation(
+        "judge-cv-leak", "safemoe_jax/judge.py",
+        "x[tr],\n                                  t.take(tr)), x[va])",
+        "x, t), x[va])",
+        ("tests/test_judges.py::test_cross_validation_is_grouped_and_out_of_fold",),
+        "each CV fold's head is trained on all rows, validation rows included"),
+    Mutation(
+        "train-phase2-frozen-router", "safemoe_jax/train.py",
+        "    self.tx, self.sched = make_optimizer(pc)\n",
+        "    self.tx, self.sched = make_optimizer(pc)\n"
+        "    self.tx = optax.chain(self.tx, optax.scale(0.0 if name == 'phase2' else 1.0))\n",
+        ("tests/test_train.py::test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts",),
+        "phase 2's updates are scaled to zero: the router never moves"),
+    Mutation(
+        "train-resume-drops-params", "safemoe_jax/train.py",
+        "      self.params, self.opt = r.params, r.opt\n",
+        "      self.opt = r.opt\n",
+        ("tests/test_train.py::test_mid_phase_checkpoint_resumes_at_its_step",),
+        "a mid-phase restore keeps the freshly initialised parameters"),
+    Mutation(
+        "train-resume-drops-opt", "safemoe_jax/train.py",
+        "      self.params, self.opt = r.params, r.opt\n",
+        "      self.params = r.params\n",
+        ("tests/test_train.py::test_mid_phase_checkpoint_resumes_at_its_step",),
+        "a mid-phase restore keeps a fresh optimiser state"),
+    Mutation(
+        "train-resume-drops-data", "safemoe_jax/train.py",
+        "    if data_state is not None:\n      train_iter.set_state(data_state)\n",
+        "",
+        ("tests/test_train.py::test_mid_phase_checkpoint_resumes_at_its_step",),
+        "a mid-phase restore starts the data iterator from the beginning"),
+    Mutation(
+        "model-bf16-no-rope", "safemoe_jax/model.py",
+        "def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:\n",
+        "def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:\n"
+        "  if x_BTHD.dtype == jnp.bfloat16:\n    return x_BTHD\n",
+        ("tests/test_model.py::test_bfloat16_policy_runs_and_stays_close",),
+        "RoPE is skipped entirely under bfloat16"),
+    Mutation(
+        "aux-load-balance-no-E-P", "safemoe_jax/experts.py",
+        "aux += rcfg.load_balance_coef * E * jnp.sum(f * P)",
+        "aux += rcfg.load_balance_coef * jnp.sum(f)",
+        ("tests/test_experts.py", "tests/test_steps.py"),
+        "the load-balance term drops E and the router probabilities P"),
+    Mutation(
+        "aux-entropy-counts-padding", "safemoe_jax/experts.py",
+        "aux += rcfg.entropy_coef * jnp.sum(ent_BT * m[..., 0]) / denom",
+        "aux += rcfg.entropy_coef * jnp.sum(ent_BT) / denom",
+        ("tests/test_experts.py", "tests/test_steps.py"),
+        "the entropy loss also counts padding and prompt tokens"),
+    Mutation(
+        "stats-weight-not-divided", "safemoe_jax/experts.py",
+        '{"weight": r.weight_sum / n[:, None],',
+        '{"weight": r.weight_sum,',
+        ("tests/test_experts.py",),
+        "logged mean gate weight is a sum, not divided by the token count"),
+    Mutation(
+        "stats-top1-zeroed", "safemoe_jax/experts.py",
+        '"top1_share": r.top1_sum / n[:, None],',
+        '"top1_share": 0 * r.top1_sum,',
+        ("tests/test_experts.py",),
+        "logged top-1 share is always zero"),
+    Mutation(
+        "stats-entropy-negated", "safemoe_jax/experts.py",
+        '"entropy": r.entropy_sum / n,',
+        '"entropy": -r.entropy_sum / n,',
+        ("tests/test_experts.py",),
+        "logged routing entropy has the wrong sign"),
+    Mutation(
+        "generate-eos-ends-all-rows", "safemoe_jax/generate.py",
+        'done = s["done"] | jnp.isin(tok, eos_ids)',
+        'done = s["done"] | jnp.any(jnp.isin(tok, eos_ids))',
+        ("tests/test_generate.py",),
+        "one row's stop token ends every row of the batch"),
+    Mutation(
+        "lm-judge-p-safe", "safemoe_jax/judges.py",
+        "out += [float(1 / (1 + np.exp(b - a))) for a, b in z]",
+        "out += [float(1 / (1 + np.exp(a - b))) for a, b in z]",
+        ("tests/test_judges.py::test_lm_judge_with_tiny_model_and_mocked_answers",),
+        "the LM judge's score is P(safe) instead of P(unsafe)"),
+    Mutation(
+        "eval-cache-never-extended", "safemoe_jax/evaluate.py",
+        "      if k not in cache:\n        pairs[k] = (prompt, g[\"response\"])",
+        "      if k not in cache and not cache.rows:\n        pairs[k] = (prompt, g[\"response\"])",
+        ("tests/test_evaluate.py::test_tiny_run_evaluates_caches_and_reports",),
+        "once a verdict cache exists, new answers are never judged"),
+]

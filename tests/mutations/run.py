@@ -1,0 +1,119 @@
+"""Apply one mutation at a time to a copy of the repository and run the tests that must catch it.
+
+A mutation is caught when pytest exits with status 1 (a test failed). Status 0 means the tests
+let the bug through ("survived"); any other status (collection error, no tests) is "broken",
+because a mutation that does not even import proves nothing about the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.mutations.mutations import MUTATIONS, Mutation
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class MutationError(ValueError):
+  pass
+
+
+def check(m: Mutation, root: Path = ROOT) -> str:
+  """The mutated text of m.file; the pattern must occur exactly once and differ from the
+  replacement, so an entry cannot silently stop applying after the code changes."""
+  path = root / m.file
+  if not path.is_file():
+    raise MutationError(f"{m.id}: {m.file} does not exist")
+  text = path.read_text()
+  n = text.count(m.pattern)
+  if n != 1:
+    raise MutationError(f"{m.id}: pattern occurs {n} times in {m.file} (must be exactly once):\n"
+                        f"{m.pattern}")
+  if m.pattern == m.replacement:
+    raise MutationError(f"{m.id}: replacement equals the pattern")
+  if not m.tests:
+    raise MutationError(f"{m.id}: names no tests")
+  return text.replace(m.pattern, m.replacement)
+
+
+def repo_files(root: Path = ROOT) -> list[str]:
+  """Tracked files plus untracked ones git does not ignore (the working tree as it is)."""
+  out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root,
+                       capture_output=True, check=True).stdout.decode()
+  return [f for f in out.split("\0") if f and (root / f).is_file()]
+
+
+def copy_repo(dst: Path, root: Path = ROOT) -> None:
+  for f in repo_files(root):
+    (dst / f).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / f, dst / f)
+
+
+def run_one(m: Mutation, workdir: Path, pytest_args: list[str]) -> tuple[str, float, str]:
+  """(caught | survived | broken, seconds, tail of pytest's output)."""
+  mutated = check(m)
+  shutil.rmtree(workdir, ignore_errors=True)
+  workdir.mkdir(parents=True)
+  copy_repo(workdir)
+  (workdir / m.file).write_text(mutated)
+  env = dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1")
+  t0 = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                         *pytest_args, *m.tests], cwd=workdir, env=env, capture_output=True,
+                        text=True)
+  dt = time.perf_counter() - t0
+  status = {0: "survived", 1: "caught"}.get(proc.returncode, "broken")
+  return status, dt, (proc.stdout + proc.stderr)[-3000:]
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__)
+  ap.add_argument("--only", nargs="+", metavar="ID", help="run only these mutation ids")
+  ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+  ap.add_argument("--check", action="store_true",
+                  help="only check that every pattern applies (exactly once); run nothing")
+  ap.add_argument("-v", "--verbose", action="store_true", help="print pytest's output tail")
+  ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+  a = ap.parse_args(argv)
+  chosen = MUTATIONS
+  if a.only:
+    unknown = set(a.only) - {m.id for m in MUTATIONS}
+    if unknown:
+      ap.error(f"unknown mutation id(s) {sorted(unknown)}; see --list")
+    chosen = [m for m in MUTATIONS if m.id in a.only]
+  if a.list:
+    for m in chosen:
+      print(f"{m.id:28s} {m.file}: {m.why}")
+    return 0
+  try:
+    for m in chosen:
+      check(m)
+  except MutationError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if a.check:
+    print(f"{len(chosen)} mutations apply cleanly")
+    return 0
+  results = []
+  with tempfile.TemporaryDirectory(prefix="safemoe_mutation_") as tmp:
+    for m in chosen:
+      status, dt, tail = run_one(m, Path(tmp) / "repo", a.pytest_args)
+      results.append((m, status))
+      print(f"{status.upper():9s} {m.id:28s} {dt:6.0f} s  {m.why}", flush=True)
+      if status != "caught" or a.verbose:
+        print("  " + tail.strip().replace("\n", "\n  "), flush=True)
+  bad = [m.id for m, s in results if s != "caught"]
+  print(f"{len(results) - len(bad)}/{len(results)} mutations caught"
+        + (f"; not caught: {', '.join(bad)}" if bad else ""))
+  return 1 if bad else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
