@@ -94,8 +94,10 @@ def test_fused_equals_naive_per_expert_reference(router):
   valid = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=2e-4, rtol=1e-4)
   assert aux["gates"].shape == (TINY.num_layers, 3, 12, 4)
-  stats = aux["routing"]
-  assert stats["weight"].shape == (TINY.num_layers, 4) and stats["entropy"].shape == (3,)
+  stats, want = aux["routing"], _routing_reference(np.asarray(aux["gates"]), mask)
+  for k in ("weight", "top1_share", "entropy"):  # means over the real tokens, per layer
+    assert stats[k].shape == want[k].shape
+    np.testing.assert_allclose(np.asarray(stats[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "negated", "fixed", "oracle"])
@@ -235,12 +237,49 @@ def test_top_k_keeps_k_gates_and_renormalises():
   assert (g > 0).sum() == 2 and abs(g.sum() - 1) < 1e-6 and g[2] > 0 and g[3] > 0
 
 
-def test_aux_losses_are_finite_and_switch_on():
+def _routing_reference(g_LBTE: np.ndarray, stats_BT: np.ndarray) -> dict[str, np.ndarray]:
+  """Routing statistics and aux losses from the gates, written out per token in numpy."""
+  L, B, T, E = g_LBTE.shape
+  sel = stats_BT.astype(bool)
+  g = g_LBTE[:, sel].astype(np.float64)  # [L, N, E]: the counted tokens only
+  p = np.abs(g) / np.abs(g).sum(-1, keepdims=True)
+  top1 = np.eye(E)[np.abs(g).argmax(-1)]  # [L, N, E]
+  ent = -(p * np.log(np.maximum(p, 1e-9))).sum(-1)  # [L, N]
+  return {"weight": g.mean(1), "top1_share": top1.mean(1), "entropy": ent.mean(1),
+          "entropy_all_tokens": -(lambda q: (q * np.log(np.maximum(q, 1e-9))).sum(-1))(
+              np.abs(g_LBTE) / np.abs(g_LBTE).sum(-1, keepdims=True)).sum((1, 2)) / sel.sum(),
+          # Switch Transformer load balance with softmax gates: P_e = mean gate = weight.
+          "load_balance": E * (top1.mean(1) * g.mean(1)).sum(-1)}
+
+
+def test_aux_losses_and_routing_statistics_equal_a_numpy_reference():
   ids, mask, prompt, loss = batch()
   m0 = make(E=4, init_std=0.3, activation="softmax")
+  _, a0 = m0(ids, mask, stats_mask=loss)
+  assert float(a0["aux_loss"]) == 0.0
+  for coefs in (dict(entropy_coef=0.1), dict(load_balance_coef=0.01)):
+    m = make(E=4, activation="softmax", **coefs)
+    randomize(m, 7, groups=(ex.RouterParam,), std=1.0)  # peaked, uneven gates
+    _, aux = m(ids, mask, stats_mask=loss, return_gates=True)
+    ref = _routing_reference(np.asarray(aux["gates"]), loss)
+    stats = aux["routing"]
+    for k in ("weight", "top1_share", "entropy"):
+      np.testing.assert_allclose(np.asarray(stats[k]), ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    if "entropy_coef" in coefs:
+      want = 0.1 * ref["entropy"].mean()  # mean over layers of the per-layer mean
+      # sensitivity guard: counting prompt and padding tokens too would change it clearly
+      assert abs(0.1 * ref["entropy_all_tokens"].mean() - want) > 0.1 * want
+    else:
+      want = 0.01 * ref["load_balance"].mean()
+      # sensitivity guard: the gates are uneven, so E * sum f P is far from sum f = 1
+      assert abs(ref["load_balance"].mean() - 1.0) > 0.05
+    np.testing.assert_allclose(float(aux["aux_loss"]), want, rtol=1e-5)
+  # Sensitivity guards for the statistics: shares sum to one, entropy lies in (0, log E).
+  np.testing.assert_allclose(ref["top1_share"].sum(-1), 1.0, rtol=1e-6)
+  assert (ref["top1_share"] > 0).sum() > ref["top1_share"].shape[0]  # more than one winner
+  assert (ref["entropy"] > 0.05).all() and (ref["entropy"] < np.log(4)).all()
+  # all three switched on together: the sum of the parts, finite and positive
   m1 = make(E=4, init_std=0.3, activation="softmax", entropy_coef=0.1, load_balance_coef=0.01,
             z_loss_coef=0.001)
-  _, a0 = m0(ids, mask, stats_mask=loss)
   _, a1 = m1(ids, mask, stats_mask=loss)
-  assert float(a0["aux_loss"]) == 0.0
   assert np.isfinite(float(a1["aux_loss"])) and float(a1["aux_loss"]) > 0
