@@ -92,7 +92,7 @@ MUTATIONS: list[Mutation] = [
         "generate-eos-ends-all-rows", "safemoe_jax/generate.py",
         'done = s["done"] | jnp.isin(tok, eos_ids)',
         'done = s["done"] | jnp.any(jnp.isin(tok, eos_ids))',
-        ("tests/test_generate.py",),
+        ("tests/test_generate.py::test_generation_stops_at_eos_and_pads_after",),
         "one row's stop token ends every row of the batch"),
     Mutation(
         "lm-judge-p-safe", "safemoe_jax/judges.py",
