@@ -284,6 +284,21 @@ def test_cross_validation_is_grouped_and_out_of_fold(tiny_bert, tmp_cache):
     assert a and not a & b
 
 
+def test_cross_validation_never_trains_on_its_validation_rows():
+  """Features of pure noise: a head can memorise them (in-sample accuracy 1), but out-of-fold
+  predictions of noise are no better than chance, unless a fold's head saw its own rows."""
+  recs = fixture_rows()
+  cfg = dataclasses.replace(CFG, steps=200, lr=1e-2)
+  x = np.random.default_rng(0).normal(size=(len(recs), 64)).astype(np.float32)
+  t = js.targets(recs, cfg.labels)
+  k = t.klass >= 0
+  acc = lambda probs: (jt._decide(probs, cfg.harm_decision)[k] == t.klass[k]).mean()
+  # sensitivity guard: trained on every row, the head fits them all
+  assert acc(jt.head_probs(jt.fit_head(cfg, x, t), x)) > 0.95
+  cv = jt.cross_validate(cfg, recs, x=x)
+  assert acc(cv["oof"]) < 0.6, acc(cv["oof"])  # the majority class alone gives 17/36 = 0.47
+
+
 def test_head_learns_separable_features():
   rng = np.random.default_rng(0)
   recs = fixture_rows()

@@ -24,7 +24,8 @@ MUTATIONS: list[Mutation] = [
         "judge-cv-leak", "safemoe_jax/judge.py",
         "x[tr],\n                                  t.take(tr)), x[va])",
         "x, t), x[va])",
-        ("tests/test_judges.py::test_cross_validation_is_grouped_and_out_of_fold",),
+        ("tests/test_judges.py::test_cross_validation_never_trains_on_its_validation_rows",
+         "tests/test_judges.py::test_cross_validation_is_grouped_and_out_of_fold"),
         "each CV fold's head is trained on all rows, validation rows included"),
     Mutation(
         "train-phase2-frozen-router", "safemoe_jax/train.py",
