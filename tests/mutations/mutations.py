@@ -60,6 +60,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_model.py::test_bfloat16_policy_runs_and_stays_close",),
         "RoPE is skipped entirely under bfloat16"),
     Mutation(
+        "model-bf16-no-rope-scaling", "safemoe_jax/model.py",
+        "    inv_freq = jnp.asarray(rope_inv_freq(cfg))\n",
+        "    inv_freq = jnp.asarray(rope_inv_freq(cfg if cdt == jnp.float32 else\n"
+        "                                         type(cfg)(**{**vars(cfg), 'rope_scaling': None})))\n",
+        ("tests/test_model.py::test_bfloat16_policy_runs_and_stays_close",),
+        "Llama-3 RoPE scaling is dropped under bfloat16"),
+    Mutation(
         "aux-load-balance-no-E-P", "safemoe_jax/experts.py",
         "aux += rcfg.load_balance_coef * E * jnp.sum(f * P)",
         "aux += rcfg.load_balance_coef * jnp.sum(f)",
