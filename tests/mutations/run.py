@@ -65,12 +65,19 @@ def run_one(m: Mutation, workdir: Path, pytest_args: list[str]) -> tuple[str, fl
   (workdir / m.file).write_text(mutated)
   env = dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1")
   t0 = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                         *pytest_args, *m.tests], cwd=workdir, env=env, capture_output=True,
-                        text=True)
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "--tb=short", "-rf",
+                         "-p", "no:cacheprovider", *pytest_args, *m.tests], cwd=workdir, env=env,
+                        capture_output=True, text=True)
   dt = time.perf_counter() - t0
   status = {0: "survived", 1: "caught"}.get(proc.returncode, "broken")
-  return status, dt, (proc.stdout + proc.stderr)[-3000:]
+  return status, dt, proc.stdout + proc.stderr
+
+
+def failure_lines(output: str) -> list[str]:
+  """The failing test and the first lines of its error, from pytest's -rf/--tb=short output."""
+  failed = [l for l in output.splitlines() if l.startswith("FAILED ")]
+  errors = [l for l in output.splitlines() if l.startswith("E ")]
+  return [f[:200] for f in failed] + [e[:200] for e in errors[:2]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
       status, dt, tail = run_one(m, Path(tmp) / "repo", a.pytest_args)
       results.append((m, status))
       print(f"{status.upper():9s} {m.id:28s} {dt:6.0f} s  {m.why}", flush=True)
-      if status != "caught" or a.verbose:
-        print("  " + tail.strip().replace("\n", "\n  "), flush=True)
+      if a.verbose or status == "broken":
+        print("  " + tail[-3000:].strip().replace("\n", "\n  "), flush=True)
+      elif status == "caught":
+        print("".join(f"    {l}\n" for l in failure_lines(tail)), end="", flush=True)
+      else:
+        print(f"    the tests passed: {tail.strip().splitlines()[-1]}", flush=True)
   bad = [m.id for m, s in results if s != "caught"]
   print(f"{len(results) - len(bad)}/{len(results)} mutations caught"
         + (f"; not caught: {', '.join(bad)}" if bad else ""))
