@@ -191,7 +191,9 @@ def test_tiny_run_evaluates_caches_and_reports(tiny_run):
   judge3 = FakeJudge()
   again(dataclasses.replace(_ecfg(benign), default_count=6, systems=("base", "safemoe")), judge3)
   new = [json.loads(l) for l in (out / "eval" / "generations.jsonl").read_text().splitlines()]
-  assert len(new) - len(gens) == 2 and judge3.judged <= 2
+  pairs = lambda gs: {(g["prompt"], g["response"]) for g in gs}
+  assert len(new) - len(gens) == 2 and len(pairs(new) - pairs(gens)) >= 1
+  assert judge3.judged == len(pairs(new) - pairs(gens))  # exactly the new answers
 
   # A labelled benchmark source (XSTest's schema) splits into harmful and benign prompts.
   xs = out.parent / "xs.jsonl"

@@ -114,4 +114,10 @@ MUTATIONS: list[Mutation] = [
         "      if k not in cache and not cache.rows:\n        pairs[k] = (prompt, g[\"response\"])",
         ("tests/test_evaluate.py::test_tiny_run_evaluates_caches_and_reports",),
         "once a verdict cache exists, new answers are never judged"),
+    Mutation(
+        "data-truncation-off-by-one", "safemoe_jax/data.py",
+        "    r = r[: L - len(p)]\n",
+        "    r = r[: L - len(p) - 1]\n",
+        ("tests/test_data.py::test_embedded_default_with_the_real_smollm2_tokenizer",),
+        "a truncated response loses one token more than max_length requires"),
 ]
