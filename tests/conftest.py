@@ -13,9 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-# A prepared fp32 HF folder of SmolLM2-135M-Instruct made by ../shared/peer/setup.sh (optional).
-PEER_SMOLLM2 = Path(os.environ.get("PEER_SMOLLM2", "/tmp/peer_assets/smollm2-135m-hf"))
-
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -81,7 +78,16 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def peer_smollm2() -> Path:
-  """The peer's fp32 HF folder of SmolLM2-135M-Instruct; the test is skipped without it."""
-  if not (PEER_SMOLLM2 / "model.safetensors").exists():
-    pytest.skip(f"no {PEER_SMOLLM2}: run ../shared/peer/setup.sh to build the reference folder")
-  return PEER_SMOLLM2
+  """An fp32 HF folder of SmolLM2-135M-Instruct converted from the pinned GGUF by transformers'
+  own loader (tests/reference_smollm2.py; built once, cached). $PEER_SMOLLM2 names another one,
+  e.g. the folder ../shared/peer/setup.sh builds."""
+  from tests import prereq, reference_smollm2
+  if os.environ.get("PEER_SMOLLM2"):
+    folder = Path(os.environ["PEER_SMOLLM2"])
+    if not (folder / "model.safetensors").is_file():
+      prereq.missing(f"PEER_SMOLLM2={folder} has no model.safetensors")
+    return folder
+  try:
+    return reference_smollm2.reference_folder()
+  except reference_smollm2.ReferenceError_ as e:
+    prereq.missing(f"cannot build the SmolLM2 reference folder: {e}")

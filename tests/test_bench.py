@@ -11,6 +11,7 @@ import pytest
 
 from safemoe_jax import bench
 from safemoe_jax.config import ModelConfig
+from tests.prereq import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,10 +68,11 @@ def test_bench_runs_on_the_tiny_model_and_writes_json(tmp_path):
   assert "p2_E2" in table and "load average" in table
 
 
-def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path):
-  libtpu = bench.find_libtpu(download=True, quiet=True)
+def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path, capsys):
+  libtpu = bench.find_libtpu(download=True)  # from PyPI on first use, then cached; no TPU needed
   if libtpu is None:
-    pytest.skip(f"libtpu could not be installed here (pip download {bench.libtpu_spec()} failed)")
+    missing(f"libtpu could not be fetched here (pip download {bench.libtpu_spec()} failed: "
+            f"{capsys.readouterr().err.strip()[-600:]})")
   out = tmp_path / "aot.json"
   cmd = [sys.executable, "-m", "safemoe_jax.bench", "aot", "--tiny", "--topology", "v5e:2x2",
          "--no-max-batch", "--out", str(out), "mesh.data=1", "mesh.fsdp=4", "data.batch_size=8",

@@ -15,6 +15,7 @@ from safemoe_jax import experts as ex
 from safemoe_jax.config import ExpertsConfig, ModelConfig, RouterConfig
 from safemoe_jax.model import SafeMoELM, split_groups
 from safemoe_jax.steps import make_train_step
+from tests.prereq import require_module
 from tests.reference import ref_forward
 
 TINY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
@@ -119,8 +120,8 @@ def test_fixed_modes_equal_reference(mode):
 
 
 def test_single_expert_gate_one_matches_peft_lora():
-  torch = pytest.importorskip("torch")
-  peft = pytest.importorskip("peft")
+  torch = require_module("torch")
+  peft = require_module("peft")
   from transformers import LlamaConfig, LlamaForCausalLM
   torch.manual_seed(0)
   hc = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,

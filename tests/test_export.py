@@ -18,10 +18,11 @@ from safemoe_jax.config import ExpertsConfig, ModelConfig
 from safemoe_jax.experts import ExpertParam, RouterParam
 from safemoe_jax.model import SafeMoELM
 from safemoe_jax.weights import config_from_hf, load_hf_checkpoint
+from tests.prereq import require_module
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+torch = require_module("torch")
+peft = require_module("peft")
+transformers = require_module("transformers")
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 HF_MOD = {t: m.split(".")[1] for t, m in export.PEFT_MODULES.items()}  # "q" -> "q_proj"

@@ -120,4 +120,18 @@ MUTATIONS: list[Mutation] = [
         "    r = r[: L - len(p) - 1]\n",
         ("tests/test_data.py::test_embedded_default_with_the_real_smollm2_tokenizer",),
         "a truncated response loses one token more than max_length requires"),
+    # The two parity checks against transformers' own conversion of the real GGUF: these entries
+    # also prove that they run (a skipped test passes, so the mutation would survive).
+    Mutation(
+        "gguf-k-left-permuted", "safemoe_jax/weights.py",
+        'if key.removesuffix("_bias") in ("layers.q", "layers.k"):',
+        'if key.removesuffix("_bias") in ("layers.q",):',
+        ("tests/test_weights.py::test_gguf_matches_peer_hf_folder",),
+        "the real GGUF's K rows keep llama.cpp's RoPE permutation"),
+    Mutation(
+        "tokenizer-no-gpt2-regex", "safemoe_jax/tokenizer.py",
+        "byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)",
+        "byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)",
+        ("tests/test_tokenizer.py::test_smollm2_matches_peer_hf_tokenizer",),
+        "SmolLM2's pre-tokenizer drops GPT-2's word-splitting regex"),
 ]
