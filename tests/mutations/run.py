@@ -56,21 +56,27 @@ def copy_repo(dst: Path, root: Path = ROOT) -> None:
     shutil.copy2(root / f, dst / f)
 
 
-def run_one(m: Mutation, workdir: Path, pytest_args: list[str]) -> tuple[str, float, str]:
-  """(caught | survived | broken, seconds, tail of pytest's output)."""
-  mutated = check(m)
+def pytest_in_copy(workdir: Path, tests: list[str], pytest_args: list[str],
+                   mutation: Mutation | None = None) -> tuple[int, float, str]:
+  """Copy the repository to workdir, apply `mutation` (if any), run `tests` there with -x:
+  (pytest's exit status, seconds, its output)."""
   shutil.rmtree(workdir, ignore_errors=True)
   workdir.mkdir(parents=True)
   copy_repo(workdir)
-  (workdir / m.file).write_text(mutated)
+  if mutation is not None:
+    (workdir / mutation.file).write_text(check(mutation))
   env = dict(os.environ, PYTHONPATH=str(workdir), PYTHONDONTWRITEBYTECODE="1")
   t0 = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "--tb=short", "-rf",
-                         "-p", "no:cacheprovider", *pytest_args, *m.tests], cwd=workdir, env=env,
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "--tb=short", "-rfs",
+                         "-p", "no:cacheprovider", *pytest_args, *tests], cwd=workdir, env=env,
                         capture_output=True, text=True)
-  dt = time.perf_counter() - t0
-  status = {0: "survived", 1: "caught"}.get(proc.returncode, "broken")
-  return status, dt, proc.stdout + proc.stderr
+  return proc.returncode, time.perf_counter() - t0, proc.stdout + proc.stderr
+
+
+def run_one(m: Mutation, workdir: Path, pytest_args: list[str]) -> tuple[str, float, str]:
+  """(caught | survived | broken, seconds, pytest's output)."""
+  rc, dt, out = pytest_in_copy(workdir, list(m.tests), pytest_args, m)
+  return {0: "survived", 1: "caught"}.get(rc, "broken"), dt, out
 
 
 def failure_lines(output: str) -> list[str]:
@@ -86,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--list", action="store_true", help="list the mutations and exit")
   ap.add_argument("--check", action="store_true",
                   help="only check that every pattern applies (exactly once); run nothing")
+  ap.add_argument("--no-baseline", action="store_true",
+                  help="skip the first run of the named tests without any mutation (which must "
+                       "pass with no skips, or a failure under a mutation would prove nothing)")
   ap.add_argument("-v", "--verbose", action="store_true", help="print pytest's output tail")
   ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
   a = ap.parse_args(argv)
@@ -110,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   results = []
   with tempfile.TemporaryDirectory(prefix="safemoe_mutation_") as tmp:
+    if not a.no_baseline:
+      tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
+      rc, dt, out = pytest_in_copy(Path(tmp) / "repo", tests, a.pytest_args)
+      skipped = [l for l in out.splitlines() if l.startswith("SKIPPED")]
+      print(f"{'BASELINE':9s} {'(no mutation)':28s} {dt:6.0f} s  {len(tests)} test ids: "
+            + ("pass" if rc == 0 and not skipped else "FAILED or SKIPPED"), flush=True)
+      if rc != 0 or skipped:
+        print("  " + out[-3000:].strip().replace("\n", "\n  "), flush=True)
+        print("error: the tests must pass, with no skips, before mutations can be judged",
+              file=sys.stderr)
+        return 2
     for m in chosen:
       status, dt, tail = run_one(m, Path(tmp) / "repo", a.pytest_args)
       results.append((m, status))
