@@ -238,17 +238,21 @@ def test_top_k_keeps_k_gates_and_renormalises():
   assert (g > 0).sum() == 2 and abs(g.sum() - 1) < 1e-6 and g[2] > 0 and g[3] > 0
 
 
+def _entropy(g: np.ndarray) -> np.ndarray:
+  """Entropy of the normalised |gates| over the last axis."""
+  p = np.abs(g) / np.abs(g).sum(-1, keepdims=True)
+  return -(p * np.log(np.maximum(p, 1e-9))).sum(-1)
+
+
 def _routing_reference(g_LBTE: np.ndarray, stats_BT: np.ndarray) -> dict[str, np.ndarray]:
   """Routing statistics and aux losses from the gates, written out per token in numpy."""
-  L, B, T, E = g_LBTE.shape
+  E = g_LBTE.shape[-1]
   sel = stats_BT.astype(bool)
   g = g_LBTE[:, sel].astype(np.float64)  # [L, N, E]: the counted tokens only
-  p = np.abs(g) / np.abs(g).sum(-1, keepdims=True)
   top1 = np.eye(E)[np.abs(g).argmax(-1)]  # [L, N, E]
-  ent = -(p * np.log(np.maximum(p, 1e-9))).sum(-1)  # [L, N]
-  return {"weight": g.mean(1), "top1_share": top1.mean(1), "entropy": ent.mean(1),
-          "entropy_all_tokens": -(lambda q: (q * np.log(np.maximum(q, 1e-9))).sum(-1))(
-              np.abs(g_LBTE) / np.abs(g_LBTE).sum(-1, keepdims=True)).sum((1, 2)) / sel.sum(),
+  return {"weight": g.mean(1), "top1_share": top1.mean(1), "entropy": _entropy(g).mean(1),
+          # what an entropy over every token (padding and prompt too) would give
+          "entropy_all_tokens": _entropy(g_LBTE.astype(np.float64)).sum((1, 2)) / sel.sum(),
           # Switch Transformer load balance with softmax gates: P_e = mean gate = weight.
           "load_balance": E * (top1.mean(1) * g.mean(1)).sum(-1)}
 
