@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,6 @@ def test_stopped_after_phase1_resumes_at_phase2(tiny, tmp_path):
 def test_mid_phase_checkpoint_resumes_at_its_step(tiny, tmp_path):
   """Killed after the step-4 checkpoint of 6: the resumed run continues with the saved
   parameters, optimiser state and data iterator, and ends bit-identical to an uninterrupted one."""
-  import shutil
   model_dir, data = tiny
   out = tmp_path / "run"
   ov = tiny_run.overrides(model_dir, data, out, **{"phase2.steps": 0})
