@@ -65,7 +65,7 @@ def test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts(tiny, tm
   init_router = flat(nnx.state(init, RouterParam))
   assert init_router.keys() == router.keys()
   moved = max(np.abs(router[k] - init_router[k]).max() for k in router)
-  assert moved > 0.02, moved  # 6 Adam steps of lr 0.05 (after warm-up) move it by ~0.1
+  assert moved > 0.02, moved  # 6 Adam steps of lr 0.05 moved it by 0.16 (measured)
   _, base = weights.load_hf_checkpoint(model_dir)
   np.testing.assert_array_equal(np.asarray(model.layers.q[...]), base["layers.q"])
   np.testing.assert_array_equal(np.asarray(model.embed[...]), base["embed"])
