@@ -253,6 +253,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 _MULTI_PROCESS_ENV = {  # variable -> predicate on its value that means "several processes"
+    "SAFEMOE_DISTRIBUTED": lambda v: v == "1",  # launch/tpu_vm.sh: auto-detect from the TPU VM
     "JAX_COORDINATOR_ADDRESS": bool,  # explicit jax.distributed setup
     "SLURM_NTASKS": lambda v: int(v) > 1,  # SLURM job with several tasks
     "OMPI_COMM_WORLD_SIZE": lambda v: int(v) > 1,  # mpirun
