@@ -279,6 +279,11 @@ def initialize_distributed(force: bool = False, **kwargs) -> tuple[int, int]:
   `force`; call before any other JAX work. Idempotent. Returns (process index, count)."""
   why = "force=True" if force else multi_process_env()
   if why and not jax.distributed.is_initialized():
+    # JAX reads the coordinator from JAX_COORDINATOR_ADDRESS but not the process count and id:
+    # launch/local_multihost.sh (and any launcher without a cluster JAX detects) sets these.
+    for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+      if os.environ.get(var) and key not in kwargs:
+        kwargs[key] = int(os.environ[var])
     jax.distributed.initialize(**kwargs)
     log.info("jax.distributed initialised (%s): process %d of %d, %d local / %d global devices",
              why, jax.process_index(), jax.process_count(), jax.local_device_count(),
