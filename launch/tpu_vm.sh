@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Cloud TPU VM slice: create it, copy this project to every worker, install it with the `tpu`
-# extra, and run `python -m safemoe_jax.train` on every worker at once (multi-host).
+# extra in a Python >= 3.11 environment, and run `python -m safemoe_jax.train` on every worker at
+# once (multi-host).
 #
 #   bash launch/tpu_vm.sh create                     # the slice (ACCELERATOR, ZONE, TPU_NAME)
 #   bash launch/tpu_vm.sh copy                       # this checkout -> ~/safemoe_jax on all workers
-#   bash launch/tpu_vm.sh install                    # venv + pip install -e '.[tpu]' on all workers
+#   bash launch/tpu_vm.sh install                    # uv + Python $PYTHON_VERSION venv + '.[tpu]' on all workers
 #   bash launch/tpu_vm.sh train [key=value ...]      # the config on all workers, in the background
 #   bash launch/tpu_vm.sh logs | status | ssh | delete
 #   bash launch/tpu_vm.sh all [key=value ...]        # create, copy, install, train
@@ -12,21 +13,27 @@
 #   DRY_RUN=1 bash launch/tpu_vm.sh all              # print the commands, run nothing
 #
 # Settings (environment):
-#   TPU_NAME     safemoe
-#   ACCELERATOR  v5litepod-8 (v5e, 8 chips, 1 host); v5p-8 (4 chips), v6e-8, v5litepod-16 (2 hosts)...
-#   ZONE         a zone that has the accelerator, e.g. us-west4-a (v5e), us-east5-a (v5p),
-#                us-east5-b (v6e)
-#   RUNTIME      TPU VM software version; default chosen from ACCELERATOR
-#   CONFIG       configs/llama31_8b_tpu.yaml
-#   SPOT=1       a Spot (preemptible) slice; training resumes from its checkpoints when re-run
-#   HF_TOKEN     passed to the workers for gated Hub models (Llama) and datasets
+#   TPU_NAME        safemoe
+#   ACCELERATOR     v5litepod-8 (v5e, 8 chips, 1 host); v5p-8 (4 chips), v6e-8, v5litepod-16 (2 hosts)...
+#   ZONE            a zone that has the accelerator, e.g. us-west4-a (v5e), us-east5-a (v5p),
+#                   us-east5-b (v6e)
+#   RUNTIME         TPU VM software version; default chosen from ACCELERATOR
+#   CONFIG          configs/llama31_8b_tpu.yaml
+#   PYTHON_VERSION  3.11 (TPU VM images ship an older system Python; uv installs this one)
+#   SPOT=1          a Spot slice through a queued resource (Spot VMs cannot be restarted, only
+#                   recreated: `create` again after a preemption, then `copy install train`)
+#   OUTPUT_DIR      where checkpoints and artifacts go (default: the config's output_dir on the
+#                   workers' disks, which a Spot preemption deletes; see below)
+#   HF_TOKEN        passed to the workers for gated Hub models (Llama) and datasets
 #
-# Multi-host: every worker runs the same command; safemoe_jax calls jax.distributed.initialize()
-# when TPU_WORKER_HOSTNAMES lists several workers (set here from the slice's endpoints) and each
-# process reads its own rows of every global batch. Check memory first, without a TPU:
+# Multi-host: every worker runs the same command with SAFEMOE_DISTRIBUTED=1, so safemoe_jax calls
+# jax.distributed.initialize(), which finds the slice's coordinator and process ids from the TPU
+# VM's metadata; each process reads its own rows of every global batch. Logs come from worker 0.
+# Check memory first, without a TPU:
 #   python -m safemoe_jax.bench aot --config "$CONFIG" --topology v5e:2x4
-# After a preemption or a crash, `train` again resumes from the latest checkpoint in output_dir
-# (on the workers' disks; on a multi-host slice give output_dir a shared filesystem path).
+# Resuming after a preemption needs checkpoints that outlive the VM: the worker disks do not. Until
+# output_dir accepts gs:// buckets, give OUTPUT_DIR a persistent disk or Filestore path mounted on
+# every worker; `train` again then resumes from its latest checkpoint.
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:-safemoe}
@@ -34,6 +41,8 @@ ACCELERATOR=${ACCELERATOR:-v5litepod-8}
 ZONE=${ZONE:-us-west4-a}
 CONFIG=${CONFIG:-configs/llama31_8b_tpu.yaml}
 REMOTE_DIR=${REMOTE_DIR:-safemoe_jax}
+PYTHON_VERSION=${PYTHON_VERSION:-3.11}
+QR_NAME=${QR_NAME:-${TPU_NAME}-qr}
 if [[ -z "${RUNTIME:-}" ]]; then
   case "$ACCELERATOR" in
     v5litepod-*|v5e-*) RUNTIME=v2-alpha-tpuv5-lite ;;
@@ -57,17 +66,36 @@ on_all() {  # a shell command on every worker of the slice
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"
 }
 
-worker_hosts() {  # comma-separated internal IPs of the workers
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then echo "10.0.0.2,10.0.0.3"; return; fi
-  gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" \
-    --format='value(networkEndpoints[].ipAddress)' | tr ';' ','
+create() {
+  if [[ "${SPOT:-0}" == 1 ]]; then  # Spot capacity comes through a queued resource
+    run gcloud compute tpus queued-resources create "$QR_NAME" --node-id "$TPU_NAME" \
+      --zone "$ZONE" --accelerator-type "$ACCELERATOR" --runtime-version "$RUNTIME" --spot
+    wait_active
+  else
+    run gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" \
+      --accelerator-type "$ACCELERATOR" --version "$RUNTIME"
+  fi
 }
 
-create() {
-  local extra=()
-  [[ "${SPOT:-0}" == 1 ]] && extra+=(--spot)
-  run gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$ZONE" \
-    --accelerator-type "$ACCELERATOR" --version "$RUNTIME" "${extra[@]}"
+wait_active() {  # a queued resource is granted when capacity frees up: poll until ACTIVE
+  local state="" tries=0
+  while true; do
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+      echo "+ (poll) gcloud compute tpus queued-resources describe $QR_NAME --zone $ZONE until ACTIVE"
+      return
+    fi
+    state=$(gcloud compute tpus queued-resources describe "$QR_NAME" --zone "$ZONE" \
+      --format='value(state.state)')
+    echo "queued resource $QR_NAME: $state"
+    case "$state" in
+      ACTIVE) return ;;
+      FAILED|SUSPENDED) echo "queued resource $QR_NAME is $state; delete and create again" >&2
+                        exit 1 ;;
+    esac
+    tries=$((tries + 1))
+    (( tries < ${WAIT_TRIES:-720} )) || { echo "gave up waiting for $QR_NAME" >&2; exit 1; }
+    sleep "${WAIT_SECONDS:-30}"
+  done
 }
 
 copy() {
@@ -79,21 +107,35 @@ copy() {
   on_all "mkdir -p ~/$REMOTE_DIR && tar -C ~/$REMOTE_DIR -xzf ~/safemoe_jax_src.tgz"
 }
 
-install() {
-  on_all "cd ~/$REMOTE_DIR && python3 -m venv ~/venv && ~/venv/bin/pip install -q -U pip && \
-~/venv/bin/pip install -q -e '.[tpu]' && ~/venv/bin/python -c 'import jax; print(jax.devices())'"
+install() {  # uv brings a Python >= 3.11 of its own: TPU VM images ship an older one
+  on_all "cd ~/$REMOTE_DIR && (python3 -m pip install -q --user -U uv || \
+python3 -m pip install -q --user --break-system-packages -U uv) && \
+python3 -m uv venv --python $PYTHON_VERSION ~/venv && \
+python3 -m uv pip install -q --python ~/venv/bin/python -e '.[tpu]' && \
+~/venv/bin/python -c 'import jax; print(jax.device_count(), jax.devices()[0].platform)'"
 }
 
 train() {
-  local hosts overrides=""
-  hosts=$(worker_hosts)
+  local overrides=""
   for o in "$@"; do overrides+=" $(printf '%q' "$o")"; done
-  local env=""
+  [[ -n "${OUTPUT_DIR:-}" ]] && overrides+=" $(printf '%q' "output_dir=$OUTPUT_DIR")"
+  if [[ "${SPOT:-0}" == 1 && -z "${OUTPUT_DIR:-}" ]]; then
+    echo "warning: SPOT=1 without OUTPUT_DIR: checkpoints on the workers' disks are lost with a" \
+      "preemption" >&2
+  fi
+  local env="export SAFEMOE_DISTRIBUTED=1; "
   [[ -n "${HF_TOKEN:-}" ]] && env+="export HF_TOKEN=$HF_TOKEN; "
-  [[ "$hosts" == *,* ]] && env+="export TPU_WORKER_HOSTNAMES=$hosts; "
   on_all "${env}cd ~/$REMOTE_DIR && nohup ~/venv/bin/python -m safemoe_jax.train \
 --config $CONFIG$overrides > ~/train.log 2>&1 < /dev/null &"
   echo "training started on every worker of $TPU_NAME; follow with: bash launch/tpu_vm.sh logs"
+}
+
+delete() {
+  if [[ "${SPOT:-0}" == 1 ]]; then
+    run gcloud compute tpus queued-resources delete "$QR_NAME" --zone "$ZONE" --force --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet
+  fi
 }
 
 cmd=${1:-help}
@@ -108,6 +150,6 @@ case "$cmd" in
           --command "tail -n 50 -f ~/train.log" ;;
   status) on_all "pgrep -af safemoe_jax.train || echo 'not running'; tail -n 3 ~/train.log" ;;
   ssh) run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker="${WORKER:-0}" ;;
-  delete) run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
-  *) sed -n '2,30p' "$0"; [[ "$cmd" == help ]] || exit 2 ;;
+  delete) delete ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed '$d'; [[ "$cmd" == help ]] || exit 2 ;;
 esac

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import csv
 import dataclasses
 import fnmatch
@@ -202,8 +203,10 @@ def data_config(d: dict | None = None) -> DataConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Source kinds. Dataset ids, splits and columns below were checked against the pinned pyrit 1.1.0
-# wheel's own Hub loaders (pyrit/datasets/seed_datasets/remote/*.py) and public code using them.
+# Source kinds. Dataset ids, splits and columns below follow each dataset's card on the Hub; where
+# the pinned pyrit 1.1.0 wheel has a Hub loader for one (pyrit/datasets/seed_datasets/remote/*.py:
+# BeaverTails, PKU-SafeRLHF, HarmBench, XSTest, AdvBench, CatQA) it was read as a cross-check.
+# HarmfulQA and the Safety-Tuned LLaMAs sets have none there: their cards and authors' code only.
 # --------------------------------------------------------------------------------------------
 
 
@@ -222,6 +225,35 @@ class Kind:
 
 
 _PYRIT_MAP = {"information_integrity": "info_integrity", "sexual_content": "sexual"}
+
+# PKU-SafeRLHF labels each response with 19 harm categories; BeaverTails (the paper's expert
+# domains) has 14. Only "Privacy Violation" and "Animal Abuse" match by name, so this default map
+# sends each of the 19 to the closest BeaverTails domain (a documented choice: override with the
+# source's domain_map). Keys are the slugs of the category names.
+PKU_TO_BEAVERTAILS = {
+    "endangering_national_security": "terrorism_organized_crime",
+    "insulting_behavior": "hate_speech_offensive_language",
+    "discriminatory_behavior": "discrimination_stereotype_injustice",
+    "endangering_public_health": "misinformation_regarding_ethics_laws_and_safety",
+    "copyright_issues": "non_violent_unethical_behavior",
+    "violence": "violence_aiding_and_abetting_incitement",
+    "drugs": "drug_abuse_weapons_banned_substance",
+    "privacy_violation": "privacy_violation",
+    "economic_crime": "financial_crime_property_crime_theft",
+    "mental_manipulation": "non_violent_unethical_behavior",
+    "human_trafficking": "terrorism_organized_crime",
+    "physical_harm": "violence_aiding_and_abetting_incitement",
+    "sexual_content": "sexually_explicit_adult_content",
+    "cybercrime": "financial_crime_property_crime_theft",
+    "disrupting_public_order": "violence_aiding_and_abetting_incitement",
+    "environmental_damage": "non_violent_unethical_behavior",
+    "psychological_harm": "non_violent_unethical_behavior",
+    "white_collar_crime": "financial_crime_property_crime_theft",
+    "animal_abuse": "animal_abuse",
+}
+# Safety-Tuned LLaMAs' evaluation folder also holds benign control sets: their prompts are
+# labelled prompt_safe (scored for over-refusal, never as harmful).
+STL_BENIGN_SETS = ("I-Alpaca", "I-PhysicalSafetySafe")
 SCORER = "pyrit/datasets/scorer_evals"
 
 KINDS: dict[str, Kind] = {
@@ -261,9 +293,11 @@ KINDS: dict[str, Kind] = {
                                   "severity_0": "response_0_severity_level",
                                   "severity_1": "response_1_severity_level",
                                   "safer": "safer_response_id", "better": "better_response_id"},
-                         on_unknown_domain="keep"),
-    # split train; 1,960 questions over 10 academic topics (blue/red conversations not used)
-    "harmfulqa": Kind("declare-lab/HarmfulQA", columns={"prompt": "question", "domains": "topic",
+                         domain_map=PKU_TO_BEAVERTAILS, on_unknown_domain="keep"),
+    # split train; 1,960 questions over 10 academic topics (blue/red conversations not used).
+    # `topic` is an academic subject (e.g. "Science and Technology"), not a harm domain: kept as
+    # the `subject` label.
+    "harmfulqa": Kind("declare-lab/HarmfulQA", columns={"prompt": "question", "subject": "topic",
                                                         "subtopic": "subtopic"},
                       role="eval", on_unknown_domain="keep", response=False),
     # CatQA: splits en/zh/vi; 550 questions, 11 categories
@@ -279,7 +313,8 @@ KINDS: dict[str, Kind] = {
                           on_unknown_domain="keep", response=False),
     # Safety-Tuned LLaMAs evaluation sets are JSON files {"instructions": [...], "inputs": [...]}
     # in github.com/vinid/safety-tuned-llamas data/evaluation (not on the Hub): hf_config names
-    # the set (I-MaliciousInstructions, I-CoNa, I-Controversial, Q-Harm = HarmfulQ).
+    # the set (I-MaliciousInstructions, I-CoNa, I-Controversial, Q-Harm = HarmfulQ; the benign
+    # controls I-Alpaca and I-PhysicalSafetySafe are labelled prompt_safe, see STL_BENIGN_SETS).
     "safety_tuned_llamas": Kind("https://raw.githubusercontent.com/vinid/safety-tuned-llamas/"
                                 "main/data/evaluation/{set}.json", hf_config="I-CoNa",
                                 columns={"prompt": "text"}, role="eval", response=False),
@@ -329,10 +364,13 @@ def _resolve(src: SourceConfig) -> _Src:
     raise ConfigError(f"data.sources[{src.name}]: a local source needs `path` (jsonl, json, csv "
                       f"or parquet file)")
   role = src.role or k.role
+  labels = dict(src.labels)
+  if src.kind == "safety_tuned_llamas" and (src.hf_config or k.hf_config) in STL_BENIGN_SETS:
+    labels.setdefault("prompt_safe", True)
   return _Src(src.name or src.kind, src.kind, k, path, src.split or k.split,
               src.hf_config or k.hf_config, cols, {**k.domain_map, **src.domain_map}, role,
               src.on_unknown_domain or k.on_unknown_domain, src.on_bad_row or "error",
-              src.exclude or k.exclude, src.domains, dict(src.labels), src.max_rows,
+              src.exclude or k.exclude, src.domains, labels, src.max_rows,
               dict(src.columns), k.response and role != "eval")
 
 
@@ -506,10 +544,38 @@ def _table(src: _Src, hub_loader: HubLoader):
                       f"{type(e).__name__}: {str(e)[:300]}") from e
     return ds, str(p), ("line" if p.suffix.lower() == ".jsonl" else "row")
   if src.kind == "safety_tuned_llamas":
-    return (hub_loader("json", data_files=src.path, field="instructions", split="train"),
-            src.path, "instruction")
-  ds = hub_loader(src.path, name=src.hf_config or None, split=src.split)
+    with _hub_errors(src, src.path):
+      ds = hub_loader("json", data_files=src.path, field="instructions", split="train")
+    return ds, src.path, "instruction"
+  with _hub_errors(src, src.path):
+    ds = hub_loader(src.path, name=src.hf_config or None, split=src.split)
   return ds, f"{src.path}[{src.hf_config + ':' if src.hf_config else ''}{src.split}]", "row"
+
+
+@contextlib.contextmanager
+def _hub_errors(src: _Src, where: str):
+  """A Hub / URL dataset that cannot be read -> one DataError that says why and what to do."""
+  try:
+    yield
+  except DataError:
+    raise
+  except Exception as e:  # datasets / huggingface_hub raise many types; name the dataset
+    text = f"{type(e).__name__}: {e}"
+    low = text.lower()
+    page = f"https://huggingface.co/datasets/{where}" if "://" not in where else where
+    if "gated" in low or "401" in low or "403" in low or "authenticat" in low:
+      fix = (f"this dataset is gated: accept its terms at {page} with your account, then log in "
+             f"(`hf auth login`, or set HF_TOKEN) and run again")
+    elif "offline" in low or "connect" in low or "resolve" in low or "network" in low:
+      fix = ("the Hub could not be reached: run once with internet access (the dataset is then "
+             "cached), or download it and give the files as a local source (kind: local, path: ...)")
+    elif "split" in low or "config" in low:
+      fix = (f"check the source's split ({src.split!r}) and hf_config ({src.hf_config!r}) against "
+             f"{page}")
+    else:
+      fix = f"check the dataset id and your access at {page}"
+    raise DataError(f"source {src.name!r}: dataset {where} could not be loaded ({text[:300]}).\n"
+                    f"  fix: {fix}") from e
 
 
 def _read_table(src: _Src, hub_loader: HubLoader) -> Iterator[tuple[str, dict]]:

@@ -203,7 +203,7 @@ def export_peft(run: Run, out: str | Path, experts: Sequence[str] | None = None,
   chosen = list(run.domains) if not experts or list(experts) == ["all"] else list(experts)
   if unknown := [x for x in chosen if x not in run.domains]:
     raise ExportError(f"no expert for {unknown}; this run's experts are {list(run.domains)}")
-  base_name = base_name or run.base_path
+  base_name = base_name or (run.info.get("base_model") or {}).get("hub_id") or run.base_path
   folders = dict(zip(run.domains, _folder_names(run.domains)))
   ecfg = run.experts_cfg
   written = {}

@@ -253,6 +253,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 _MULTI_PROCESS_ENV = {  # variable -> predicate on its value that means "several processes"
+    "SAFEMOE_DISTRIBUTED": lambda v: v == "1",  # launch/tpu_vm.sh: auto-detect from the TPU VM
     "JAX_COORDINATOR_ADDRESS": bool,  # explicit jax.distributed setup
     "SLURM_NTASKS": lambda v: int(v) > 1,  # SLURM job with several tasks
     "OMPI_COMM_WORLD_SIZE": lambda v: int(v) > 1,  # mpirun
@@ -278,6 +279,11 @@ def initialize_distributed(force: bool = False, **kwargs) -> tuple[int, int]:
   `force`; call before any other JAX work. Idempotent. Returns (process index, count)."""
   why = "force=True" if force else multi_process_env()
   if why and not jax.distributed.is_initialized():
+    # JAX reads the coordinator from JAX_COORDINATOR_ADDRESS but not the process count and id:
+    # launch/local_multihost.sh (and any launcher without a cluster JAX detects) sets these.
+    for var, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+      if os.environ.get(var) and key not in kwargs:
+        kwargs[key] = int(os.environ[var])
     jax.distributed.initialize(**kwargs)
     log.info("jax.distributed initialised (%s): process %d of %d, %d local / %d global devices",
              why, jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -32,6 +32,7 @@ from flax import nnx
 
 from safemoe_jax import config as C
 from safemoe_jax import data as D
+from safemoe_jax import hub
 from safemoe_jax import sharding as S
 from safemoe_jax.config import ConfigError, ExpertsConfig, RouterConfig
 from safemoe_jax.experts import ExpertParam, RouterParam
@@ -47,7 +48,10 @@ from safemoe_jax.steps import forward_loss, make_train_step
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
-  path: str = ""  # HF folder or .gguf file; "" = the embedded default (SmolLM2-135M-Instruct)
+  # HF folder, .gguf file or Hub id (org/name, fetched to the Hub cache: safetensors, config and
+  # tokenizer only; HF_TOKEN for gated models); "" = the embedded default (SmolLM2-135M-Instruct)
+  path: str = ""
+  revision: str = ""  # Hub id only: branch, tag or commit to pin ("" = the default branch)
   param_dtype: str = "float32"  # bfloat16 on TPU/GPU
   compute_dtype: str = "float32"  # bfloat16 on TPU/GPU
   remat: bool = False  # recompute each layer in the backward pass (long sequences, big models)
@@ -525,9 +529,21 @@ def _check_writable(out: Path) -> None:
                       f"output_dir or fix its permissions / free disk space") from None
 
 
+def resolve_base_path(cfg: TrainConfig) -> tuple[Path, str | None]:
+  """The base model's local path, and its Hub id when model.path named one (fetched or cached)."""
+  from safemoe_jax import assets, hub
+  if not cfg.model.path:
+    return assets.smollm2_gguf(), None
+  path, hub_id = hub.resolve_model(cfg.model.path, cfg.model.revision)
+  if hub_id:
+    _log(f"base model {hub_id} (revision {cfg.model.revision or 'default'}) from the Hub cache: "
+         f"{path}")
+  return path, hub_id
+
+
 def _load_base(cfg: TrainConfig):
-  from safemoe_jax import assets, tokenizer, weights
-  path = Path(cfg.model.path) if cfg.model.path else assets.smollm2_gguf()
+  from safemoe_jax import tokenizer, weights
+  path, _ = resolve_base_path(cfg)
   if not path.exists():
     raise ConfigError(f"model.path {path} does not exist (an HF folder with config.json and "
                       f"safetensors, or a .gguf file)")
@@ -546,7 +562,10 @@ def _load_base(cfg: TrainConfig):
 
 def _run_info(cfg: TrainConfig, path: Path, mcfg, out: Path) -> dict:
   """What a checkpoint in `out` depends on; a restart must match it."""
-  info = {"base_model": {"path": str(path.absolute()), "fingerprint": fingerprint(path)},
+  base = {"path": str(path.absolute()), "fingerprint": fingerprint(path)}
+  if cfg.model.path and hub.is_hub_id(cfg.model.path):
+    base.update(hub_id=cfg.model.path, revision=cfg.model.revision)
+  info = {"base_model": base,
           "model": C.to_dict(mcfg), "domains": list(cfg.data.domains),
           "experts": C.to_dict(cfg.experts_config()), "router": C.to_dict(cfg.router),
           "seed": cfg.seed}

@@ -137,8 +137,10 @@ def test_hub_loaders_parse_fixture_files():
   assert len(pku) == 4 and [r["labels"]["is_safe"] for r in pku] == [True, False, False, False]
   assert pku[1]["domains"] == ["privacy_violation"] and pku[0]["labels"]["safer"] is True
   assert pku[1]["labels"]["better"] is True and pku[3]["labels"]["severity"] == 3
-  assert {d for r in src("harmfulqa") for d in r["domains"]} == {"science_and_technology",
-                                                                  "history_and_culture"}
+  # HarmfulQA's topic is an academic subject, kept as a label, never a harm domain
+  assert [r["labels"]["subject"] for r in src("harmfulqa")][:2] == ["Science and Technology",
+                                                                     "History and Culture"]
+  assert all(r["domains"] == [] for r in src("harmfulqa"))
   assert src("catqa")[1]["domains"] == ["hate_harass_violence"]
   assert len(src("advbench_hub")) == 3 and src("advbench_hub")[0]["labels"]["target"]
   assert src("harmbench_hub")[1]["domains"] == ["cybercrime_intrusion"]

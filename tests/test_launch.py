@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.fixtures import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,20 +49,96 @@ def test_notebook_cells_run_on_cpu_with_a_tiny_config(tmp_path):
   assert list((out / "eval").glob("*.png")), "the evaluation made no plots"
 
 
-def test_tpu_script_runs_train_on_every_worker(tmp_path):
+def _tpu(cmd: str, *args: str, **env) -> tuple[int, list[str], str]:
+  """DRY_RUN the TPU script: (status, the gcloud command lines, stderr)."""
   env = dict(os.environ, DRY_RUN="1", TPU_NAME="t1", ACCELERATOR="v5p-16", ZONE="z",
-             HF_TOKEN="hf_secret")
-  proc = subprocess.run(["bash", str(ROOT / "launch" / "tpu_vm.sh"), "all", "phase1.steps=5"],
+             HF_TOKEN="hf_secret", **env)
+  proc = subprocess.run(["bash", str(ROOT / "launch" / "tpu_vm.sh"), cmd, *args],
                         capture_output=True, text=True, env=env, timeout=60)
-  assert proc.returncode == 0, proc.stderr
-  cmds = [l.replace("\\", "") for l in proc.stdout.splitlines() if l.startswith("+ gcloud")]
-  assert "tpu-vm create t1" in cmds[0] and "v2-alpha-tpuv5" in cmds[0]
-  train = [c for c in cmds if "safemoe_jax.train" in c]
-  assert len(train) == 1 and "--worker=all" in train[0] and "phase1.steps=5" in train[0]
-  assert "TPU_WORKER_HOSTNAMES" in train[0]  # several hosts: jax.distributed on every worker
-  assert any("pip install -q -e" in c and "tpu" in c and "--worker=all" in c for c in cmds)
-  assert "hf_secret" not in proc.stdout + proc.stderr and "HF_TOKEN=***" in train[0]
+  assert "hf_secret" not in proc.stdout + proc.stderr
+  cmds = [l.replace("\\", "") for l in proc.stdout.splitlines() if l.startswith("+ ")]
+  return proc.returncode, cmds, proc.stderr
+
+
+@pytest.mark.parametrize("spot", ["0", "1"])
+def test_tpu_script_every_subcommand_dry_run(spot):
+  status, cmds, _ = _tpu("create", SPOT=spot)
+  assert status == 0
+  if spot == "1":  # Spot capacity through a queued resource, polled until ACTIVE
+    assert "queued-resources create t1-qr --node-id t1" in cmds[0] and "--spot" in cmds[0]
+    assert "v2-alpha-tpuv5" in cmds[0] and "until ACTIVE" in cmds[1]
+  else:
+    assert cmds == ["+ gcloud compute tpus tpu-vm create t1 --zone z --accelerator-type v5p-16 "
+                    "--version v2-alpha-tpuv5"]
+  status, cmds, _ = _tpu("copy")
+  assert status == 0 and cmds[0].startswith("+ tar ") and "--exclude=.git" in cmds[0]
+  assert "tpu-vm scp" in cmds[1] and "--worker=all" in cmds[1] and "--worker=all" in cmds[2]
+  status, cmds, _ = _tpu("install", PYTHON_VERSION="3.12")
+  assert status == 0 and len(cmds) == 1 and "--worker=all" in cmds[0]
+  assert "uv venv --python 3.12" in cmds[0] and "uv pip install" in cmds[0] and "[tpu]" in cmds[0]
+  status, cmds, err = _tpu("train", "phase1.steps=5", SPOT=spot, OUTPUT_DIR="/mnt/disk/run")
+  assert status == 0 and len(cmds) == 1 and "--worker=all" in cmds[0]
+  assert "SAFEMOE_DISTRIBUTED=1" in cmds[0] and "HF_TOKEN=***" in cmds[0]
+  assert "phase1.steps=5" in cmds[0] and "output_dir=/mnt/disk/run" in cmds[0]
+  assert "warning" not in err
+  _, _, err = _tpu("train", SPOT="1")
+  assert "checkpoints on the workers' disks are lost" in err
+  status, cmds, _ = _tpu("logs")
+  assert status == 0 and "--worker=0" in cmds[0] and "train.log" in cmds[0]
+  status, cmds, _ = _tpu("status")
+  assert status == 0 and "--worker=all" in cmds[0] and "pgrep" in cmds[0]
+  status, cmds, _ = _tpu("ssh", WORKER="1")
+  assert status == 0 and "--worker=1" in cmds[0]
+  status, cmds, _ = _tpu("delete", SPOT=spot)
+  assert status == 0 and ("queued-resources delete t1-qr" if spot == "1" else
+                          "tpu-vm delete t1") in cmds[0]
+  status, cmds, _ = _tpu("all", "phase1.steps=5", SPOT=spot)
+  assert status == 0 and any("create" in c for c in cmds[:1])
+  assert [c for c in cmds if "safemoe_jax.train" in c] and any("uv venv" in c for c in cmds)
+  status, _, _ = _tpu("bogus")
+  assert status == 2
+
+
+def test_launch_env_starts_jax_distributed(monkeypatch):
+  from safemoe_jax import sharding as S
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+  monkeypatch.setenv("SAFEMOE_DISTRIBUTED", "1")
+  assert S.multi_process_env() == "SAFEMOE_DISTRIBUTED"
+  monkeypatch.setenv("SAFEMOE_DISTRIBUTED", "0")
+  assert S.multi_process_env() is None
+
+
+def test_gpu_script_dry_run():
   gpu = subprocess.run(["bash", str(ROOT / "launch" / "gpu.sh"), "phase1.steps=5"], cwd=ROOT,
                        capture_output=True, text=True, env=dict(os.environ, DRY_RUN="1"),
                        timeout=60)
   assert gpu.returncode == 0 and "safemoe_jax.train --config configs/gpu_small.yaml" in gpu.stdout
+
+
+def test_notebook_installs_from_a_wheel_built_from_this_checkout(tmp_path):
+  """The install cell's sources: a wheel found in the search folders, a wheel path, a checkout
+  folder, a URL; the wheel `pip wheel` builds from this checkout holds the whole package."""
+  cell = next(src for tags, src in _code_cells(json.loads(NOTEBOOK.read_text()))
+              if "def pip_spec" in src)
+  ns: dict = {"SOURCE": str(ROOT), "OUTPUT_DIR": str(tmp_path / "out")}
+  exec(compile(cell, "<install cell>", "exec"), ns)  # already installed here: installs nothing
+  pip_spec = ns["pip_spec"]
+  assert ns["OUTPUT_DIR"] == str(tmp_path / "out")
+  proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                         "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (wheel,) = (tmp_path / "dist").glob("safemoe_jax-*.whl")
+  import zipfile
+  names = set(zipfile.ZipFile(wheel).namelist())
+  pkg = {p.relative_to(ROOT).as_posix() for p in (ROOT / "safemoe_jax").rglob("*.py")}
+  assert pkg and pkg <= names, sorted(pkg - names)
+  assert pip_spec("", search=[tmp_path / "dist"]) == f"safemoe_jax[tpu] @ {wheel.as_uri()}"
+  assert pip_spec(str(wheel)) == f"safemoe_jax[tpu] @ {wheel.as_uri()}"
+  assert pip_spec(str(ROOT)) == f"{ROOT}[tpu]"
+  url = "git+https://example.invalid/you/safemoe_jax.git"
+  assert pip_spec(url) == f"safemoe_jax[tpu] @ {url}"
+  with pytest.raises(FileNotFoundError, match="pip wheel --no-deps"):
+    pip_spec("", search=[tmp_path / "empty"])
+  with pytest.raises(FileNotFoundError, match="neither a .whl file"):
+    pip_spec(str(tmp_path))

@@ -1,0 +1,115 @@
+"""Hub model ids for `model.path`, resolved against an offline Hub cache laid out as the Hub does
+(models--org--name/{refs,snapshots}); no network."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from safemoe_jax import hub
+from safemoe_jax.config import ConfigError
+from tests.fixtures import tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT_V1 = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def write_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = COMMIT,
+                    ref: str = "main") -> Path:
+  """Copy an HF folder into `cache` as huggingface_hub stores a downloaded snapshot."""
+  repo = cache / ("models--" + repo_id.replace("/", "--"))
+  snap = repo / "snapshots" / commit
+  snap.mkdir(parents=True, exist_ok=True)
+  for f in folder.iterdir():
+    if f.is_file():
+      shutil.copy(f, snap / f.name)
+  (repo / "refs").mkdir(exist_ok=True)
+  (repo / "refs" / ref).write_text(commit)
+  return snap
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+  return tiny_run.write_model(tmp_path_factory.mktemp("hub_tiny") / "model")
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+  from huggingface_hub import constants
+  cache = tmp_path / "hub"
+  cache.mkdir()
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  return cache
+
+
+def test_hub_id_resolves_to_the_cached_snapshot(tiny_model, offline_cache):
+  snap = write_hub_cache(offline_cache, "org/tiny-chat", tiny_model)
+  v1 = write_hub_cache(offline_cache, "org/tiny-chat", tiny_model, COMMIT_V1, ref="v1")
+  assert hub.is_hub_id("org/tiny-chat") and not hub.is_hub_id(str(tiny_model))
+  assert not hub.is_hub_id("model.gguf") and not hub.is_hub_id("a/b/c")
+  path, hub_id = hub.resolve_model("org/tiny-chat")
+  assert path.resolve() == snap.resolve() and hub_id == "org/tiny-chat"
+  path, _ = hub.resolve_model("org/tiny-chat", revision="v1")
+  assert path.resolve() == v1.resolve()
+  path, _ = hub.resolve_model("org/tiny-chat", revision=COMMIT_V1)
+  assert path.resolve() == v1.resolve()
+  assert hub.resolve_model(str(tiny_model)) == (tiny_model, None)  # a local folder wins
+  with pytest.raises(ConfigError, match=r"could not be reached and no cached copy"):
+    hub.resolve_model("org/not-cached")
+
+
+def test_hub_snapshot_without_safetensors_is_refused(tiny_model, offline_cache, tmp_path):
+  only_cfg = tmp_path / "cfg_only"
+  only_cfg.mkdir()
+  shutil.copy(tiny_model / "config.json", only_cfg / "config.json")
+  write_hub_cache(offline_cache, "org/pickle-only", only_cfg)
+  with pytest.raises(ConfigError, match=r"no \.safetensors weights"):
+    hub.resolve_model("org/pickle-only")
+
+
+def test_train_with_a_hub_id_records_it_and_export_names_it(tiny_model, offline_cache, tmp_path):
+  from safemoe_jax import export, train
+  write_hub_cache(offline_cache, "org/tiny-chat", tiny_model)
+  data = tiny_run.write_data(tmp_path / "data.jsonl")
+  out = tmp_path / "run"
+  ov = tiny_run.overrides(Path("org/tiny-chat"), data, out, **{"phase1.steps": 2,
+                                                               "phase2.steps": 0})
+  train.run(train.load_config(None, ov))
+  info = json.loads((out / "run.json").read_text())
+  assert info["base_model"]["hub_id"] == "org/tiny-chat"
+  assert COMMIT in info["base_model"]["path"]
+  run = export.load_run(out)
+  export.export_peft(run, tmp_path / "peft")
+  cfgs = list((tmp_path / "peft").glob("*/adapter_config.json"))
+  assert cfgs and all(json.loads(c.read_text())["base_model_name_or_path"] == "org/tiny-chat"
+                      for c in cfgs)
+
+
+def test_shipped_8b_config_gets_past_model_resolution_offline(tiny_model, tmp_path):
+  """`train --config configs/llama31_8b_tpu.yaml` as written (a Hub id) on 8 CPU devices: the
+  model resolves from the Hub cache and loads; the run then stops at the first Hub *dataset*,
+  which an offline machine cannot read, with one `error:` line that says so."""
+  cache = tmp_path / "hub"
+  write_hub_cache(cache, "meta-llama/Llama-3.1-8B-Instruct", tiny_model)
+  env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             HF_DATASETS_CACHE=str(tmp_path / "ds"), HF_HOME=str(tmp_path / "hf_home"),
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-m", "safemoe_jax.train", "--config",
+                         str(ROOT / "configs/llama31_8b_tpu.yaml"), f"output_dir={tmp_path / 'out'}",
+                         "model.param_dtype=float32", "model.compute_dtype=float32",
+                         "log.progress=false"],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  err = proc.stderr
+  assert "base model meta-llama/Llama-3.1-8B-Instruct" in err and COMMIT in err, err[-2000:]
+  assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+  last = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(last) == 1 and "PKU-Alignment/BeaverTails could not be loaded" in last[0], err[-2000:]
+  assert "the Hub could not be reached" in err, err[-2000:]
