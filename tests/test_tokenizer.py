@@ -59,8 +59,8 @@ def test_tiny_gguf_options_and_errors():
   assert tok("the")["input_ids"][0] == 1 and tok.pad_token == "<|endoftext|>"
   with pytest.raises(TokenizerError, match="'llama' is not supported: only byte-level BPE"):
     tokenizer_from_gguf(_metadata(**{"tokenizer.ggml.model": "llama"}))
-  with pytest.raises(TokenizerError, match="pre-tokenizer 'qwen2' is not supported"):
-    tokenizer_from_gguf(_metadata(**{"tokenizer.ggml.pre": "qwen2"}))
+  with pytest.raises(TokenizerError, match="pre-tokenizer 'deepseek-coder' is not supported"):
+    tokenizer_from_gguf(_metadata(**{"tokenizer.ggml.pre": "deepseek-coder"}))
 
 
 def test_apply_chat_on_tiny_tokenizer():
