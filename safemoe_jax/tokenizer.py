@@ -25,6 +25,7 @@ class TokenizerError(ValueError):
 # llama.cpp pre-tokenizer names -> the same split in `tokenizers` (regexes from llama-vocab.cpp).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}"
                  r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2: one digit per token
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 
 
@@ -36,12 +37,16 @@ def _pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
     return pre_tokenizers.Sequence([digits, byte_level]), False
   if pre in ("default", "gpt-2", "gpt2"):
     return byte_level, False
+  if pre == "qwen2":  # Qwen2/2.5: Llama-3's split but single digits; merges applied as usual
+    split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated")
+    return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(
+        add_prefix_space=False, use_regex=False)]), False
   if pre in ("llama-bpe", "llama3"):  # Llama 3: its own regex, merges ignored for whole words
     split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated")
     return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(
         add_prefix_space=False, use_regex=False)]), True
   raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: "
-                       f"{[*_DIGITS_THEN_GPT2, 'default', 'gpt-2', 'llama-bpe']}); load the "
+                       f"{[*_DIGITS_THEN_GPT2, 'default', 'gpt-2', 'llama-bpe', 'qwen2']}); load the "
                        "model's HF tokenizer folder instead")
 
 

@@ -30,7 +30,7 @@ class WeightsError(ValueError):
 
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM2, TinyLlama, Llama 2/3.x are "llama"
-GGUF_ARCHS = ("llama",)
+GGUF_ARCHS = ("llama", "qwen2")  # llama.cpp permutes Q/K rows for llama only
 DType = np.dtype | type | str
 
 
@@ -304,7 +304,7 @@ def _gguf_reader(path: str | Path):
 
 def load_gguf(path: str | Path, dtype: DType = np.float32, **overrides: Any
               ) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, Any]]:
-  """Read a llama-architecture GGUF: (config, dequantised params, raw metadata)."""
+  """Read a llama- or qwen2-architecture GGUF: (config, dequantised params, raw metadata)."""
   from gguf.quants import dequantize
   r = _gguf_reader(path)
   md = {k: f.contents() for k, f in r.fields.items()}
@@ -361,7 +361,7 @@ def load_gguf(path: str | Path, dtype: DType = np.float32, **overrides: Any
     return None if t is None else np.asarray(dequantize(t.data, t.tensor_type), np.float32)
 
   def fix(key: str, w: np.ndarray) -> np.ndarray:
-    if key.removesuffix("_bias") in ("layers.q", "layers.k"):
+    if arch == "llama" and key.removesuffix("_bias") in ("layers.q", "layers.k"):
       return unpermute_qk(w, cfg.num_heads if key.startswith("layers.q") else cfg.num_kv_heads)
     return w
 

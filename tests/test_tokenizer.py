@@ -48,6 +48,9 @@ def test_tiny_gguf_tokenizer():
   llama3 = tokenizer_from_gguf(_metadata(**{"tokenizer.ggml.pre": "llama-bpe"}))
   assert [p for p, _ in llama3.backend_tokenizer.pre_tokenizer.pre_tokenize_str("ab 12345")] == [
       "ab", "Ġ", "123", "45"]
+  qwen2 = tokenizer_from_gguf(_metadata(**{"tokenizer.ggml.pre": "qwen2"}))  # one digit a piece
+  assert [p for p, _ in qwen2.backend_tokenizer.pre_tokenizer.pre_tokenize_str("ab 12345")] == [
+      "ab", "Ġ", "1", "2", "3", "4", "5"]
 
 
 def test_tiny_gguf_options_and_errors():
@@ -56,8 +59,8 @@ def test_tiny_gguf_options_and_errors():
   assert tok("the")["input_ids"][0] == 1 and tok.pad_token == "<|endoftext|>"
   with pytest.raises(TokenizerError, match="'llama' is not supported: only byte-level BPE"):
     tokenizer_from_gguf(_metadata(**{"tokenizer.ggml.model": "llama"}))
-  with pytest.raises(TokenizerError, match="pre-tokenizer 'qwen2' is not supported"):
-    tokenizer_from_gguf(_metadata(**{"tokenizer.ggml.pre": "qwen2"}))
+  with pytest.raises(TokenizerError, match="pre-tokenizer 'deepseek-coder' is not supported"):
+    tokenizer_from_gguf(_metadata(**{"tokenizer.ggml.pre": "deepseek-coder"}))
 
 
 def test_apply_chat_on_tiny_tokenizer():

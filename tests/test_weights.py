@@ -244,12 +244,12 @@ def _write_gguf(ck, path: Path, arch: str = "llama", rope_freqs: bool = False) -
            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
   for i in range(c.num_hidden_layers):
     for g, hf in names.items():
-      t = S[f"model.layers.{i}.{hf}.weight"]
-      if g == "attn_q":
-        t = _permute(t, c.num_attention_heads)
-      elif g == "attn_k":
-        t = _permute(t, c.num_key_value_heads)
-      w.add_tensor(f"blk.{i}.{g}.weight", t)
+      for kind in ("weight", "bias"):
+        if (t := S.get(f"model.layers.{i}.{hf}.{kind}")) is None:
+          continue
+        if arch == "llama" and g in ("attn_q", "attn_k"):  # qwen2 is stored unpermuted
+          t = _permute(t, c.num_attention_heads if g == "attn_q" else c.num_key_value_heads)
+        w.add_tensor(f"blk.{i}.{g}.{kind}", t)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -276,9 +276,19 @@ def test_gguf_untied_with_llama3_rope(tiny_llama, tmp_path):
   _assert_exact(params, hf_params)
 
 
+def test_gguf_qwen2_with_qkv_bias_matches_hf(tiny_qwen2, tmp_path):
+  """qwen2 GGUFs keep Q/K in HF's layout (llama.cpp permutes llama only) and carry q/k/v biases."""
+  cfg, params, md = load_gguf(_write_gguf(tiny_qwen2, tmp_path / "q.gguf", arch="qwen2"))
+  hf_cfg, hf_params = load_hf_checkpoint(tiny_qwen2.path)
+  assert md["general.architecture"] == "qwen2" and cfg.qkv_bias
+  assert dataclasses.replace(cfg, max_position_embeddings=0) == dataclasses.replace(
+      hf_cfg, max_position_embeddings=0)
+  _assert_exact(params, hf_params)
+
+
 def test_gguf_other_arch_refused(tiny_llama_tied, tmp_path):
-  with pytest.raises(WeightsError, match=r"architecture 'qwen2' is not supported"):
-    load_gguf(_write_gguf(tiny_llama_tied, tmp_path / "q.gguf", arch="qwen2"))
+  with pytest.raises(WeightsError, match=r"architecture 'gemma' is not supported"):
+    load_gguf(_write_gguf(tiny_llama_tied, tmp_path / "q.gguf", arch="gemma"))
   with pytest.raises(WeightsError, match="not found"):
     load_gguf(tmp_path / "missing.gguf")
 
