@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from safemoe_jax import errors
 from safemoe_jax import experts as ex
 from safemoe_jax.config import ExpertsConfig, ModelConfig, RouterConfig
 from safemoe_jax.model import SafeMoELM
@@ -1010,6 +1011,7 @@ def _ints(s: str) -> tuple[int, ...]:
   return tuple(int(x) for x in s.split(",") if x)
 
 
+@errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["aot"]:

@@ -58,11 +58,12 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
+from safemoe_jax.errors import SafeMoEError
 from safemoe_jax import assets
 from safemoe_jax.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
-class DataError(ValueError):
+class DataError(SafeMoEError, ValueError):
   """A data source or example is unusable: missing column, empty field, unknown domain, ..."""
 
 
