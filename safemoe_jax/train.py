@@ -76,7 +76,7 @@ class PhaseConfig:
       raise ConfigError(f"{name}.steps must be >= 0, got {self.steps}")
     if self.grad_accum <= 0:
       raise ConfigError(f"{name}.grad_accum must be > 0, got {self.grad_accum}")
-    if not (self.lr > 0 and np.isfinite(np.float32(self.lr))):  # nan, inf, float32 overflow
+    if not 0 < self.lr <= float(np.finfo(np.float32).max):  # also nan, inf, float32 overflow
       raise ConfigError(f"{name}.lr must be a finite number > 0, got {self.lr}")
     for f in ("b1", "b2"):  # b = 1 makes Adam's bias correction 0/0: NaN weights
       if not 0 <= getattr(self, f) < 1:
@@ -653,13 +653,13 @@ def _changed(cfg: TrainConfig, old: dict, out: Path) -> dict[str, tuple[Any, Any
     was = {k: v for k, v in _flat(old.get("config", {})).items() if not k.startswith(RESUMABLE)}
   now = identity(cfg)
   diff = {}
-  for k in sorted(set(was) | set(now)):
+  # Fields on one side only (a setting added to or removed from the trainer since the run
+  # started, a data file not fingerprinted then) are not compared.
+  for k in sorted(set(was) & set(now)):
     if k.startswith(("phase1.", "phase2.")) and not started[k.split(".")[0]]:
       continue
-    if k.startswith("data.file.") and k not in was:
-      continue
-    if was.get(k, "<absent>") != now.get(k, "<absent>"):
-      diff[k] = (was.get(k, "<absent>"), now.get(k, "<absent>"))
+    if was[k] != now[k]:
+      diff[k] = (was[k], now[k])
   return diff
 
 

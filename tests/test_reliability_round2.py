@@ -299,6 +299,14 @@ def _base_cycle(t, d, out):
   return ["--config", str(d / "a.yaml"), *t.ov(out)]
 
 
+def _nan_experts(t, d, out):
+  from safetensors.numpy import save_file
+  f = out / "experts.safetensors"  # as a run from before the guard could leave it
+  w = load_file(str(f))
+  save_file({k: np.full_like(v, np.nan) for k, v in w.items()}, str(f))
+  return ("export", ["peft", "--run", str(out), "--out", str(d / "peft")])
+
+
 def _train(t: Tiny, out: Path, *extra: str) -> list[str]:
   return [*t.ov(out), *extra]
 
@@ -380,6 +388,8 @@ BAD_INPUTS_2 = [
         "peft", "--run", str(out), "--out", str(out)]), r"--out \S+ is a training run folder"),
     ("export-peft-into-base-model", _cmd("export", lambda t, d, out: [
         "peft", "--run", str(out), "--out", str(t.model)]), r"--out \S+ is the base model's"),
+    # 1. an artifact with NaN (written before the guard) is not exported
+    ("export-nan-experts", _nan_experts, r"experts.safetensors holds NaN or inf"),
 ]
 
 
@@ -394,8 +404,8 @@ def test_bad_input_gives_one_error_line_and_changes_nothing(tiny, tmp_path, caps
   import importlib
   out = tmp_path / "run"
   shutil.copytree(tiny.ref, out)  # a finished run in the output folder
-  before, model_before = _snapshot(out), _snapshot(tiny.model)
   argv = make(tiny, tmp_path, out)
+  before, model_before = _snapshot(out), _snapshot(tiny.model)
   module, argv = argv if isinstance(argv, tuple) else ("train", argv)
   main = importlib.import_module(f"safemoe_jax.{module}").main
   assert main(argv) == 2
@@ -403,3 +413,17 @@ def test_bad_input_gives_one_error_line_and_changes_nothing(tiny, tmp_path, caps
   assert re.search(r"^error: .*" + match, line), line
   assert _snapshot(out) == before
   assert _snapshot(tiny.model) == model_before
+
+
+def test_evaluate_leaves_out_prompts_that_leave_no_room_for_the_answer():
+  # Before any LoRA is trained: a prompt longer than the context minus the answer used to crash
+  # the evaluation after the SFT baseline had been trained.
+  from safemoe_jax import evaluate as E
+  quiet = lambda m: None  # noqa: E731
+  assert E.fit_context(E.EvalConfig(max_new_tokens=64), 128, quiet).max_prompt_tokens == 64
+  assert E.fit_context(E.EvalConfig(max_new_tokens=6, max_prompt_tokens=32), 128,
+                       quiet).max_prompt_tokens == 32
+  assert E.fit_context(E.EvalConfig(max_new_tokens=6, max_prompt_tokens=0), 128,
+                       quiet).max_prompt_tokens == 64
+  with pytest.raises(E.EvalError, match="leaves no room for a prompt"):
+    E.fit_context(E.EvalConfig(max_new_tokens=100), 128, quiet)
