@@ -77,7 +77,7 @@ class PhaseConfig:
     if self.grad_accum <= 0:
       raise ConfigError(f"{name}.grad_accum must be > 0, got {self.grad_accum}")
     if not 0 < self.lr <= float(np.finfo(np.float32).max):  # also nan, inf, float32 overflow
-      raise ConfigError(f"{name}.lr must be a finite number > 0, got {self.lr}")
+      raise ConfigError(f"{name}.lr must be > 0 (and finite in float32), got {self.lr}")
     for f in ("b1", "b2"):  # b = 1 makes Adam's bias correction 0/0: NaN weights
       if not 0 <= getattr(self, f) < 1:
         raise ConfigError(f"{name}.{f} must be in [0, 1), got {getattr(self, f)}")
