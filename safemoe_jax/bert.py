@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safemoe_jax.errors import SafeMoEError
 
-class BertError(ValueError):
+
+class BertError(SafeMoEError, ValueError):
   """A BERT checkpoint or tokenizer cannot be read or does not match its config."""
 
 

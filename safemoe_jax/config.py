@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 import yaml
 
+from safemoe_jax.errors import SafeMoEError
 
-class ConfigError(ValueError):
+
+class ConfigError(SafeMoEError, ValueError):
   """A configuration value is missing, unknown, or of the wrong type."""
 
 
@@ -88,6 +90,9 @@ class ExpertsConfig:
     bad = [t for t in self.targets if t not in TARGETS]
     if bad or not self.targets:
       raise ConfigError(f"experts.targets {list(self.targets)}: valid targets are {list(TARGETS)}")
+    if not 0 < self.alpha < float("inf"):
+      raise ConfigError(f"experts.alpha must be > 0 (the LoRA scale is alpha / rank), got "
+                        f"{self.alpha}")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"experts.dropout must be in [0, 1), got {self.dropout}")
 
@@ -239,7 +244,11 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     if "=" not in ov:
       raise ConfigError(f"override {ov!r} must look like key.sub=value")
     key, raw = ov.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+      value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {ov!r}: the value is not valid YAML "
+                        f"({_yaml_problem(e)}); quote it, e.g. {key}='\"...\"'") from None
     parts = key.strip().split(".")
     node = d
     for p in parts[:-1]:
@@ -250,17 +259,32 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
   return d
 
 
-def load_yaml(path: str | Path) -> dict:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+  mark = getattr(e, "problem_mark", None)
+  where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+  return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
   path = Path(path)
-  if not path.exists():
-    raise ConfigError(f"config file {path} does not exist")
-  with open(path) as f:
-    d = yaml.safe_load(f) or {}
+  if not path.is_file():
+    raise ConfigError(f"config file {path} does not exist" + (
+        f" (named as base by {_chain[-1]})" if _chain else ""))
+  if path.resolve() in _chain:
+    raise ConfigError(f"config files inherit from each other in a cycle: "
+                      f"{' -> '.join(str(p) for p in (*_chain, path.resolve()))}; remove one "
+                      f"of the `base:` lines")
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = yaml.safe_load(f) or {}
+  except (yaml.YAMLError, UnicodeDecodeError) as e:
+    problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else "not UTF-8 text"
+    raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
   if not isinstance(d, dict):
     raise ConfigError(f"config file {path} must hold a mapping at the top level")
   base = d.pop("base", None)  # `base: other.yaml` inherits from another file
   if base:
-    parent = load_yaml(path.parent / base)
+    parent = load_yaml(path.parent / str(base), (*_chain, path.resolve()))
     d = _merge(parent, d)
   return d
 

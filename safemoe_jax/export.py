@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 
 from safemoe_jax import config as C
+from safemoe_jax import errors
 from safemoe_jax import weights as W
 from safemoe_jax.config import TARGETS, ExpertsConfig, ModelConfig, RouterConfig
 from safemoe_jax.experts import target_dims
 
 
-class ExportError(ValueError):
+class ExportError(errors.SafeMoEError, ValueError):
   """An artifact cannot be exported or imported (missing file, unsupported adapter, mismatch)."""
 
 
@@ -131,13 +132,56 @@ def load_run(run_dir: str | Path) -> Run:
                       f"{list(ecfg.targets)}): expected {want}, found {got}")
   if len(domains) != E:
     raise ExportError(f"{f}: {len(domains)} domains {list(domains)} for {E} experts")
+  _check_finite(f, experts)
   router = rcfg = None
   if (rf := d / "router.safetensors").is_file():
     router = dict(load_file(str(rf)))
+    _check_finite(rf, router)
     rcfg = C.from_dict(RouterConfig, info["router"]) if info.get("router") else None
   base = info.get("base_model") or {}
   return Run(d, mcfg, ecfg, domains, experts, rcfg, router, str(base.get("path", "")),
              base.get("fingerprint"), info)
+
+
+def _check_finite(f: Path, arrays: dict[str, np.ndarray]) -> None:
+  bad = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.inexact)
+         and not np.isfinite(v).all()]
+  if bad:
+    raise ExportError(f"{f} holds NaN or inf in {bad[:4]}: it is not a trained artifact and is "
+                      f"not exported. Train the run again (the trainer now refuses to write such "
+                      f"arrays)")
+
+
+def _is_model_folder(d: Path) -> bool:
+  return (d / "config.json").is_file() and any(d.glob("*.safetensors")) or any(d.glob("*.gguf"))
+
+
+def check_out(out: Path, run: Run | None = None, base: str | Path | None = None) -> None:
+  """Refuses an export folder that holds a run or a model it would overwrite. A folder this
+  module wrote before (a merged export: config.json with a 'safemoe' entry) may be rewritten."""
+  out = Path(out)
+  if not out.exists():
+    return
+  if out.is_file():
+    raise ExportError(f"--out {out} is a file; give a folder")
+  r = out.resolve()
+  if (out / "run.json").is_file() or (out / "experts.safetensors").is_file() or (
+      run is not None and r == run.dir.resolve()):
+    raise ExportError(f"--out {out} is a training run folder: exporting there would overwrite "
+                      f"its artifacts (router.safetensors, README.md). Choose a new folder, "
+                      f"e.g. {out / 'export'}")
+  bases = [Path(b) for b in (base, run.base_path if run else None) if b]
+  if any(b.exists() and r == (b if b.is_dir() else b.parent).resolve() for b in bases):
+    raise ExportError(f"--out {out} is the base model's folder: exporting there would overwrite "
+                      f"the base model. Choose a new folder")
+  if _is_model_folder(out):
+    try:
+      ours = "safemoe" in json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+      ours = False
+    if not ours:
+      raise ExportError(f"--out {out} holds a model this tool did not export; exporting there "
+                        f"would overwrite it. Choose a new folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +244,7 @@ def export_peft(run: Run, out: str | Path, experts: Sequence[str] | None = None,
   """One PEFT adapter folder per expert (all by default) under `out`, plus router.safetensors,
   router.json and README.md. Returns {domain: adapter folder}."""
   out = Path(out)
+  check_out(out, run)
   chosen = list(run.domains) if not experts or list(experts) == ["all"] else list(experts)
   if unknown := [x for x in chosen if x not in run.domains]:
     raise ExportError(f"no expert for {unknown}; this run's experts are {list(run.domains)}")
@@ -700,7 +745,9 @@ def export_merged(run: Run, out: str | Path, g_E: np.ndarray, *, base: str | Pat
   PyTorch layout, and the tokenizer (copied from an HF base, rebuilt from a GGUF's metadata)."""
   from safetensors.numpy import save_file
   out = Path(out)
+  check_out(out, run, base)
   path, cfg, params, md = _load_base(run, base)
+  check_out(out, run, path)
   g = np.asarray(g_E, np.float32)
   if g.shape != (len(run.domains),):
     raise ExportError(f"gate vector of shape {g.shape}, expected ({len(run.domains)},)")
@@ -738,6 +785,7 @@ def _split(values: Sequence[str] | None) -> list[str]:
   return [x for v in values or [] for x in v.split(",") if x]
 
 
+@errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m safemoe_jax.export", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -765,35 +813,31 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   p.add_argument("--out", required=True)
   args = ap.parse_args(argv)
-  try:
-    if args.cmd == "peft":
-      run = load_run(args.run)
-      metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-      done = export_peft(run, args.out, _split(args.expert), args.base_name, metrics)
-      for d, f in done.items():
-        print(f"{d:20s} {f}")
-      print(f"{'model card':20s} {Path(args.out) / 'README.md'}")
-    elif args.cmd == "import":
-      from safemoe_jax import assets
-      base = Path(args.base) if args.base else assets.smollm2_gguf()
-      mcfg = base_config(base)
-      ads = [read_peft_adapter(a) for a in args.adapters]
-      ecfg, experts = import_adapters(ads, mcfg, names=args.names, base_name=str(base))
-      f = write_imported(args.out, ecfg, experts, mcfg, base, ads)
-      print(f"wrote {f}: {ecfg.num_experts} experts {list(ecfg.domains)}, rank {ecfg.rank}, "
-            f"alpha {ecfg.alpha}, targets {list(ecfg.targets)}")
-      if f.name == "experts.safetensors":
-        print("train only the router with (plus your data sources):\n  python -m "
-              "safemoe_jax.train " + " ".join(train_overrides(ecfg, base.absolute(), f.parent)))
-    else:
-      run = load_run(args.run)
-      w = [float(x) for x in args.weights.split(",")] if args.weights else None
-      g = gate_vector(args.routing, run.domains, _split(args.domain), w)
-      out = export_merged(run, args.out, g, base=args.base, dtype=args.dtype)
-      print(f"wrote {out} (gates {dict(zip(run.domains, g.tolist()))})")
-  except (ExportError, W.WeightsError, C.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.cmd == "peft":
+    run = load_run(args.run)
+    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    done = export_peft(run, args.out, _split(args.expert), args.base_name, metrics)
+    for d, f in done.items():
+      print(f"{d:20s} {f}")
+    print(f"{'model card':20s} {Path(args.out) / 'README.md'}")
+  elif args.cmd == "import":
+    from safemoe_jax import assets
+    base = Path(args.base) if args.base else assets.smollm2_gguf()
+    mcfg = base_config(base)
+    ads = [read_peft_adapter(a) for a in args.adapters]
+    ecfg, experts = import_adapters(ads, mcfg, names=args.names, base_name=str(base))
+    f = write_imported(args.out, ecfg, experts, mcfg, base, ads)
+    print(f"wrote {f}: {ecfg.num_experts} experts {list(ecfg.domains)}, rank {ecfg.rank}, "
+          f"alpha {ecfg.alpha}, targets {list(ecfg.targets)}")
+    if f.name == "experts.safetensors":
+      print("train only the router with (plus your data sources):\n  python -m "
+            "safemoe_jax.train " + " ".join(train_overrides(ecfg, base.absolute(), f.parent)))
+  else:
+    run = load_run(args.run)
+    w = [float(x) for x in args.weights.split(",")] if args.weights else None
+    g = gate_vector(args.routing, run.domains, _split(args.domain), w)
+    out = export_merged(run, args.out, g, base=args.base, dtype=args.dtype)
+    print(f"wrote {out} (gates {dict(zip(run.domains, g.tolist()))})")
   return 0
 
 

@@ -12,6 +12,7 @@ import argparse
 import functools
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -19,7 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safemoe_jax import errors
 from safemoe_jax.model import SafeMoELM
+
+
+class GenerateError(errors.SafeMoEError, ValueError):
+  """A generation request the model cannot serve (prompt too long, no tokens asked for)."""
 
 
 def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float,
@@ -95,11 +101,13 @@ def generate(model: SafeMoELM, ids_BP: np.ndarray, mask_BP: np.ndarray, *, max_n
   prefill's last position).
   """
   if max_new_tokens <= 0:
-    raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    raise GenerateError(f"max_new_tokens must be > 0, got {max_new_tokens}")
   total = ids_BP.shape[1] + max_new_tokens
   if total > model.cfg.max_position_embeddings:
-    raise ValueError(f"prompt ({ids_BP.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = "
-                     f"{total} exceeds the model's context of {model.cfg.max_position_embeddings}")
+    raise GenerateError(f"prompt ({ids_BP.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
+                        f"= {total} exceeds the model's context of "
+                        f"{model.cfg.max_position_embeddings}; shorten the prompt or ask for "
+                        f"fewer new tokens")
   graphdef, state = nnx.split(model)
   out, gates, steps = _generate_jit(
       graphdef, state, jnp.asarray(ids_BP, jnp.int32), jnp.asarray(mask_BP, jnp.int32),
@@ -180,7 +188,8 @@ def load_pretrained(path: str | None = None, *, compute_dtype: str = "float32",
   return model, tok
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@errors.cli
+def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m safemoe_jax.generate", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--prompt", action="append", required=True,
@@ -193,6 +202,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   ap.add_argument("--top-p", type=float, default=1.0)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
+  if args.max_new_tokens <= 0:
+    raise GenerateError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+  if not 0 < args.top_p <= 1 or args.temperature < 0:
+    raise GenerateError(f"--top-p must be in (0, 1] and --temperature >= 0, got "
+                        f"{args.top_p} and {args.temperature}")
+  if args.model is not None and not Path(args.model).exists():
+    raise GenerateError(f"--model {args.model} does not exist (an HF folder with config.json "
+                        f"and safetensors, or a .gguf file; the Hub is not used)")
   t0 = time.perf_counter()
   model, tok = load_pretrained(args.model)
   print(f"[generate] model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -206,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   n = sum(res["new_tokens"])
   print(f"[generate] {n} new tokens in {dt:.1f}s (incl. compilation): {n / dt:.1f} tok/s",
         file=sys.stderr)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

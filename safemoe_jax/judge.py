@@ -65,6 +65,7 @@ import numpy as np
 import optax
 
 from safemoe_jax import data as dt
+from safemoe_jax import errors
 from safemoe_jax.config import apply_overrides, from_dict, to_dict
 from safemoe_jax.metrics import json_default
 from safemoe_jax.judges import (LABELS, H, JudgeError, LabelConfig, Targets, binary_metrics,
@@ -643,6 +644,7 @@ def judged_rates(j, v: dict, responses: str) -> dict:
   return out
 
 
+@errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m safemoe_jax.judge", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -735,8 +737,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except JudgeError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  sys.exit(main())

@@ -35,6 +35,33 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
   return out
 
 
+def repair_jsonl(path: Path) -> None:
+  """Cuts a torn last line (a process killed in the middle of a write leaves one) from an
+  append-only JSONL log, so the next record starts on a line of its own."""
+  path = Path(path)
+  if not path.exists():
+    return
+  with open(path, "rb+") as f:
+    f.seek(0, 2)
+    size = f.tell()
+    if not size:
+      return
+    f.seek(max(size - (1 << 20), 0))
+    tail = f.read()
+    if tail.endswith(b"\n"):
+      return
+    cut = tail.rfind(b"\n")
+    keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 1 << 20 else size)
+    print(f"[metrics] {path}: removed a torn last line ({size - keep} bytes)", file=sys.stderr)
+    f.truncate(keep)
+
+
+def open_append(path: Path):
+  """Opens an append-only JSONL log for appending, after `repair_jsonl`."""
+  repair_jsonl(path)
+  return open(path, "a", buffering=1)
+
+
 class MetricsWriter:
   """Writes one JSON object per step to `path` and scalars to TensorBoard / W&B if enabled."""
 
@@ -42,7 +69,7 @@ class MetricsWriter:
                run_name: str = "", config: dict | None = None):
     self.path = Path(out_dir) / "metrics.jsonl"
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.f = open(self.path, "a", buffering=1)
+    self.f = open_append(self.path)
     self.tb = None
     if tensorboard:
       try:
@@ -81,8 +108,16 @@ class MetricsWriter:
 def read_jsonl(path: Path) -> list[dict]:
   if not Path(path).exists():
     return []
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [l for l in f if l.strip()]
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:  # only the last line may be torn (a write cut short)
+        raise
+  return rows
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:

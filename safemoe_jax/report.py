@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from safemoe_jax import errors
+
 ORDER = ("base", "safemoe", "uniform", "negated", "oracle", "sft", "harmful_lora")
 NAMES = {"base": "base model", "safemoe": "SafeMoE (learned router)",
          "uniform": "uniform experts (+1/E)", "negated": "negated experts (-1/E)",
@@ -434,6 +436,7 @@ def write_report(res: dict, out_dir: str | Path) -> Path:
   return path
 
 
+@errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
   import json
   ap = argparse.ArgumentParser(prog="python -m safemoe_jax.report", description=__doc__,

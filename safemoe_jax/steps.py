@@ -38,6 +38,14 @@ def masked_ce(logits_BTV: jax.Array, ids_BT: jax.Array, loss_mask_BT: jax.Array
   return per_ex, n_ex, jnp.sum(per_ex) / jnp.maximum(jnp.sum(n_ex), 1.0)
 
 
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point element of the tree is finite (integer leaves, such as an
+  optimiser's step count, are always finite)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def forward_loss(model: SafeMoELM, batch: dict[str, jax.Array], routing: str,
                  dropout_rng: jax.Array | None = None, fixed_weights=None
                  ) -> tuple[jax.Array, dict[str, Any]]:
@@ -72,8 +80,9 @@ def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformati
   `params` (the trainable group) is differentiated. With accum_steps > 1 every batch array has
   a leading micro-batch axis [A, b, ...]; gradients are summed over a scan so the update equals
   one step on the whole batch (loss weighted by response tokens, aux losses averaged).
-  A non-finite loss or gradient leaves params and optimiser state unchanged and sets
-  metrics['nonfinite'] so the caller can stop or skip.
+  A non-finite loss, gradient or update (new parameters or optimiser state, e.g. Adam's 0/0
+  with b1=1) leaves params and optimiser state unchanged and sets metrics['nonfinite'] (and
+  metrics['update_nonfinite'] when only the update was) so the caller can stop or skip.
   """
   _, trainable, frozen, merge = split_for(model, group)
 
@@ -100,13 +109,15 @@ def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformati
     zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
     (grads, obj), ms = jax.lax.scan(body, zeros, (batch, rngs))
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(obj) & jnp.isfinite(grad_norm)
+    grads_ok = jnp.isfinite(obj) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    update_ok = all_finite((new_params, new_opt))
+    ok = grads_ok & update_ok
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     metrics = {"loss": obj, "ce": jnp.sum(ms["per_example_nll"]) / n_total,
                "aux_loss": jnp.sum(ms["aux_loss"] * ms["tokens"]) / n_total, "tokens": n_total, "grad_norm": grad_norm,
-               "nonfinite": ~ok,
+               "nonfinite": ~ok, "update_nonfinite": grads_ok & ~update_ok,
                "per_example_nll": ms["per_example_nll"].reshape(-1),
                "per_example_tokens": ms["per_example_tokens"].reshape(-1)}
     if "routing" in ms:

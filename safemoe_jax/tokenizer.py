@@ -15,10 +15,11 @@ from typing import Any, overload
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.weights import gguf_metadata
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SafeMoEError, ValueError):
   """A tokenizer cannot be built or loaded, or lacks what is asked of it (e.g. a chat template)."""
 
 

@@ -32,11 +32,13 @@ from flax import nnx
 
 from safemoe_jax import config as C
 from safemoe_jax import data as D
-from safemoe_jax import hub
+from safemoe_jax import errors, hub
 from safemoe_jax import sharding as S
+from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.config import ConfigError, ExpertsConfig, RouterConfig
 from safemoe_jax.experts import ExpertParam, RouterParam
-from safemoe_jax.metrics import MetricsWriter, json_default, plot_losses
+from safemoe_jax.metrics import (MetricsWriter, json_default, open_append, plot_losses,
+                                 repair_jsonl)
 from safemoe_jax.model import SafeMoELM
 from safemoe_jax.steps import forward_loss, make_train_step
 
@@ -52,8 +54,8 @@ class BaseModelConfig:
   # tokenizer only; HF_TOKEN for gated models); "" = the embedded default (SmolLM2-135M-Instruct)
   path: str = ""
   revision: str = ""  # Hub id only: branch, tag or commit to pin ("" = the default branch)
-  param_dtype: str = "float32"  # bfloat16 on TPU/GPU
-  compute_dtype: str = "float32"  # bfloat16 on TPU/GPU
+  param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16 on TPU/GPU
+  compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16 on TPU/GPU
   remat: bool = False  # recompute each layer in the backward pass (long sequences, big models)
 
 
@@ -65,7 +67,7 @@ class PhaseConfig:
   schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warm-up
   warmup_ratio: float = 0.06  # authors' development code: 6% warm-up then linear decay
   weight_decay: float = 0.0  # 0: an expert absent from a batch must stay exactly unchanged
-  clip_norm: float = 1.0  # authors' development code
+  clip_norm: float = 1.0  # authors' development code; 0 = no clipping
   b1: float = 0.9
   b2: float = 0.999
   eval_every: int = 0  # validation every N steps (0: only at the end of the phase)
@@ -77,8 +79,19 @@ class PhaseConfig:
       raise ConfigError(f"{name}.steps must be >= 0, got {self.steps}")
     if self.grad_accum <= 0:
       raise ConfigError(f"{name}.grad_accum must be > 0, got {self.grad_accum}")
-    if self.lr <= 0:
-      raise ConfigError(f"{name}.lr must be > 0, got {self.lr}")
+    if not 0 < self.lr <= float(np.finfo(np.float32).max):  # also nan, inf, float32 overflow
+      raise ConfigError(f"{name}.lr must be > 0 (and finite in float32), got {self.lr}")
+    for f in ("b1", "b2"):  # b = 1 makes Adam's bias correction 0/0: NaN weights
+      if not 0 <= getattr(self, f) < 1:
+        raise ConfigError(f"{name}.{f} must be in [0, 1), got {getattr(self, f)}")
+    if not 0 <= self.clip_norm < float("inf"):
+      raise ConfigError(f"{name}.clip_norm must be > 0, or 0 for no clipping, got "
+                        f"{self.clip_norm}")
+    if not 0 <= self.weight_decay < float("inf"):
+      raise ConfigError(f"{name}.weight_decay must be >= 0, got {self.weight_decay}")
+    if self.eval_every < 0:
+      raise ConfigError(f"{name}.eval_every must be >= 0 (0: only at the end), got "
+                        f"{self.eval_every}")
     if not 0 <= self.warmup_ratio < 1:
       raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
     if self.ckpt_every <= 0:
@@ -90,6 +103,13 @@ class LogConfig:
   tensorboard: bool = True
   wandb_project: str = ""  # set to log to Weights & Biases (needs `pip install wandb`)
   progress: bool = True  # progress bar on stderr
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeConfig:
+  # Dotted names of identity fields (see RESUMABLE) this resume may change, e.g.
+  # [phase2.steps]; each accepted change is recorded in run.json under "changes".
+  allow_changes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +133,7 @@ class TrainConfig:
   # ones), greedy, 64 new tokens, as a short table (evaluate.quick_look). 0 = skip. The full
   # comparison with every baseline is `python -m safemoe_jax.evaluate --run <output_dir>`.
   quick_look: int = 32
+  resume: ResumeConfig = ResumeConfig()
 
   def validate(self) -> None:
     self.data.validate()
@@ -168,8 +189,10 @@ def make_optimizer(p: PhaseConfig) -> optax.GradientTransformation:
     sched = optax.join_schedules([optax.linear_schedule(0.0, p.lr, max(warm, 1)),
                                   optax.linear_schedule(p.lr, 0.0, max(p.steps - warm, 1))],
                                  [max(warm, 1)])
-  return optax.chain(optax.clip_by_global_norm(p.clip_norm),
-                     optax.adamw(sched, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay)), sched
+  adam = optax.adamw(sched, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay)
+  if p.clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(p.clip_norm), adam), sched
+  return adam, sched
 
 
 def fingerprint(path: Path) -> str:
@@ -205,15 +228,35 @@ def _np(tree) -> dict[str, np.ndarray]:
   return flat
 
 
-class StorageError(RuntimeError):
+class StorageError(SafeMoEError, RuntimeError):
   """A checkpoint or artifact could not be written (disk full, quota, storage gone)."""
+
+
+class NonFiniteError(SafeMoEError, FloatingPointError):
+  """A loss, gradient, update or array about to be saved is NaN or infinite."""
+
+
+def nonfinite_names(flat: dict[str, np.ndarray]) -> list[str]:
+  """Names of the floating-point arrays with a NaN or an infinity."""
+  return [k for k, v in flat.items()
+          if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
+
+
+def check_finite(flat: dict[str, np.ndarray], what: str) -> None:
+  """Refuses to write a non-finite array: a NaN checkpoint or artifact would look trained."""
+  if bad := nonfinite_names(flat):
+    raise NonFiniteError(f"refusing to write {what}: {len(bad)} array(s) hold NaN or inf "
+                         f"({bad[:4]}); nothing was written. Lower the learning rate or check "
+                         f"the optimiser settings, then run again")
 
 
 def save_group(path: Path, state, meta: dict) -> None:
   from safetensors.numpy import save_file
+  arrays = _np(state)
+  check_finite(arrays, str(path))
   tmp = path.with_suffix(".tmp")
   try:
-    save_file(_np(state), str(tmp), metadata={"safemoe": json.dumps(meta)})
+    save_file(arrays, str(tmp), metadata={"safemoe": json.dumps(meta)})
     os.replace(tmp, path)
   except Exception as e:  # a full disk is a SafetensorError, not an OSError
     tmp.unlink(missing_ok=True)
@@ -314,12 +357,21 @@ class Phase:
     self.out = out
     self.ckpt_dir = (out / "checkpoints" / name).absolute()
     self.mgr = ocp.CheckpointManager(
-        self.ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
-                                                            create=True))
+        self.ckpt_dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_checkpoints, create=True,
+            # Synchronous: each save is waited for anyway, and a failed asynchronous save left a
+            # thread that held the process for Orbax's 5-minute timeout after the error.
+            enable_async_checkpointing=False))
     self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1 if name == "phase1" else 2)
 
   # --- checkpoints ---------------------------------------------------------------------
   def save(self, step: int, data_state: Any) -> None:
+    from safemoe_jax.steps import all_finite
+    if not bool(all_finite((self.params, self.opt))):
+      check_finite({**{f"params.{k}": v for k, v in _np(self.params).items()},
+                    **{f"opt.{i}": np.asarray(x) for i, x in
+                       enumerate(jax.tree.leaves(jax.device_get(self.opt)))}},
+                   f"checkpoint {step} of {self.name} to {self.ckpt_dir}")
     meta = {"phase": self.name, "step": step, "seed": self.cfg.seed, "data_state": data_state,
             "checksum": checksums((self.params, self.opt))}
     try:
@@ -398,7 +450,7 @@ class Phase:
                  dynamic_ncols=True)
     last: dict[str, Any] = {}
     tokens_seen, time_steady, t_first = 0.0, 0.0, None
-    order_f = (open(self.out / "data_order.jsonl", "a", buffering=1)
+    order_f = (open_append(self.out / "data_order.jsonl")
                if jax.process_index() == 0 else None)
     for step in range(start, pc.steps):
       batch = next(train_iter)
@@ -416,13 +468,16 @@ class Phase:
       if bool(m["nonfinite"]):
         where = (f"step {step + 1} of {self.name}, examples "
                  f"{[] if example_index is None else np.asarray(example_index).ravel().tolist()}")
+        what = ("non-finite update (new parameters or optimiser state; check "
+                f"{self.name}.b1, b2 and lr)" if bool(m["update_nonfinite"])
+                else "non-finite loss or gradient")
         if pc.on_nonfinite == "stop":
-          raise FloatingPointError(
-              f"non-finite loss or gradient at {where} (loss {m['loss']}, grad norm "
+          raise NonFiniteError(
+              f"{what} at {where} (loss {m['loss']}, grad norm "
               f"{m['grad_norm']}); the update was not applied and the last checkpoint in "
               f"{self.ckpt_dir} is intact. Lower the learning rate, or set "
               f"{self.name}.on_nonfinite=skip to skip such batches.")
-        _log(f"WARNING: skipped a non-finite update at {where}")
+        _log(f"WARNING: skipped a non-finite update at {where} ({what})")
       if t_first is None:
         t_first = dt  # includes compilation
       else:
@@ -531,7 +586,7 @@ def _check_writable(out: Path) -> None:
 
 def resolve_base_path(cfg: TrainConfig) -> tuple[Path, str | None]:
   """The base model's local path, and its Hub id when model.path named one (fetched or cached)."""
-  from safemoe_jax import assets, hub
+  from safemoe_jax import assets
   if not cfg.model.path:
     return assets.smollm2_gguf(), None
   path, hub_id = hub.resolve_model(cfg.model.path, cfg.model.revision)
@@ -560,8 +615,72 @@ def _load_base(cfg: TrainConfig):
   return path, mcfg, params, tok
 
 
-def _run_info(cfg: TrainConfig, path: Path, mcfg, out: Path) -> dict:
-  """What a checkpoint in `out` depends on; a restart must match it."""
+# Settings that may differ between the start of a run and its resume: where and how it runs and
+# logs, not what it computes. model.remat recomputes the same values; the mesh only places
+# them; on_nonfinite decides what happens to a bad batch, not to a good one; model.path may move
+# (the base model is checked by the fingerprint of its weights instead). Everything else
+# in TrainConfig (optimiser, steps, batch, data, seeds, experts, router, dtypes) shapes the
+# trained state and is the run's identity.
+RESUMABLE = ("output_dir", "log.", "quick_look", "keep_checkpoints", "resume.", "mesh.",
+             "model.remat", "model.path", "phase1.ckpt_every", "phase2.ckpt_every",
+             "phase1.eval_every", "phase2.eval_every", "phase1.on_nonfinite",
+             "phase2.on_nonfinite")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: d}
+
+
+def identity(cfg: TrainConfig) -> dict[str, Any]:
+  """The dotted config fields that shape the trained state, plus the bytes of local data files."""
+  flat = _flat(json.loads(json.dumps(C.to_dict(cfg), default=str)))
+  ident = {k: v for k, v in flat.items() if not k.startswith(RESUMABLE)}
+  for src in cfg.data.sources:
+    if src.kind == "local" and src.path and Path(src.path).is_file():
+      ident[f"data.file.{src.name}.sha256"] = fingerprint(Path(src.path))
+  return ident
+
+
+def _started(out: Path) -> dict[str, bool]:
+  """Which phases have trained state in `out` (a checkpoint or the phase's artifact)."""
+  art = {"phase1": "experts.safetensors", "phase2": "router.safetensors"}
+  started = {}
+  for ph, a in art.items():
+    d = out / "checkpoints" / ph
+    started[ph] = (out / a).exists() or (d.is_dir() and any(x.name.isdigit()
+                                                             for x in d.iterdir()))
+  return started
+
+
+def _changed(cfg: TrainConfig, old: dict, out: Path) -> dict[str, tuple[Any, Any]]:
+  """Identity fields that differ from the run in `out`, where the state they shape exists: the
+  settings of a phase that has not started may still change (e.g. phase2 after phase1 only)."""
+  started = _started(out)
+  if not any(started.values()):
+    return {}
+  was = old.get("identity")
+  if was is None:  # run.json from before identities were recorded: its config
+    was = {k: v for k, v in _flat(old.get("config", {})).items() if not k.startswith(RESUMABLE)}
+  now = identity(cfg)
+  diff = {}
+  # Fields on one side only (a setting added to or removed from the trainer since the run
+  # started, a data file not fingerprinted then) are not compared.
+  for k in sorted(set(was) & set(now)):
+    if k.startswith(("phase1.", "phase2.")) and not started[k.split(".")[0]]:
+      continue
+    if was[k] != now[k]:
+      diff[k] = (was[k], now[k])
+  return diff
+
+
+def _run_info(cfg: TrainConfig, path: Path, mcfg, out: Path, write: bool = True) -> dict:
+  """What a checkpoint in `out` depends on; a restart must match it. With `write` (under the
+  run's lock) a new run.json is written, or accepted changes are recorded in it."""
   base = {"path": str(path.absolute()), "fingerprint": fingerprint(path)}
   if cfg.model.path and hub.is_hub_id(cfg.model.path):
     base.update(hub_id=cfg.model.path, revision=cfg.model.revision)
@@ -570,8 +689,8 @@ def _run_info(cfg: TrainConfig, path: Path, mcfg, out: Path) -> dict:
           "experts": C.to_dict(cfg.experts_config()), "router": C.to_dict(cfg.router),
           "seed": cfg.seed}
   f = out / "run.json"
-  if f.exists():
-    old = json.loads(f.read_text())
+  old = json.loads(f.read_text()) if f.exists() else None
+  if old is not None:
     for key in ("base_model", "domains", "experts", "router", "seed"):
       a, b = old.get(key), info[key]
       if key == "base_model":
@@ -580,11 +699,67 @@ def _run_info(cfg: TrainConfig, path: Path, mcfg, out: Path) -> dict:
         raise ConfigError(f"{out} holds a run with a different {key} ({a} vs now {b}); its "
                           f"checkpoints do not fit this model. Use another output_dir, or delete "
                           f"{out} to start over")
-  else:
+    diff = _changed(cfg, old, out)
+    bad = {k: v for k, v in diff.items() if k not in cfg.resume.allow_changes}
+    if bad:
+      shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(bad.items())[:8])
+      raise ConfigError(
+          f"{out} holds a run started with other settings that shape its trained state "
+          f"({shown}); resuming would mix them. Use another output_dir (or the settings it was "
+          f"started with), or accept the change explicitly with "
+          f"resume.allow_changes=[{','.join(bad)}] (recorded in run.json)")
+    if not write:
+      return info
+    if diff:
+      _log(f"WARNING: resuming with changed settings {sorted(diff)} "
+           f"(resume.allow_changes); recorded in {f}")
+      old.setdefault("changes", []).append(
+          {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "fields": {k: list(v) for k, v in diff.items()}})
+    elif not any(_started(out).values()):  # nothing trained yet: this run's settings are it
+      old = None
+    if old is not None:  # what differs is accepted, or shapes only a phase not started yet
+      old["identity"], old["config"] = identity(cfg), C.to_dict(cfg)
+      tmp = f.with_suffix(".tmp")
+      tmp.write_text(json.dumps(old, indent=1, default=str))
+      os.replace(tmp, f)
+      return info
+  if write:
     tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**info, "config": C.to_dict(cfg)}, indent=1))
+    tmp.write_text(json.dumps({**info, "config": C.to_dict(cfg), "identity": identity(cfg)},
+                              indent=1, default=str))
     os.replace(tmp, f)
   return info
+
+
+class RunLock:
+  """One trainer per output_dir: an exclusive `flock` on <output_dir>/.lock, held for the
+  process's lifetime and released by the kernel when it ends, even by kill -9. The file names
+  the holder (pid, host, start time) for the error message. On a network file system without
+  working flock (some NFS setups) it locks nothing; the lock is per machine there."""
+
+  def __init__(self, out: Path):
+    import fcntl
+    self.path = out / ".lock"
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = self.path.read_text().strip() or "another process"
+      os.close(self.fd)
+      raise ConfigError(f"output_dir {out} is in use by another trainer ({holder}); two "
+                        f"trainers on one folder would overwrite each other's checkpoints and "
+                        f"logs. Wait for it to finish (or stop it), or use another "
+                        f"output_dir") from None
+    import socket
+    os.ftruncate(self.fd, 0)
+    os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+
+  def release(self) -> None:
+    if self.fd is not None:
+      os.close(self.fd)  # closing the last descriptor releases the flock
+      self.fd = None
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -614,7 +789,21 @@ def run_with_model(cfg: TrainConfig) -> tuple[dict[str, Any], SafeMoELM]:
 
   data = D.build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
   card = data.card()
-  info = _run_info(cfg, path, mcfg, out)
+  _run_info(cfg, path, mcfg, out, write=False)  # a refused resume changes nothing in `out`
+  lock = RunLock(out) if jax.process_index() == 0 else None
+  try:
+    return _run_locked(cfg, t_start, out, mesh, path, mcfg, tok, model, data, card)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_locked(cfg: TrainConfig, t_start: float, out: Path, mesh, path: Path, mcfg, tok,
+                model: SafeMoELM, data, card) -> tuple[dict[str, Any], SafeMoELM]:
+  ecfg = cfg.experts_config()
+  info = _run_info(cfg, path, mcfg, out)  # again, under the lock: it may have changed
+  if jax.process_index() == 0:
+    repair_jsonl(out / "data_order.jsonl")  # metrics.jsonl: by its writer
   if jax.process_index() == 0:
     (out / "data_card.json").write_text(json.dumps(card, indent=1, default=str))
     (out / "data_card.txt").write_text(D.format_card(card))
@@ -704,6 +893,7 @@ def _quick_look(cfg: TrainConfig, model, tok, data, out: Path) -> str | None:
 
 
 
+@errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m safemoe_jax.train", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -713,18 +903,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     cfg = load_config(args.config, args.overrides)
     summary = run(cfg)
-  except (ConfigError, D.DataError, FloatingPointError, StorageError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   except Preempted:
     return 143
-  except Exception as e:  # errors for people: asset, weights and checkpoint problems
-    from safemoe_jax.assets import AssetError
-    from safemoe_jax.weights import WeightsError
-    if isinstance(e, (AssetError, WeightsError)):
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-    raise
   out = Path(summary["output_dir"])
   if summary.get("quick_look"):
     print("\n" + summary["quick_look"])

@@ -22,10 +22,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.config import ModelConfig
 
 
-class WeightsError(ValueError):
+class WeightsError(SafeMoEError, ValueError):
   """A checkpoint cannot be read, is of an unsupported kind, or does not match its config."""
 
 
@@ -87,7 +88,7 @@ def _assemble(cfg: ModelConfig, name_of: Callable[[str, int | None], str],
   source names used."""
   params, used = {}, set()
   for key, shape in expected_shapes(cfg).items():
-    out = np.empty(shape, _np_dtype(dtype))
+    out = None  # allocated once the first source tensor has the expected shape
     for i in range(cfg.num_layers) if key.startswith("layers.") else [None]:
       name = name_of(key, i)
       w = read(name)
@@ -101,6 +102,8 @@ def _assemble(cfg: ModelConfig, name_of: Callable[[str, int | None], str],
         raise WeightsError(f"tensor {name} has shape {tuple(w.shape)} in {where}, but the config "
                            f"expects {want_src} ({_arch_summary(cfg)}): the checkpoint does not "
                            "match the config.")
+      if out is None:
+        out = np.empty(shape, _np_dtype(dtype))
       w = fix(key, w)
       if w.ndim == 2 and key != "embed":
         w = w.T  # (out, in) -> (in, out)
@@ -198,19 +201,36 @@ def _safetensors_tensors(files: list[Path]) -> dict[str, Callable[[], np.ndarray
   """name -> zero-argument reader returning a memory-mapped (read-only) array."""
   out = {}
   for f in files:
+    size = f.stat().st_size
     with open(f, "rb") as fh:
       n = int.from_bytes(fh.read(8), "little")
-      header = json.loads(fh.read(n))
-    buf = np.memmap(f, np.uint8, mode="r", offset=8 + n)
+      if size < 8 or not 2 <= n <= min(size - 8, 100 << 20):  # the format caps it at 100 MB
+        raise WeightsError(f"{f} is not a safetensors file: its header claims {n} bytes, the "
+                           f"file has {size} (truncated or corrupt; download it again)")
+      try:
+        header = json.loads(fh.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{f}: the safetensors header is not valid JSON ({e}); the file is "
+                           f"corrupt, download it again") from None
+    if not isinstance(header, dict):
+      raise WeightsError(f"{f}: the safetensors header is not a mapping; the file is corrupt")
+    buf = np.memmap(f, np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
     for name, info in header.items():
       if name == "__metadata__":
         continue
-      if info["dtype"] not in _ST_DTYPES:
-        raise WeightsError(f"{f.name}: tensor {name} has dtype {info['dtype']}; supported: "
+      try:
+        dtype_name, (a, b), shape = info["dtype"], info["data_offsets"], tuple(info["shape"])
+        ok = (all(isinstance(x, int) and x >= 0 for x in (a, b, *shape)) and a <= b)
+      except (TypeError, KeyError, ValueError):
+        ok = False
+      if not ok:
+        raise WeightsError(f"{f}: tensor {name} has a corrupt header entry {str(info)[:200]}")
+      if dtype_name not in _ST_DTYPES:
+        raise WeightsError(f"{f.name}: tensor {name} has dtype {dtype_name}; supported: "
                            f"{list(_ST_DTYPES)}")
-      dt, (a, b), shape = np.dtype(_ST_DTYPES[info["dtype"]]), info["data_offsets"], info["shape"]
+      dt = np.dtype(_ST_DTYPES[dtype_name])
       if b - a != math.prod(shape) * dt.itemsize or b > buf.size:
-        raise WeightsError(f"{f}: tensor {name} has a corrupt header entry {info}")
+        raise WeightsError(f"{f}: tensor {name} has a corrupt header entry {str(info)[:200]}")
       out[name] = lambda buf=buf, a=a, b=b, dt=dt, shape=shape: buf[a:b].view(dt).reshape(shape)
   return out
 

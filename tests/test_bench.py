@@ -96,3 +96,65 @@ def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path, capsys):
   assert p2["state_bytes_per_chip"] < p1["state_bytes_per_chip"]  # no expert optimiser state
   assert p1["flops_per_step"] == 8 * 64 * p1["flops_per_token"]["total"]
   assert "v5e:2x2" in "\n".join(doc["table"])
+
+
+# --------------------------------------------------------------------------------------------
+# libtpu: only a pinned wheel is used, and the cached copy is checked before it is loaded
+# --------------------------------------------------------------------------------------------
+
+
+def _fake_libtpu_download(monkeypatch, tmp_path, content: bytes, name: str) -> list:
+  import zipfile
+  calls = []
+
+  def pip_download(cmd, **kw):  # what `pip download -d DIR` would leave
+    calls.append(cmd)
+    d = Path(cmd[cmd.index("-d") + 1])
+    with zipfile.ZipFile(d / name, "w") as z:
+      z.writestr("libtpu/libtpu.so", content)
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+  monkeypatch.setattr(bench.subprocess, "run", pip_download)
+  monkeypatch.setenv("SAFEMOE_CACHE", str(tmp_path / "cache"))
+  monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+  monkeypatch.setattr(bench, "libtpu_spec", lambda: "libtpu==0.0.42.*")
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda n, *a: None if n == "libtpu" else real(n, *a))
+  return calls
+
+
+def test_libtpu_download_with_the_wrong_checksum_is_refused(monkeypatch, tmp_path):
+  from safemoe_jax.assets import AssetError
+  name = "libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl"
+  calls = _fake_libtpu_download(monkeypatch, tmp_path, b"not the real library", name)
+  with pytest.raises(AssetError, match=rf"checksum mismatch for {name}.*was not used"):
+    bench.find_libtpu(download=True, quiet=True)
+  assert "--require-hashes" in calls[0]  # pip checks it too
+  assert not list((tmp_path / "cache").rglob("libtpu.so"))
+
+
+def test_cached_libtpu_is_checked_before_it_is_loaded(monkeypatch, tmp_path):
+  from safemoe_jax.assets import sha256_file
+  name = "libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl"
+  _fake_libtpu_download(monkeypatch, tmp_path, b"a library", name)
+  import zipfile
+  whl = tmp_path / name  # pin the fake wheel, as the real one is pinned
+  with zipfile.ZipFile(whl, "w") as z:
+    z.writestr("libtpu/libtpu.so", b"a library")
+  monkeypatch.setitem(bench.LIBTPU_SHA256, name, sha256_file(whl))
+  so = bench.find_libtpu(download=True, quiet=True)
+  assert so.read_bytes() == b"a library"
+  assert bench.find_libtpu(download=False) == so  # the record matches
+  so.write_bytes(b"something else")  # replaced in the cache
+  assert bench.find_libtpu(download=False) is None and not so.exists()
+
+
+def test_a_libtpu_without_a_pin_is_not_downloaded(monkeypatch, tmp_path):
+  from safemoe_jax.assets import AssetError
+  calls = _fake_libtpu_download(monkeypatch, tmp_path, b"x", "libtpu-9.9.9-py3-none-any.whl")
+  monkeypatch.setattr(bench, "libtpu_spec", lambda: "libtpu==9.9.9")
+  with pytest.raises(AssetError, match="no pinned sha256 for libtpu==9.9.9"):
+    bench.find_libtpu(download=True, quiet=True)
+  assert not calls

@@ -444,7 +444,8 @@ def test_api_judge_parses_rubric_answers(stub_server, monkeypatch, capsys):
   assert _Stub.seen[0]["auth"] == "Bearer sk-test-SECRET"
   assert _Stub.seen[0]["path"] == "/v1/chat/completions"
   assert _Stub.seen[0]["body"]["model"] == "stub-model"
-  assert 'User Instruction: "q1"' in _Stub.seen[0]["body"]["messages"][0]["content"]
+  asked = sorted(x["body"]["messages"][0]["content"] for x in _Stub.seen)  # concurrent: any order
+  assert 'User Instruction: "q1"' in asked[0] and 'User Instruction: "q3"' in asked[2]
   j4 = js.APIJudge("stub-model", harmful_min_score=2)
   assert j4.judge(["q"], ["general text"])[0].label == "harmful"
   out = capsys.readouterr()
