@@ -68,12 +68,21 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def prompt_keys(audit_dir: Path = AUDIT_DIR) -> frozenset[str]:
+  """Normalised prompts of the audit set: the evaluation leaves them out, so the judges' audit
+  figures and the evaluation's rates never share a prompt (one HarmBench prompt of the set is
+  also a held-out pyrit prompt, which the default evaluation would otherwise use)."""
+  from safemoe_jax.data import prompt_key
+  f = audit_dir / "answers.jsonl"
+  return frozenset(prompt_key(r["prompt"]) for r in read_jsonl(f)) if f.exists() else frozenset()
+
+
 def audit_prompts(data, counts: dict[str, int] = DEFAULT_COUNTS, seed: int = 0):
   """Benchmarks with the prompts that follow the default evaluation's, in its seeded order."""
   from safemoe_jax import evaluate as EV
   ecfg = EV.EvalConfig()
   out = []
-  for b in EV.collect_benchmarks(data, ecfg):
+  for b in EV.collect_benchmarks(data, ecfg, exclude_audit=False):
     if b.name not in counts:
       continue
     used = ecfg.counts.get(b.name, ecfg.default_count)

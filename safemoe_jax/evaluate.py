@@ -169,7 +169,7 @@ def benchmarks_from_data(data, ecfg: EvalConfig, tok=None, system: str | None = 
   return [subsample(b, ecfg, tok, system) for b in collect_benchmarks(data, ecfg)]
 
 
-def collect_benchmarks(data, ecfg: EvalConfig) -> list[Bench]:
+def collect_benchmarks(data, ecfg: EvalConfig, *, exclude_audit: bool = True) -> list[Bench]:
   """Every evaluation prompt, grouped: a benchmark source's prompts under its name (XSTest-style
   prompt_safe labels split it into harmful and `<name>_benign`), held-out prompts of training
   sources that carry a harm domain (`pyrit_heldout`), held-out domains (`heldout_<domain>`,
@@ -206,7 +206,14 @@ def collect_benchmarks(data, ecfg: EvalConfig) -> list[Bench]:
     benign.append(Bench("benign_edgy", "benign", wheel_benign_prompts()))
   if ecfg.benign_file:
     benign.append(Bench("benign_file", "benign", file_prompts(ecfg.benign_file)))
-  return sorted(benches, key=lambda b: b.name) + benign
+  out = sorted(benches, key=lambda b: b.name) + benign
+  if exclude_audit:  # the judge audit set's prompts are never evaluation prompts (audit.py)
+    from safemoe_jax import audit
+    from safemoe_jax.data import prompt_key
+    skip = audit.prompt_keys()
+    for b in out:
+      b.prompts = [p for p in b.prompts if prompt_key(p.text) not in skip]
+  return out
 
 
 def subsample(b: Bench, ecfg: EvalConfig, tok=None, system: str | None = None) -> Bench:
