@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safemoe_jax.experts import GateSpec
 from safemoe_jax.model import SafeMoELM
 
 
@@ -40,13 +41,13 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float,
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p",
                                              "routing", "return_gates"))
 def _generate_jit(graphdef, state, ids_BP, mask_BP, rng, eos_ids, pad_id, domains, fixed_weights,
-                  *, max_new_tokens: int, temperature: float, top_p: float, routing: str,
+                  gate_spec, *, max_new_tokens: int, temperature: float, top_p: float, routing: str,
                   return_gates: bool):
   model: SafeMoELM = nnx.merge(graphdef, state)
   B, P = ids_BP.shape
   N = max_new_tokens
   kw = dict(routing=routing, domains=domains, fixed_weights=fixed_weights,
-            return_gates=return_gates)
+            return_gates=return_gates, gate_spec=gate_spec)
   cache = model.init_cache(B, P + N)
   logits, aux = model(ids_BP, mask_BP, cache=cache, prompt_mask=mask_BP, last_only=True, **kw)
   rng, sub = jax.random.split(rng)
@@ -86,10 +87,12 @@ def _generate_jit(graphdef, state, ids_BP, mask_BP, rng, eos_ids, pad_id, domain
 def generate(model: SafeMoELM, ids_BP: np.ndarray, mask_BP: np.ndarray, *, max_new_tokens: int,
              eos_ids: Sequence[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, routing: str = "learned", domains: np.ndarray | None = None,
-             fixed_weights: np.ndarray | None = None, return_gates: bool = False
-             ) -> dict[str, Any]:
+             fixed_weights: np.ndarray | None = None, return_gates: bool = False,
+             gate_spec: GateSpec | None = None) -> dict[str, Any]:
   """Generate up to max_new_tokens after left-padded prompts ids_BP / mask_BP.
 
+  routing='mixed' with gate_spec: each row its own routing system (experts.GateSpec), so every
+  system over the same base and experts runs in one loop; each row stops at its own stop token.
   Returns tokens [B, N] (pad after the stop token, which is included), the number of decode
   steps run, and if return_gates the per-step routing weights [N, L, B, E] (step 0 = the
   prefill's last position).
@@ -106,6 +109,8 @@ def generate(model: SafeMoELM, ids_BP: np.ndarray, mask_BP: np.ndarray, *, max_n
       jax.random.key(seed), jnp.asarray(list(eos_ids), jnp.int32), pad_id,
       None if domains is None else jnp.asarray(domains, jnp.float32),
       None if fixed_weights is None else jnp.asarray(fixed_weights, jnp.float32),
+      None if gate_spec is None else GateSpec(jnp.asarray(gate_spec.router_B, bool),
+                                              jnp.asarray(gate_spec.fixed_BE, jnp.float32)),
       max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
       routing=routing, return_gates=return_gates)
   res = {"tokens": np.asarray(out), "steps": int(steps)}
@@ -126,6 +131,66 @@ def left_pad(batch_ids: list[list[int]], pad_id: int, bucket: int = 32) -> tuple
       ids[b, P - len(x):] = x
       mask[b, P - len(x):] = 1
   return ids, mask
+
+
+def schedule(lengths: Sequence[int], batch_size: int, bucket: int) -> list[tuple[np.ndarray, int]]:
+  """Length-sorted batches: (row indices, prompt length bucket) of at most batch_size rows.
+
+  Rows sorted by length share a batch with their neighbours, so left padding stays under one
+  bucket per row, and the distinct padded lengths (compiled shapes) are few.
+  """
+  order = np.argsort(np.asarray(lengths), kind="stable")
+  out = []
+  for s in range(0, len(order), batch_size):
+    idx = order[s:s + batch_size]
+    out.append((idx, -(-max(max(lengths[i] for i in idx), 1) // bucket) * bucket))
+  return out
+
+
+def generate_many(model: SafeMoELM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  eos_ids: Sequence[int], pad_id: int, batch_size: int = 64, bucket: int = 32,
+                  gates: Sequence[tuple[bool, np.ndarray]] | None = None,
+                  routing: str = "learned", temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int = 0, return_gates: bool = False, on_batch=None, **kw
+                  ) -> list[dict[str, Any]]:
+  """Generate for any number of token prompts, in length-sorted batches of batch_size rows.
+
+  gates: per prompt (use the learned router?, fixed gates [E]) -> routing 'mixed', so prompts
+  of different systems share batches (experts.gate_row makes them). Every batch is padded to
+  batch_size rows (copies of its last row) and its prompts to a multiple of `bucket`, so the
+  loop compiles once per prompt-length bucket. -> per prompt {'tokens' (up to and including the
+  stop token), 'gates' [n, L, E] if return_gates}. on_batch(row indices, seconds, results)
+  after each batch (progress, incremental caching).
+  """
+  stops = set(int(t) for t in eos_ids)
+  res: list[dict[str, Any]] = [{} for _ in prompts]
+  lens = [len(p) for p in prompts]
+  for k, (idx, P) in enumerate(schedule(lens, batch_size, bucket)):
+    t0 = time.perf_counter()
+    rows = list(idx) + [idx[-1]] * (batch_size - len(idx))
+    ids = np.full((batch_size, P), pad_id, np.int32)
+    mask = np.zeros((batch_size, P), np.int32)
+    for b, i in enumerate(rows):
+      ids[b, P - lens[i]:], mask[b, P - lens[i]:] = prompts[i], 1
+    args = dict(kw)
+    if gates is not None:
+      args.update(routing="mixed", gate_spec=GateSpec(
+          np.array([gates[i][0] for i in rows], bool),
+          np.stack([np.asarray(gates[i][1], np.float32) for i in rows])))
+    else:
+      args["routing"] = routing
+    out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                   pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed + k,
+                   return_gates=return_gates, **args)
+    for b, i in enumerate(idx):
+      row = out["tokens"][b].tolist()
+      n = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+      res[i] = {"tokens": row[:n]}
+      if return_gates:
+        res[i]["gates"] = out["gates"][:n, :, b, :]
+    if on_batch is not None:
+      on_batch(idx, time.perf_counter() - t0, res)
+  return res
 
 
 def stop_ids(tok) -> list[int]:
@@ -156,6 +221,33 @@ def chat_generate(model: SafeMoELM, tok, prompts: Sequence[str], *, max_new_toke
     texts.append(tok.decode([t for t in row[:n] if t not in stops], skip_special_tokens=True))
   res.update(texts=texts, new_tokens=lens)
   return res
+
+
+def chat_generate_many(model: SafeMoELM, tok, prompts: Sequence[str], *,
+                       system: str | None = None, max_new_tokens: int = 128, on_batch=None,
+                       **kw) -> list[dict[str, Any]]:
+  """chat_generate for any number of prompts in length-sorted batches (generate_many's kw).
+
+  -> per prompt {'text', 'tokens', 'new_tokens', 'gates' if return_gates}; on_batch(row
+  indices, seconds, results) after each batch, with the rows' results filled in."""
+  from safemoe_jax.tokenizer import apply_chat
+  enc: dict[str, list[int]] = {}
+  for p in prompts:
+    if p not in enc:
+      enc[p] = tok(apply_chat(tok, p, system=system), add_special_tokens=False)["input_ids"]
+  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  stops = stop_ids(tok)
+
+  def finish(idx, seconds, res):
+    for i in idx:
+      r = res[i]
+      r["new_tokens"] = len(r["tokens"])
+      r["text"] = tok.decode([t for t in r["tokens"] if t not in stops], skip_special_tokens=True)
+    if on_batch is not None:
+      on_batch(idx, seconds, res)
+
+  return generate_many(model, [enc[p] for p in prompts], max_new_tokens=max_new_tokens,
+                       eos_ids=stops, pad_id=pad, on_batch=finish, **kw)
 
 
 def load_pretrained(path: str | None = None, *, compute_dtype: str = "float32",
