@@ -961,7 +961,7 @@ def scale_benches(benches, prompts: int):
 def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | None = None,
                    old_batch_size: int = 16, max_new_tokens: int | None = None,
                    overrides: Sequence[str] = (), paths: Sequence[str] = ("old", "new"),
-                   quiet: bool = False) -> dict[str, Any]:
+                   segment: int | None = None, quiet: bool = False) -> dict[str, Any]:
   """The evaluation's generation and judging (refusal strings), old path vs one pass, in one
   run on the embedded default's data and model, with random experts and an SFT LoRA.
 
@@ -980,7 +980,8 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
   del params
   ecfg = EV.EvalConfig(systems=tuple(systems), judges=("refusal_strings",))
   ecfg = dataclasses.replace(ecfg, batch_size=batch_size or ecfg.batch_size,
-                             max_new_tokens=max_new_tokens or ecfg.max_new_tokens)
+                             max_new_tokens=max_new_tokens or ecfg.max_new_tokens,
+                             decode_segment=ecfg.decode_segment if segment is None else segment)
   chat = data.cfg.system_prompt
   benches = scale_benches(EV.benchmarks_from_data(data, ecfg, tok, chat), prompts)
   n_prompts = len({p.text for b in benches for p in b.prompts})
@@ -991,6 +992,7 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
   out: dict[str, Any] = {"systems": list(systems), "prompts": n_prompts,
                          "benchmarks": {b.name: len(b.prompts) for b in benches},
                          "max_new_tokens": ecfg.max_new_tokens, "setup_s": round(setup_s, 1),
+                         "decode_segment": ecfg.decode_segment,
                          "paths": {}}
   gens = {}
   with tempfile.TemporaryDirectory() as tmp:
@@ -1046,7 +1048,8 @@ def format_eval(doc: dict[str, Any]) -> str:
   lines = ["| " + " | ".join(x.ljust(k) for x, k in zip(row, w)) + " |" for row in rows]
   lines.insert(1, "|" + "|".join("-" * (k + 2) for k in w) + "|")
   head = (f"evaluation: {len(doc['systems'])} systems ({','.join(doc['systems'])}) x "
-          f"{doc['prompts']} prompts, greedy, {doc['max_new_tokens']} new tokens")
+          f"{doc['prompts']} prompts, greedy, {doc['max_new_tokens']} new tokens; one pass "
+          f"decode segment {doc['decode_segment']}")
   tail = []
   if "speedup_wall" in doc:
     d = doc["differing_answers"]
@@ -1068,6 +1071,8 @@ def main_eval(argv: Sequence[str]) -> int:
                        "evaluation's default counts)")
   ap.add_argument("--batch-size", type=int, default=None, help="the one pass's batch")
   ap.add_argument("--old-batch-size", type=int, default=16)
+  ap.add_argument("--segment", type=int, default=None,
+                  help="the one pass's decode segment (0 = no batch halving)")
   ap.add_argument("--max-new-tokens", type=int, default=None)
   ap.add_argument("--paths", default="old,new", help="old,new | old | new")
   ap.add_argument("--out", default="runs/bench/eval.json")
@@ -1075,7 +1080,7 @@ def main_eval(argv: Sequence[str]) -> int:
   a = ap.parse_args(argv)
   doc = run_eval_bench([s for s in a.systems.split(",") if s], a.prompts, a.batch_size,
                        a.old_batch_size, a.max_new_tokens, a.overrides,
-                       [p for p in a.paths.split(",") if p])
+                       [p for p in a.paths.split(",") if p], a.segment)
   doc["command"] = "python -m safemoe_jax.bench eval " + " ".join(argv)
   Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   Path(a.out).write_text(json.dumps(doc, indent=1, default=str))

@@ -25,8 +25,13 @@ change against the base model, absolute (points, paired bootstrap 95% interval) 
 
 Caching (<run>/eval/): generations.jsonl per (system weights, prompt, decoding settings),
 verdicts.jsonl per (judge, prompt, response): a re-run generates and judges only what changed.
-Decoding default: greedy (reproducible, independent of batch composition); the paper's sampling
+Decoding default: greedy (reproducible; another batch composition reorders float sums and can
+flip a near-tie: `python -m safemoe_jax.bench eval` counts such answers); the paper's sampling
 is `--temperature 1.0 --top-p 0.9 --seed S`.
+
+Generation runs the systems over the SafeMoE model (base, safemoe, uniform, negated, oracle) as
+rows of one length-sorted pass with per-row gates (experts.GateSpec); a single-LoRA baseline is
+another model and gets its own pass.
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ class EvalConfig:
   batch_size: int = 64
   prompt_bucket: int = 32
   one_pass: bool = True  # False: one generation per system (the earlier path)
+  # One pass: decode in segments of this many steps; after a segment in which half a batch has
+  # stopped, the batch is halved, so stopped rows stop costing steps (0 = one loop per batch).
+  decode_segment: int = 16
   temperature: float = 0.0  # 0 = greedy (default: reproducible); paper: 1.0 with top_p 0.9
   top_p: float = 1.0
   seed: int = 0  # sampling seed and prompt-selection seed
@@ -488,7 +496,7 @@ def _generate_one_pass(systems, todo, tok, ecfg: EvalConfig, write, chat_system,
                        bucket=ecfg.prompt_bucket, temperature=dec["temperature"],
                        top_p=dec["top_p"], seed=dec["seed"],
                        return_gates=any(s.record_gates for s in group), on_batch=on_batch,
-                       **kw)
+                       segment=ecfg.decode_segment, **kw)
 
 
 def _generate_per_system(systems, todo, tok, ecfg: EvalConfig, write, chat_system, dom_index):
@@ -574,7 +582,8 @@ def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlC
         f"{len({verdict_key(j.name, p, g['response']) for (s, p), g in gens.items()}) - len(pairs)}"
         f" cached")
     bar = _progress(len(pairs), f"judge {j.name}", progress)
-    items = list(pairs.items())
+    # Similar lengths in the same chunk: the judge's length-bucketed batches pad less.
+    items = sorted(pairs.items(), key=lambda kv: len(kv[1][0]) + len(kv[1][1]))
     for i in range(0, len(items), chunk):
       part = items[i:i + chunk]
       vs = j.judge([p for _, (p, _) in part], [r for _, (_, r) in part])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,20 +96,25 @@ def _per_system(m, n, eos):
   return out
 
 
-def test_systems_mixed_in_one_batch_equal_per_system_generation():
+def test_systems_mixed_in_one_batch_equal_per_system_generation(monkeypatch):
   """Every routing system in one loop, rows of all systems in shuffled, length-sorted batches
   with per-row gates, gives each system's own greedy generation token for token; rows stop at
   their own stop token at different steps."""
+  from safemoe_jax import generate as G
   from safemoe_jax.experts import gate_row
   from safemoe_jax.generate import generate_many
+  shrunk, take = [], G._take_rows
+  monkeypatch.setattr(G, "_take_rows", lambda s, sel: shrunk.append(len(sel)) or take(s, sel))
   n = 7
   for granularity, top_k in (("per_token", 2), ("per_sequence", 0)):
     m = make(E=3, targets=("q", "v", "o", "up"), init_std=0.5, granularity=granularity,
              top_k=top_k)
     randomize(m, 3)
     free = _per_system(m, n, [-1])
-    # Stop tokens that the free-running answers emit mid-way: rows now stop at different steps.
-    eos = sorted({free["learned", 0][0][2], free["base", 2][0][3], free["negated", 1][0][1]})
+    # Stop tokens: the three commonest of the free-running answers' first three tokens, so
+    # rows now stop at different steps, many of them early.
+    first = collections.Counter(t for toks, _ in free.values() for t in toks[:3])
+    eos = sorted(t for t, _ in first.most_common(3))
     ref = _per_system(m, n, eos)
     lengths = {len(t) for t, _ in ref.values()}
     assert len(lengths) >= 3 and n in lengths, lengths
@@ -115,16 +122,21 @@ def test_systems_mixed_in_one_batch_equal_per_system_generation():
     rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     gates = [gate_row(mode, 3, weights_E=kw.get("fixed_weights"),
                       domains_E=DOMAINS[b] if mode == "oracle" else None) for mode, kw, b in rows]
-    got = generate_many(m, [PROMPTS[b] for _, _, b in rows], max_new_tokens=n, eos_ids=eos,
-                        pad_id=0, batch_size=8, bucket=4, gates=gates, return_gates=True)
-    for (mode, _, b), g in zip(rows, got):
-      want, want_gates = ref[mode, b]
-      assert g["tokens"] == want, (granularity, top_k, mode, b)
-      if mode == "learned":  # the learned rows' recorded routing equals their own run's, up to
-        # the float reordering of a different batch shape (tokens above are exact)
-        np.testing.assert_allclose(g["gates"], want_gates, rtol=1e-5, atol=1e-6)
-      elif mode == "base":
-        assert not np.any(g["gates"])
+    ways = [dict(batch_size=8, bucket=4)]
+    if granularity == "per_token":  # also decoding in segments, the batch halved as rows stop
+      ways.append(dict(batch_size=16, bucket=8, segment=1, min_rows=2))
+    for way in ways:
+      got = generate_many(m, [PROMPTS[b] for _, _, b in rows], max_new_tokens=n, eos_ids=eos,
+                          pad_id=0, gates=gates, return_gates=True, **way)
+      for (mode, _, b), g in zip(rows, got):
+        want, want_gates = ref[mode, b]
+        assert g["tokens"] == want, (granularity, top_k, way, mode, b)
+        if mode == "learned":  # the learned rows' recorded routing equals their own run's, up
+          # to the float reordering of a different batch shape (tokens above are exact)
+          np.testing.assert_allclose(g["gates"], want_gates, rtol=1e-5, atol=1e-6)
+        elif mode == "base":
+          assert not np.any(g["gates"])
+  assert shrunk, "no batch was halved: the segmented decoding went untested"
 
 
 def test_mixed_routing_needs_a_gate_spec_of_the_batch():
@@ -132,3 +144,19 @@ def test_mixed_routing_needs_a_gate_spec_of_the_batch():
   ids, mask = left_pad([[3, 4, 5]], pad_id=0, bucket=4)
   with pytest.raises(ValueError, match="gate_spec"):
     m(jnp.asarray(ids), jnp.asarray(mask), routing="mixed")
+
+
+def test_schedule_covers_every_row_once_in_length_sorted_buckets():
+  from safemoe_jax.generate import batch_rows, schedule
+  lens = list(np.random.default_rng(0).integers(1, 200, 203))
+  B = batch_rows(len(lens), 64)
+  assert B == 56  # 203 rows: 4 batches, split evenly (51 each, rounded up to a multiple of 8)
+  batches = schedule(lens, B, 32)
+  assert len(batches) == 4
+  assert sorted(i for idx, _ in batches for i in idx) == list(range(203))
+  for idx, P in batches:
+    assert len(idx) <= B and P % 32 == 0 and max(lens[i] for i in idx) <= P
+  # Length-sorted: each batch's rows are no longer than the next batch's.
+  for (a, _), (b, _) in zip(batches, batches[1:]):
+    assert max(lens[i] for i in a) <= min(lens[i] for i in b)
+  assert [batch_rows(n, 64) for n in (5, 24, 64, 65)] == [8, 24, 64, 40]
