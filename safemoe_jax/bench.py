@@ -961,22 +961,31 @@ def scale_benches(benches, prompts: int):
 def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | None = None,
                    old_batch_size: int = 16, max_new_tokens: int | None = None,
                    overrides: Sequence[str] = (), paths: Sequence[str] = ("old", "new"),
-                   segment: int | None = None, quiet: bool = False) -> dict[str, Any]:
+                   segment: int | None = None, run: str | None = None, quiet: bool = False
+                   ) -> dict[str, Any]:
   """The evaluation's generation and judging (refusal strings), old path vs one pass, in one
   run on the embedded default's data and model, with random experts and an SFT LoRA.
 
   old: one generation per system at batch old_batch_size (the path before the one pass). new:
   every system over the SafeMoE model in one length-sorted pass of batch_size (default the
   EvalConfig's), the SFT LoRA in its own. Wall times include compilation, as in a real run.
-  Differing answers: (system, prompt) pairs whose answers differ between the two paths."""
+  Differing answers: (system, prompt) pairs whose answers differ between the two paths.
+  run: a finished training run instead: its data, experts and router (and its SFT LoRA when
+  <run>/sft_lora.safetensors exists; else a random one), so answers stop as trained ones do."""
   from safemoe_jax import data as D
   from safemoe_jax import evaluate as EV
   from safemoe_jax import train
-  cfg = train.load_config(None, overrides)
   t0 = time.perf_counter()
-  path, mcfg, params, tok = train._load_base(cfg)
+  if run:
+    cfg, mcfg, params, tok, model, _ = EV.load_run(Path(run), log=lambda m: _log(m, quiet))
+    _, sft = eval_models(cfg, mcfg, params)
+    if EV.single_lora_path(Path(run), "sft").exists():
+      sft = EV.train_single_lora(cfg, mcfg, params, None, Path(run), "sft")  # loads it
+  else:
+    cfg = train.load_config(None, overrides)
+    path, mcfg, params, tok = train._load_base(cfg)
+    model, sft = eval_models(cfg, mcfg, params)
   data = D.build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
-  model, sft = eval_models(cfg, mcfg, params)
   del params
   ecfg = EV.EvalConfig(systems=tuple(systems), judges=("refusal_strings",))
   ecfg = dataclasses.replace(ecfg, batch_size=batch_size or ecfg.batch_size,
@@ -989,7 +998,7 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
   setup_s = time.perf_counter() - t0
   _log(f"eval: {len(systems)} systems x {n_prompts} prompts, {ecfg.max_new_tokens} new tokens; "
        f"set up in {setup_s:.0f}s", quiet)
-  out: dict[str, Any] = {"systems": list(systems), "prompts": n_prompts,
+  out: dict[str, Any] = {"systems": list(systems), "prompts": n_prompts, "run": run,
                          "benchmarks": {b.name: len(b.prompts) for b in benches},
                          "max_new_tokens": ecfg.max_new_tokens, "setup_s": round(setup_s, 1),
                          "decode_segment": ecfg.decode_segment,
@@ -1047,7 +1056,8 @@ def format_eval(doc: dict[str, Any]) -> str:
   w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ["| " + " | ".join(x.ljust(k) for x, k in zip(row, w)) + " |" for row in rows]
   lines.insert(1, "|" + "|".join("-" * (k + 2) for k in w) + "|")
-  head = (f"evaluation: {len(doc['systems'])} systems ({','.join(doc['systems'])}) x "
+  head = (f"evaluation{' of ' + doc['run'] if doc.get('run') else ''}: "
+          f"{len(doc['systems'])} systems ({','.join(doc['systems'])}) x "
           f"{doc['prompts']} prompts, greedy, {doc['max_new_tokens']} new tokens; one pass "
           f"decode segment {doc['decode_segment']}")
   tail = []
@@ -1064,7 +1074,8 @@ def main_eval(argv: Sequence[str]) -> int:
   ap = argparse.ArgumentParser(prog="python -m safemoe_jax.bench eval", description=(
       "The evaluation's generation + judging: one generation per system (old) vs every system "
       "in one pass (new), in one run, on the embedded default's model and data with random "
-      "experts and SFT LoRA. Reports wall time, tokens/s and the answers that differ."))
+      "experts and SFT LoRA (or a trained --run). Reports wall time, tokens/s and the answers "
+      "that differ."))
   ap.add_argument("--systems", default=",".join(EV.DEFAULT_SYSTEMS))
   ap.add_argument("--prompts", type=int, default=0,
                   help="about this many prompts, benchmarks cut in proportion (0 = the "
@@ -1075,12 +1086,14 @@ def main_eval(argv: Sequence[str]) -> int:
                   help="the one pass's decode segment (0 = no batch halving)")
   ap.add_argument("--max-new-tokens", type=int, default=None)
   ap.add_argument("--paths", default="old,new", help="old,new | old | new")
+  ap.add_argument("--run", default=None, help="a finished training run: its experts, router and "
+                  "data (default: the embedded default's data, random experts)")
   ap.add_argument("--out", default="runs/bench/eval.json")
   ap.add_argument("overrides", nargs="*", help="dotted training-config overrides")
   a = ap.parse_args(argv)
   doc = run_eval_bench([s for s in a.systems.split(",") if s], a.prompts, a.batch_size,
                        a.old_batch_size, a.max_new_tokens, a.overrides,
-                       [p for p in a.paths.split(",") if p], a.segment)
+                       [p for p in a.paths.split(",") if p], a.segment, a.run)
   doc["command"] = "python -m safemoe_jax.bench eval " + " ".join(argv)
   Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   Path(a.out).write_text(json.dumps(doc, indent=1, default=str))
