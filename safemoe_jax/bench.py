@@ -24,6 +24,11 @@ Peak memory: each configuration again in its own process (ru_maxrss). MFU counts
 base's model FLOPs (4N per token plus attention; DESIGN.md section 5) over the matmul rate
 measured in the same run (on a GPU/TPU: over the chip's peak).
 
+`eval` runs the evaluation's generation and judging twice in one run, on the embedded default's
+data and model with random experts (or a trained `--run`): one generation per system at batch 16
+(the path before the one pass) and every system in one length-sorted pass; it reports wall time
+(compilation included), tokens/s and the answers that differ between the two.
+
 `aot` compiles the real phase-1 and phase-2 train steps for TPU topologies on this CPU host
 (libtpu's compile-only devices) and reports bytes per chip against the chip's HBM.
 """

@@ -94,3 +94,20 @@ def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path):
   assert p2["state_bytes_per_chip"] < p1["state_bytes_per_chip"]  # no expert optimiser state
   assert p1["flops_per_step"] == 8 * 64 * p1["flops_per_token"]["total"]
   assert "v5e:2x2" in "\n".join(doc["table"])
+
+
+def test_eval_bench_scales_benchmarks_and_reports_the_speedup():
+  from safemoe_jax import evaluate as EV
+  benches = [EV.Bench("a", "harmful", [EV.Prompt(f"a{i}") for i in range(60)]),
+             EV.Bench("b", "benign", [EV.Prompt(f"b{i}") for i in range(40)])]
+  bench.scale_benches(benches, 20)
+  assert [len(b.prompts) for b in benches] == [12, 8]  # in proportion
+  doc = {"systems": ["base", "safemoe"], "prompts": 20, "max_new_tokens": 8, "decode_segment": 4,
+         "paths": {n: {"batch_size": b, "answers": 40, "new_tokens": 320, "generate_s": g,
+                       "tokens_per_s": 320 / g, "wall_s": g + 1} for n, b, g in
+                   (("old", 16, 30.0), ("new", 64, 9.0))},
+         "speedup_wall": 31 / 10, "speedup_generate": 30 / 9,
+         "differing_answers": {"n": 1, "of": 40, "share": 0.025}}
+  text = bench.format_eval(doc)
+  assert "old: per system" in text and "new: one pass" in text
+  assert "3.10x end to end" in text and "differing answers 1 of 40 (2.50%)" in text
