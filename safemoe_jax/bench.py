@@ -1012,8 +1012,14 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
   with tempfile.TemporaryDirectory() as tmp:
     systems_ = EV.make_systems(systems, model, Path(tmp), "bench", {"sft": sft})
     for name in paths:
-      e = (dataclasses.replace(ecfg, one_pass=False, batch_size=old_batch_size)
-           if name == "old" else ecfg)
+      if name == "old":
+        e = dataclasses.replace(ecfg, one_pass=False, batch_size=old_batch_size)
+      elif name.startswith("new@"):  # the one pass at another batch size
+        e = dataclasses.replace(ecfg, batch_size=int(name[4:]))
+      elif name == "new":
+        e = ecfg
+      else:
+        raise ValueError(f"unknown path {name!r}: old, new or new@BATCH")
       _log(f"eval {name}: {'one generation per system' if name == 'old' else 'one pass'}, "
            f"batch {e.batch_size} (load {_load()[:1]})", quiet)
       t1, c1 = time.perf_counter(), time.process_time()
@@ -1033,20 +1039,22 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
                             "tokens_per_s": round(toks / t_gen, 1), "load": _load()}
       _log(f"eval {name}: {len(g)} answers, {toks} tokens in {t_gen:.0f}s "
            f"({toks / t_gen:.1f} tok/s), with judging {wall:.0f}s", quiet)
-  if "old" in gens and "new" in gens:
-    keys = sorted(set(gens["old"]) & set(gens["new"]))
-    diff = [k for k in keys if gens["old"][k]["response"] != gens["new"][k]["response"]]
-    out["differing_answers"] = {"n": len(diff), "of": len(keys),
-                                "share": len(diff) / max(len(keys), 1),
-                                "per_system": {s: sum(1 for k in diff if k[0] == s)
-                                               for s in systems},
-                                "examples": [{"system": k[0], "prompt": k[1][:120],
-                                              "old": gens["old"][k]["response"][:200],
-                                              "new": gens["new"][k]["response"][:200]}
-                                             for k in diff[:5]]}
-    o, n = out["paths"]["old"], out["paths"]["new"]
-    out["speedup_wall"] = o["wall_s"] / n["wall_s"]
-    out["speedup_generate"] = o["generate_s"] / n["generate_s"]
+  out["compare"] = {}
+  for name in [p for p in gens if p != "old" and "old" in gens]:
+    keys = sorted(set(gens["old"]) & set(gens[name]))
+    diff = [k for k in keys if gens["old"][k]["response"] != gens[name][k]["response"]]
+    o, n = out["paths"]["old"], out["paths"][name]
+    out["compare"][name] = {
+        "speedup_wall": o["wall_s"] / n["wall_s"],
+        "speedup_generate": o["generate_s"] / n["generate_s"],
+        "speedup_cpu": o["cpu_s"] / n["cpu_s"],
+        "differing_answers": {"n": len(diff), "of": len(keys), "share": len(diff) / max(len(keys), 1),
+                              "per_system": {s: sum(1 for k in diff if k[0] == s)
+                                             for s in systems},
+                              "examples": [{"system": k[0], "prompt": k[1][:120],
+                                            "old": gens["old"][k]["response"][:200],
+                                            "new": gens[name][k]["response"][:200]}
+                                           for k in diff[:5]]}}
   out["machine"] = machine_info()
   out["table"] = format_eval(out).splitlines()
   return out
@@ -1055,7 +1063,8 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
 def format_eval(doc: dict[str, Any]) -> str:
   rows = [("path", "batch", "answers", "new tokens", "generate s", "tok/s", "with judging s")]
   for name, r in doc["paths"].items():
-    rows.append((("old: per system" if name == "old" else "new: one pass"), str(r["batch_size"]),
+    rows.append((("old: per system" if name == "old" else f"{name}: one pass"),
+                 str(r["batch_size"]),
                  str(r["answers"]), str(r["new_tokens"]), f"{r['generate_s']:.1f}",
                  f"{r['tokens_per_s']:.1f}", f"{r['wall_s']:.1f}"))
   w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -1066,11 +1075,11 @@ def format_eval(doc: dict[str, Any]) -> str:
           f"{doc['prompts']} prompts, greedy, {doc['max_new_tokens']} new tokens; one pass "
           f"decode segment {doc['decode_segment']}")
   tail = []
-  if "speedup_wall" in doc:
-    d = doc["differing_answers"]
-    tail = [f"one pass vs per system: {doc['speedup_wall']:.2f}x end to end (generation + "
-            f"judging), {doc['speedup_generate']:.2f}x generation; differing answers "
-            f"{d['n']} of {d['of']} ({100 * d['share']:.2f}%)"]
+  for name, c in doc.get("compare", {}).items():
+    d = c["differing_answers"]
+    tail.append(f"{name} vs old: {c['speedup_wall']:.2f}x end to end (generation + judging), "
+                f"{c['speedup_generate']:.2f}x generation, {c['speedup_cpu']:.2f}x CPU time; "
+                f"differing answers {d['n']} of {d['of']} ({100 * d['share']:.2f}%)")
   return "\n".join([head, ""] + lines + [""] + tail)
 
 
@@ -1090,7 +1099,8 @@ def main_eval(argv: Sequence[str]) -> int:
   ap.add_argument("--segment", type=int, default=None,
                   help="the one pass's decode segment (0 = no batch halving)")
   ap.add_argument("--max-new-tokens", type=int, default=None)
-  ap.add_argument("--paths", default="old,new", help="old,new | old | new")
+  ap.add_argument("--paths", default="old,new",
+                  help="comma-separated: old, new, new@BATCH (the one pass at another batch)")
   ap.add_argument("--run", default=None, help="a finished training run: its experts, router and "
                   "data (default: the embedded default's data, random experts)")
   ap.add_argument("--out", default="runs/bench/eval.json")

@@ -106,8 +106,9 @@ def test_eval_bench_scales_benchmarks_and_reports_the_speedup():
          "paths": {n: {"batch_size": b, "answers": 40, "new_tokens": 320, "generate_s": g,
                        "tokens_per_s": 320 / g, "wall_s": g + 1} for n, b, g in
                    (("old", 16, 30.0), ("new", 64, 9.0))},
-         "speedup_wall": 31 / 10, "speedup_generate": 30 / 9,
-         "differing_answers": {"n": 1, "of": 40, "share": 0.025}}
+         "compare": {"new": {"speedup_wall": 31 / 10, "speedup_generate": 30 / 9,
+                             "speedup_cpu": 2.0,
+                             "differing_answers": {"n": 1, "of": 40, "share": 0.025}}}}
   text = bench.format_eval(doc)
   assert "old: per system" in text and "new: one pass" in text
-  assert "3.10x end to end" in text and "differing answers 1 of 40 (2.50%)" in text
+  assert "new vs old: 3.10x end to end" in text and "differing answers 1 of 40 (2.50%)" in text
