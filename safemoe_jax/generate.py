@@ -257,17 +257,28 @@ def batch_rows(n: int, batch_size: int, multiple: int = 8) -> int:
   return min(batch_size, -(-per // multiple) * multiple)
 
 
-def schedule(lengths: Sequence[int], batch_size: int, bucket: int) -> list[tuple[np.ndarray, int]]:
+def schedule(lengths: Sequence[int], batch_size: int, bucket: int, max_padding: float = 1.5
+             ) -> list[tuple[np.ndarray, int]]:
   """Length-sorted batches: (row indices, prompt length bucket) of at most batch_size rows.
 
-  Rows sorted by length share a batch with their neighbours, so left padding stays under one
-  bucket per row, and the distinct padded lengths (compiled shapes) are few.
+  Rows sorted by length share a batch with their neighbours, and a batch closes early when the
+  next row would pad it by more than one bucket per row plus (max_padding - 1) x its real
+  tokens (the few long prompts then share smaller batches instead of padding a full one).
   """
+  up = lambda n: -(-max(n, 1) // bucket) * bucket
   order = np.argsort(np.asarray(lengths), kind="stable")
-  out = []
-  for s in range(0, len(order), batch_size):
-    idx = order[s:s + batch_size]
-    out.append((idx, -(-max(max(lengths[i] for i in idx), 1) // bucket) * bucket))
+  out, cur, real = [], [], 0
+  for i in order:
+    n = int(lengths[i])
+    k = len(cur) + 1
+    waste = up(n) * k - (real + n)
+    if cur and (k > batch_size or waste > k * bucket + (max_padding - 1) * (real + n)):
+      out.append((np.asarray(cur), up(max(lengths[j] for j in cur))))
+      cur, real = [], 0
+    cur.append(i)
+    real += n
+  if cur:
+    out.append((np.asarray(cur), up(max(lengths[j] for j in cur))))
   return out
 
 
@@ -281,8 +292,8 @@ def generate_many(model: SafeMoELM, prompts: Sequence[Sequence[int]], *, max_new
 
   gates: per prompt (use the learned router?, fixed gates [E]) -> routing 'mixed', so prompts
   of different systems share batches (experts.gate_row makes them). The prompts are split evenly
-  into as few batches as batch_size allows (batch_rows); every batch is padded to that many
-  rows (copies of its last row) and its prompts to a multiple of `bucket`, so the
+  into as few batches as batch_size allows (batch_rows), long prompts in smaller batches
+  (schedule); every batch is padded to a multiple of 8 rows (copies of its last row) and its prompts to a multiple of `bucket`, so the
   loop compiles once per prompt-length bucket. -> per prompt {'tokens' (up to and including the
   stop token), 'batch_steps' (decode steps its batch ran), 'gates' [n, L, E] if return_gates}. on_batch(row indices, seconds, results)
   after each batch (progress, incremental caching). segment > 0: decode in segments of that
@@ -294,9 +305,10 @@ def generate_many(model: SafeMoELM, prompts: Sequence[Sequence[int]], *, max_new
   batch_size = batch_rows(len(prompts), batch_size)
   for k, (idx, P) in enumerate(schedule(lens, batch_size, bucket)):
     t0 = time.perf_counter()
-    rows = list(idx) + [idx[-1]] * (batch_size - len(idx))
-    ids = np.full((batch_size, P), pad_id, np.int32)
-    mask = np.zeros((batch_size, P), np.int32)
+    rows_n = batch_size if len(idx) == batch_size else batch_rows(len(idx), batch_size)
+    rows = list(idx) + [idx[-1]] * (rows_n - len(idx))
+    ids = np.full((rows_n, P), pad_id, np.int32)
+    mask = np.zeros((rows_n, P), np.int32)
     for b, i in enumerate(rows):
       ids[b, P - lens[i]:], mask[b, P - lens[i]:] = prompts[i], 1
     args = dict(kw)

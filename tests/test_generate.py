@@ -148,15 +148,20 @@ def test_mixed_routing_needs_a_gate_spec_of_the_batch():
 
 def test_schedule_covers_every_row_once_in_length_sorted_buckets():
   from safemoe_jax.generate import batch_rows, schedule
-  lens = list(np.random.default_rng(0).integers(1, 200, 203))
+  rng = np.random.default_rng(0)
+  lens = list(rng.integers(30, 60, 180)) + list(rng.integers(80, 270, 23))  # a long tail
   B = batch_rows(len(lens), 64)
   assert B == 56  # 203 rows: 4 batches, split evenly (51 each, rounded up to a multiple of 8)
-  batches = schedule(lens, B, 32)
-  assert len(batches) == 4
+  batches = schedule(lens, B, 16)
   assert sorted(i for idx, _ in batches for i in idx) == list(range(203))
   for idx, P in batches:
-    assert len(idx) <= B and P % 32 == 0 and max(lens[i] for i in idx) <= P
+    real = sum(lens[i] for i in idx)
+    assert len(idx) <= B and P % 16 == 0 and max(lens[i] for i in idx) <= P
+    assert P * len(idx) - real <= 16 * len(idx) + 0.5 * real  # padding stays bounded
   # Length-sorted: each batch's rows are no longer than the next batch's.
   for (a, _), (b, _) in zip(batches, batches[1:]):
     assert max(lens[i] for i in a) <= min(lens[i] for i in b)
+  # The short prompts fill whole batches; the long tail shares smaller ones of its own.
+  assert [len(idx) for idx, _ in batches[:3]] == [56, 56, 56]
+  assert all(min(lens[i] for i in idx) >= 80 for idx, _ in batches[4:]) and len(batches) > 4
   assert [batch_rows(n, 64) for n in (5, 24, 64, 65)] == [8, 24, 64, 40]
