@@ -1048,7 +1048,8 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
         "speedup_wall": o["wall_s"] / n["wall_s"],
         "speedup_generate": o["generate_s"] / n["generate_s"],
         "speedup_cpu": o["cpu_s"] / n["cpu_s"],
-        "differing_answers": {"n": len(diff), "of": len(keys), "share": len(diff) / max(len(keys), 1),
+        "differing_answers": {"n": len(diff), "of": len(keys),
+                              "share": len(diff) / max(len(keys), 1),
                               "per_system": {s: sum(1 for k in diff if k[0] == s)
                                              for s in systems},
                               "examples": [{"system": k[0], "prompt": k[1][:120],

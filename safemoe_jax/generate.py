@@ -293,10 +293,11 @@ def generate_many(model: SafeMoELM, prompts: Sequence[Sequence[int]], *, max_new
   gates: per prompt (use the learned router?, fixed gates [E]) -> routing 'mixed', so prompts
   of different systems share batches (experts.gate_row makes them). The prompts are split evenly
   into as few batches as batch_size allows (batch_rows), long prompts in smaller batches
-  (schedule); every batch is padded to a multiple of 8 rows (copies of its last row) and its prompts to a multiple of `bucket`, so the
-  loop compiles once per prompt-length bucket. -> per prompt {'tokens' (up to and including the
-  stop token), 'batch_steps' (decode steps its batch ran), 'gates' [n, L, E] if return_gates}. on_batch(row indices, seconds, results)
-  after each batch (progress, incremental caching). segment > 0: decode in segments of that
+  (schedule); every batch is padded to a multiple of 8 rows (copies of its last row) and its
+  prompts to a multiple of `bucket`, so the loop compiles once per prompt-length bucket.
+  -> per prompt {'tokens' (up to and including the stop token), 'batch_steps' (decode steps its
+  batch ran), 'gates' [n, L, E] if return_gates}. on_batch(row indices, seconds, results) after
+  each batch (progress, incremental caching). segment > 0: decode in segments of that
   many steps, halving the batch when half its rows have stopped (generate_shrinking).
   """
   stops = set(int(t) for t in eos_ids)
