@@ -3,6 +3,8 @@
     python -m safemoe_jax.bench --model tiny          # random tiny model, about 1 min on 2 cores
     python -m safemoe_jax.bench --model smollm2       # SmolLM2-135M (embedded default); with
                                                       # --repeats 3 --gen-repeats 3: 12 min
+    python -m safemoe_jax.bench eval --prompts 60   # evaluation: per-system vs one pass, quick
+    python -m safemoe_jax.bench eval                # the default evaluation's prompts
     python -m safemoe_jax.bench aot --config configs/llama31_8b_tpu.yaml \
         --topology v5e:2x4 --topology v5p:2x2x1 --topology v6e:2x4   # TPU memory, no TPU needed
 
@@ -21,6 +23,11 @@ machine load hits every configuration alike; each figure is the median. Ratios c
 Peak memory: each configuration again in its own process (ru_maxrss). MFU counts the frozen
 base's model FLOPs (4N per token plus attention; DESIGN.md section 5) over the matmul rate
 measured in the same run (on a GPU/TPU: over the chip's peak).
+
+`eval` runs the evaluation's generation and judging twice in one run, on the embedded default's
+data and model with random experts (or a trained `--run`): one generation per system at batch 16
+(the path before the one pass) and every system in one length-sorted pass; it reports wall time
+(compilation included), tokens/s and the answers that differ between the two.
 
 `aot` compiles the real phase-1 and phase-2 train steps for TPU topologies on this CPU host
 (libtpu's compile-only devices) and reports bytes per chip against the chip's HBM.
@@ -1003,6 +1010,193 @@ def format_aot(doc: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Evaluation: every routing system, one generation per system vs one pass
+# --------------------------------------------------------------------------------------------
+
+
+def eval_models(cfg, mcfg: ModelConfig, params: dict, seed: int = 0, b_std: float = 0.01):
+  """The run's SafeMoE model and an SFT single LoRA with random, trained-looking weights: A at
+  its init, B ~ N(0, b_std^2) (zero at init), router N(0, 0.02^2) (non-zero gates)."""
+  ecfg = cfg.experts_config()
+  model = SafeMoELM(mcfg, ecfg, dataclasses.replace(cfg.router, init_std=0.02),
+                    rngs=nnx.Rngs(seed))
+  sft = SafeMoELM(mcfg, dataclasses.replace(ecfg, num_experts=1, domains=("sft",)),
+                  RouterConfig(), rngs=nnx.Rngs(seed + 1))
+  key = jax.random.key(seed + 2)
+  for m in (model, sft):
+    m.load_base(params)
+    for t in ecfg.targets:
+      key, sub = jax.random.split(key)
+      var = getattr(m.experts, f"B_{t}")
+      var[...] = b_std * jax.random.normal(sub, var[...].shape)
+  return model, sft
+
+
+def scale_benches(benches, prompts: int):
+  """Keep about `prompts` prompts in all, each benchmark cut in proportion (0 = all)."""
+  total = sum(len(b.prompts) for b in benches)
+  if prompts and prompts < total:
+    for b in benches:
+      b.prompts = b.prompts[:max(1, round(len(b.prompts) * prompts / total))]
+  return benches
+
+
+def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | None = None,
+                   old_batch_size: int = 16, max_new_tokens: int | None = None,
+                   overrides: Sequence[str] = (), paths: Sequence[str] = ("old", "new"),
+                   segment: int | None = None, run: str | None = None, quiet: bool = False
+                   ) -> dict[str, Any]:
+  """The evaluation's generation and judging (refusal strings), old path vs one pass, in one
+  run on the embedded default's data and model, with random experts and an SFT LoRA.
+
+  old: one generation per system at batch old_batch_size (the path before the one pass). new:
+  every system over the SafeMoE model in one length-sorted pass of batch_size (default the
+  EvalConfig's), the SFT LoRA in its own. Wall times include compilation, as in a real run.
+  Differing answers: (system, prompt) pairs whose answers differ between the two paths.
+  run: a finished training run instead: its data, experts and router (and its SFT LoRA when
+  <run>/sft_lora.safetensors exists; else a random one), so answers stop as trained ones do."""
+  from safemoe_jax import data as D
+  from safemoe_jax import evaluate as EV
+  from safemoe_jax import train
+  t0 = time.perf_counter()
+  if run:
+    cfg, mcfg, params, tok, model, _ = EV.load_run(Path(run), log=lambda m: _log(m, quiet))
+    _, sft = eval_models(cfg, mcfg, params)
+    if EV.single_lora_path(Path(run), "sft").exists():
+      sft = EV.train_single_lora(cfg, mcfg, params, None, Path(run), "sft")  # loads it
+  else:
+    cfg = train.load_config(None, overrides)
+    path, mcfg, params, tok = train._load_base(cfg)
+    model, sft = eval_models(cfg, mcfg, params)
+  data = D.build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
+  del params
+  ecfg = EV.EvalConfig(systems=tuple(systems), judges=("refusal_strings",))
+  ecfg = dataclasses.replace(ecfg, batch_size=batch_size or ecfg.batch_size,
+                             max_new_tokens=max_new_tokens or ecfg.max_new_tokens,
+                             decode_segment=ecfg.decode_segment if segment is None else segment)
+  chat = data.cfg.system_prompt
+  benches = scale_benches(EV.benchmarks_from_data(data, ecfg, tok, chat), prompts)
+  n_prompts = len({p.text for b in benches for p in b.prompts})
+  judges = EV.load_judges(ecfg.judges)
+  setup_s = time.perf_counter() - t0
+  _log(f"eval: {len(systems)} systems x {n_prompts} prompts, {ecfg.max_new_tokens} new tokens; "
+       f"set up in {setup_s:.0f}s", quiet)
+  out: dict[str, Any] = {"systems": list(systems), "prompts": n_prompts, "run": run,
+                         "benchmarks": {b.name: len(b.prompts) for b in benches},
+                         "max_new_tokens": ecfg.max_new_tokens, "setup_s": round(setup_s, 1),
+                         "decode_segment": ecfg.decode_segment,
+                         "paths": {}}
+  gens = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    systems_ = EV.make_systems(systems, model, Path(tmp), "bench", {"sft": sft})
+    for name in paths:
+      if name == "old":
+        e = dataclasses.replace(ecfg, one_pass=False, batch_size=old_batch_size)
+      elif name.startswith("new@"):  # the one pass at another batch size
+        e = dataclasses.replace(ecfg, batch_size=int(name[4:]))
+      elif name == "new":
+        e = ecfg
+      else:
+        raise ValueError(f"unknown path {name!r}: old, new or new@BATCH")
+      _log(f"eval {name}: {'one generation per system' if name == 'old' else 'one pass'}, "
+           f"batch {e.batch_size} (load {_load()[:1]})", quiet)
+      t1, c1 = time.perf_counter(), time.process_time()
+      g = EV.generate_all(systems_, benches, tok, e, EV.JsonlCache(Path(tmp) / f"{name}.jsonl"),
+                          chat_system=chat, domains=list(data.cfg.domains), progress=False,
+                          log=lambda m: _log(m, quiet))
+      t_gen = time.perf_counter() - t1
+      EV.judge_all(judges, g, EV.JsonlCache(Path(tmp) / f"{name}_verdicts.jsonl"),
+                   progress=False, log=lambda m: _log(m, quiet))
+      wall = time.perf_counter() - t1
+      toks = sum(r["new_tokens"] for r in g.values())
+      gens[name] = g
+      out["paths"][name] = {"batch_size": e.batch_size, "one_pass": e.one_pass,
+                            "answers": len(g), "new_tokens": toks,
+                            "generate_s": round(t_gen, 1), "wall_s": round(wall, 1),
+                            "cpu_s": round(time.process_time() - c1, 1),
+                            "tokens_per_s": round(toks / t_gen, 1), "load": _load()}
+      _log(f"eval {name}: {len(g)} answers, {toks} tokens in {t_gen:.0f}s "
+           f"({toks / t_gen:.1f} tok/s), with judging {wall:.0f}s", quiet)
+  out["compare"] = {}
+  for name in [p for p in gens if p != "old" and "old" in gens]:
+    keys = sorted(set(gens["old"]) & set(gens[name]))
+    diff = [k for k in keys if gens["old"][k]["response"] != gens[name][k]["response"]]
+    o, n = out["paths"]["old"], out["paths"][name]
+    out["compare"][name] = {
+        "speedup_wall": o["wall_s"] / n["wall_s"],
+        "speedup_generate": o["generate_s"] / n["generate_s"],
+        "speedup_cpu": o["cpu_s"] / n["cpu_s"],
+        "differing_answers": {"n": len(diff), "of": len(keys),
+                              "share": len(diff) / max(len(keys), 1),
+                              "per_system": {s: sum(1 for k in diff if k[0] == s)
+                                             for s in systems},
+                              "examples": [{"system": k[0], "prompt": k[1][:120],
+                                            "old": gens["old"][k]["response"][:200],
+                                            "new": gens[name][k]["response"][:200]}
+                                           for k in diff[:5]]}}
+  out["machine"] = machine_info()
+  out["table"] = format_eval(out).splitlines()
+  return out
+
+
+def format_eval(doc: dict[str, Any]) -> str:
+  rows = [("path", "batch", "answers", "new tokens", "generate s", "tok/s", "with judging s")]
+  for name, r in doc["paths"].items():
+    rows.append((("old: per system" if name == "old" else f"{name}: one pass"),
+                 str(r["batch_size"]),
+                 str(r["answers"]), str(r["new_tokens"]), f"{r['generate_s']:.1f}",
+                 f"{r['tokens_per_s']:.1f}", f"{r['wall_s']:.1f}"))
+  w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ["| " + " | ".join(x.ljust(k) for x, k in zip(row, w)) + " |" for row in rows]
+  lines.insert(1, "|" + "|".join("-" * (k + 2) for k in w) + "|")
+  head = (f"evaluation{' of ' + doc['run'] if doc.get('run') else ''}: "
+          f"{len(doc['systems'])} systems ({','.join(doc['systems'])}) x "
+          f"{doc['prompts']} prompts, greedy, {doc['max_new_tokens']} new tokens; one pass "
+          f"decode segment {doc['decode_segment']}")
+  tail = []
+  for name, c in doc.get("compare", {}).items():
+    d = c["differing_answers"]
+    tail.append(f"{name} vs old: {c['speedup_wall']:.2f}x end to end (generation + judging), "
+                f"{c['speedup_generate']:.2f}x generation, {c['speedup_cpu']:.2f}x CPU time; "
+                f"differing answers {d['n']} of {d['of']} ({100 * d['share']:.2f}%)")
+  return "\n".join([head, ""] + lines + [""] + tail)
+
+
+def main_eval(argv: Sequence[str]) -> int:
+  from safemoe_jax import evaluate as EV
+  ap = argparse.ArgumentParser(prog="python -m safemoe_jax.bench eval", description=(
+      "The evaluation's generation + judging: one generation per system (old) vs every system "
+      "in one pass (new), in one run, on the embedded default's model and data with random "
+      "experts and SFT LoRA (or a trained --run). Reports wall time, tokens/s and the answers "
+      "that differ."))
+  ap.add_argument("--systems", default=",".join(EV.DEFAULT_SYSTEMS))
+  ap.add_argument("--prompts", type=int, default=0,
+                  help="about this many prompts, benchmarks cut in proportion (0 = the "
+                       "evaluation's default counts)")
+  ap.add_argument("--batch-size", type=int, default=None, help="the one pass's batch")
+  ap.add_argument("--old-batch-size", type=int, default=16)
+  ap.add_argument("--segment", type=int, default=None,
+                  help="the one pass's decode segment (0 = no batch halving)")
+  ap.add_argument("--max-new-tokens", type=int, default=None)
+  ap.add_argument("--paths", default="old,new",
+                  help="comma-separated: old, new, new@BATCH (the one pass at another batch)")
+  ap.add_argument("--run", default=None, help="a finished training run: its experts, router and "
+                  "data (default: the embedded default's data, random experts)")
+  ap.add_argument("--out", default="runs/bench/eval.json")
+  ap.add_argument("overrides", nargs="*", help="dotted training-config overrides")
+  a = ap.parse_args(argv)
+  doc = run_eval_bench([s for s in a.systems.split(",") if s], a.prompts, a.batch_size,
+                       a.old_batch_size, a.max_new_tokens, a.overrides,
+                       [p for p in a.paths.split(",") if p], a.segment, a.run)
+  doc["command"] = "python -m safemoe_jax.bench eval " + " ".join(argv)
+  Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(a.out).write_text(json.dumps(doc, indent=1, default=str))
+  print("\n".join(doc["table"]))
+  print(f"\nresults -> {a.out}")
+  return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -1016,6 +1210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["aot"]:
     return main_aot(argv[1:])
+  if argv[:1] == ["eval"]:
+    return main_eval(argv[1:])
   ap = argparse.ArgumentParser(prog="python -m safemoe_jax.bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default="tiny", help="tiny | smollm2 | a .gguf file / HF folder")

@@ -25,8 +25,13 @@ change against the base model, absolute (points, paired bootstrap 95% interval) 
 
 Caching (<run>/eval/): generations.jsonl per (system weights, prompt, decoding settings),
 verdicts.jsonl per (judge, prompt, response): a re-run generates and judges only what changed.
-Decoding default: greedy (reproducible, independent of batch composition); the paper's sampling
+Decoding default: greedy (reproducible; another batch composition reorders float sums and can
+flip a near-tie: `python -m safemoe_jax.bench eval` counts such answers); the paper's sampling
 is `--temperature 1.0 --top-p 0.9 --seed S`.
+
+Generation runs the systems over the SafeMoE model (base, safemoe, uniform, negated, oracle) as
+rows of one length-sorted pass with per-row gates (experts.GateSpec); a single-LoRA baseline is
+another model and gets its own pass.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -76,7 +82,16 @@ class EvalConfig:
       "benign_edgy": 100})
   default_count: int = 100  # benchmarks not named in `counts` (Hub sets, held-out domains)
   max_new_tokens: int = 64  # CPU budget; the paper used 512 (refusals show in the first words)
-  batch_size: int = 16
+  # Generation: rows of every system over the same model share length-sorted batches of
+  # batch_size (larger batches amortise decoding's weight reads; 64 measured by the benchmark),
+  # prompts left-padded to a multiple of prompt_bucket (the default prompts: 54.6 tokens on
+  # average, padded to 61 at 16, 73 at 32; the sorted batches share a few lengths).
+  batch_size: int = 64
+  prompt_bucket: int = 16
+  one_pass: bool = True  # False: one generation per system (the earlier path)
+  # One pass: decode in segments of this many steps; after a segment in which half a batch has
+  # stopped, the batch is halved, so stopped rows stop costing steps (0 = one loop per batch).
+  decode_segment: int = 16
   temperature: float = 0.0  # 0 = greedy (default: reproducible); paper: 1.0 with top_p 0.9
   top_p: float = 1.0
   seed: int = 0  # sampling seed and prompt-selection seed
@@ -392,10 +407,12 @@ def _progress(total: int, desc: str, enabled: bool):
 def generate_all(systems: Sequence[System], benches: Sequence[Bench], tok, ecfg: EvalConfig,
                  cache: JsonlCache, *, chat_system: str | None = None, domains: Sequence[str] = (),
                  progress: bool = True, log=print) -> dict[tuple[str, str], dict]:
-  """(system, prompt) -> generation row, generating only what the cache lacks."""
-  from safemoe_jax.generate import chat_generate
+  """(system, prompt) -> generation row, generating only what the cache lacks.
+
+  ecfg.one_pass: the systems over the same model (base, safemoe, uniform, negated, oracle) are
+  rows of one length-sorted generation with per-row gates; each single-LoRA model its own.
+  Else one generation per system (the earlier path, kept for the benchmark)."""
   dec = ecfg.decoding()
-  dom_index = {d: i for i, d in enumerate(domains)}
   prompts: dict[str, Prompt] = {}
   for b in benches:
     for p in b.prompts:
@@ -411,6 +428,92 @@ def generate_all(systems: Sequence[System], benches: Sequence[Bench], tok, ecfg:
   log(f"generation: {total} new answers to write "
       f"({', '.join(f'{k} {len(v)}' for k, v in todo.items())}); {cached} cached")
   bar = _progress(total, "generate", progress)
+  write = functools.partial(_generation_rows, tok=tok, dec=dec, chat_system=chat_system,
+                            cache=cache, bar=bar)
+  dom_index = {d: i for i, d in enumerate(domains)}
+  if ecfg.one_pass:
+    _generate_one_pass(systems, todo, tok, ecfg, write, chat_system, dom_index)
+  else:
+    _generate_per_system(systems, todo, tok, ecfg, write, chat_system, dom_index)
+  if bar is not None:
+    bar.close()
+  out = {}
+  for s in systems:
+    for p in prompts.values():
+      r = cache.get(gen_key(s, p.text, dec, chat_system))
+      if r is not None:
+        out[(s.name, p.text)] = r
+  return out
+
+
+def _domain_vector(p: Prompt, dom_index: dict[str, int], E: int) -> np.ndarray:
+  d = np.zeros((E,), np.float32)
+  for name in p.domains:
+    d[dom_index[name]] = 1.0
+  return d
+
+
+def _generation_rows(items: Sequence[tuple[System, Prompt]], results: Sequence[dict],
+                     seconds: float, *, tok, dec: dict, chat_system: str | None,
+                     cache: JsonlCache, bar) -> None:
+  """Cache rows of generated answers (results: chat_generate_many's, one per item)."""
+  rows = []
+  for (s, p), res in zip(items, results):
+    n = res["new_tokens"]
+    row = {"key": gen_key(s, p.text, dec, chat_system), "system": s.name, "prompt": p.text,
+           "response": res["text"], "new_tokens": n, "hit_limit": n >= dec["max_new_tokens"],
+           "decoding": dec, "fingerprint": s.fingerprint, "seconds": round(seconds, 3)}
+    if s.record_gates and "gates" in res:
+      g_NE = np.asarray(res["gates"])[:n].mean(1)  # layer mean per produced token
+      row["gate_mean"] = np.round(g_NE.mean(0), 4).tolist()
+      row["gates"] = np.round(g_NE, 3).tolist()
+      row["tokens"] = [tok.decode([int(t)]) for t in res["tokens"][:n]]
+    rows.append(row)
+  cache.add(rows)
+  if bar is not None:
+    bar.update(len(rows))
+
+
+def _generate_one_pass(systems, todo, tok, ecfg: EvalConfig, write, chat_system, dom_index):
+  """Every system over the same model in one length-sorted generation, gates per row."""
+  from safemoe_jax.experts import gate_row
+  from safemoe_jax.generate import chat_generate_many
+  dec = ecfg.decoding()
+  by_model: dict[int, list[System]] = {}
+  for s in systems:
+    by_model.setdefault(id(s.model), []).append(s)
+  for group in by_model.values():
+    model = group[0].model
+    items = [(s, p) for s in group for p in todo[s.name]]
+    if not items:
+      continue
+    kw: dict[str, Any] = {}
+    if len(group) == 1 and not group[0].oracle:  # one system: its own routing, no per-row gates
+      kw.update(routing=group[0].routing)
+      if group[0].fixed_weights is not None:
+        kw["fixed_weights"] = group[0].fixed_weights
+    else:
+      E = model.num_experts
+      kw["gates"] = [gate_row(s.routing, E, weights_E=s.fixed_weights,
+                              domains_E=_domain_vector(p, dom_index, E) if s.oracle else None)
+                     for s, p in items]
+
+    def on_batch(idx, seconds, results, items=items):
+      write([items[i] for i in idx], [results[i] for i in idx], seconds / len(idx))
+
+    chat_generate_many(model, tok, [p.text for _, p in items], system=chat_system,
+                       max_new_tokens=dec["max_new_tokens"], batch_size=ecfg.batch_size,
+                       bucket=ecfg.prompt_bucket, temperature=dec["temperature"],
+                       top_p=dec["top_p"], seed=dec["seed"],
+                       return_gates=any(s.record_gates for s in group), on_batch=on_batch,
+                       segment=ecfg.decode_segment, **kw)
+
+
+def _generate_per_system(systems, todo, tok, ecfg: EvalConfig, write, chat_system, dom_index):
+  """One generation per system at ecfg.batch_size, prompts sorted by characters (the path
+  before the one pass; the benchmark's reference)."""
+  from safemoe_jax.generate import chat_generate
+  dec = ecfg.decoding()
   B = ecfg.batch_size
   for s in systems:
     ps = sorted(todo[s.name], key=lambda p: len(p.text))  # similar lengths share a batch
@@ -423,41 +526,21 @@ def generate_all(systems: Sequence[System], benches: Sequence[Bench], tok, ecfg:
       if s.fixed_weights is not None:
         kw["fixed_weights"] = s.fixed_weights
       if s.oracle:
-        d = np.zeros((B, s.model.num_experts), np.float32)
-        for b, p in enumerate(padded):
-          for name in p.domains:
-            d[b, dom_index[name]] = 1.0
-        kw["domains"] = d
+        kw["domains"] = np.stack([_domain_vector(p, dom_index, s.model.num_experts)
+                                  for p in padded])
       t0 = time.perf_counter()
       res = chat_generate(s.model, tok, [p.text for p in padded],
                           max_new_tokens=dec["max_new_tokens"], system=chat_system, bucket=64,
                           **kw)
       dt = (time.perf_counter() - t0) / len(padded)
-      rows = []
-      for b, p in enumerate(chunk):
+      results = []
+      for b in range(len(chunk)):
         n = res["new_tokens"][b]
-        row = {"key": gen_key(s, p.text, dec, chat_system), "system": s.name, "prompt": p.text,
-               "response": res["texts"][b], "new_tokens": n,
-               "hit_limit": n >= dec["max_new_tokens"], "decoding": dec,
-               "fingerprint": s.fingerprint, "seconds": round(dt, 3)}
-        if s.record_gates and "gates" in res:
-          g_NE = np.asarray(res["gates"])[:n, :, b, :].mean(1)  # layer mean per produced token
-          row["gate_mean"] = np.round(g_NE.mean(0), 4).tolist()
-          row["gates"] = np.round(g_NE, 3).tolist()
-          row["tokens"] = [tok.decode([int(t)]) for t in res["tokens"][b][:n]]
-        rows.append(row)
-      cache.add(rows)
-      if bar is not None:
-        bar.update(len(chunk))
-  if bar is not None:
-    bar.close()
-  out = {}
-  for s in systems:
-    for p in prompts.values():
-      r = cache.get(gen_key(s, p.text, dec, chat_system))
-      if r is not None:
-        out[(s.name, p.text)] = r
-  return out
+        r = {"text": res["texts"][b], "new_tokens": n, "tokens": list(res["tokens"][b][:n])}
+        if "gates" in res:
+          r["gates"] = np.asarray(res["gates"])[:n, :, b, :]
+        results.append(r)
+      write([(s, p) for p in chunk], results, dt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +592,8 @@ def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlC
         f"{len({verdict_key(j.name, p, g['response']) for (s, p), g in gens.items()}) - len(pairs)}"
         f" cached")
     bar = _progress(len(pairs), f"judge {j.name}", progress)
-    items = list(pairs.items())
+    # Similar lengths in the same chunk: the judge's length-bucketed batches pad less.
+    items = sorted(pairs.items(), key=lambda kv: len(kv[1][0]) + len(kv[1][1]))
     for i in range(0, len(items), chunk):
       part = items[i:i + chunk]
       ps, rs = [p for _, (p, _) in part], [r for _, (_, r) in part]

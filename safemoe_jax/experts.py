@@ -173,6 +173,33 @@ def fixed_gates(mode: str, num_experts: int, *, domains_BE: jax.Array | None = N
   return jnp.broadcast_to(g.astype(jnp.float32), (batch, 1, E))
 
 
+class GateSpec(NamedTuple):
+  """Gates per row of a batch that mixes routing systems over the same base and experts.
+
+  Row b takes the learned router's gates where router_B[b], else the fixed vector fixed_BE[b]:
+  zeros = the base model, +-1/E = uniform / negated, the domain split = oracle (gate_row).
+  """
+  router_B: jax.Array  # [B] bool
+  fixed_BE: jax.Array  # [B, E] float32
+
+
+def gate_row(mode: str, num_experts: int, *, weights_E=None, domains_E=None
+             ) -> tuple[bool, jax.Array]:
+  """(use the router?, fixed gates [E]) of one row in routing `mode`, as fixed_gates gives them."""
+  if mode == "learned":
+    return True, jnp.zeros((num_experts,), jnp.float32)
+  if mode == "base":
+    return False, jnp.zeros((num_experts,), jnp.float32)
+  d = None if domains_E is None else jnp.asarray(domains_E, jnp.float32)[None]
+  return False, fixed_gates(mode, num_experts, domains_BE=d, weights_E=weights_E)[0, 0]
+
+
+def mix_gates(router_g_BTE: jax.Array, spec: GateSpec) -> jax.Array:
+  """The router's gates on the router rows, the fixed gates on the others -> [B, T, E]."""
+  return jnp.where(spec.router_B[:, None, None], router_g_BTE,
+                   spec.fixed_BE[:, None, :].astype(router_g_BTE.dtype))
+
+
 class LayerRouting(NamedTuple):
   """Per-layer routing statistics (masked sums; divide by `count` to get means)."""
   weight_sum: jax.Array  # [E] sum of gate values

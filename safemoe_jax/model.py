@@ -193,12 +193,14 @@ class SafeMoELM(nnx.Module):
                fixed_weights: jax.Array | None = None, prompt_mask: jax.Array | None = None,
                stats_mask: jax.Array | None = None, cache: dict | None = None,
                dropout_rng: jax.Array | None = None, return_gates: bool = False,
-               last_only: bool = False, return_hidden: bool = False
-               ) -> tuple[jax.Array, dict[str, Any]]:
+               last_only: bool = False, return_hidden: bool = False,
+               gate_spec: ex.GateSpec | None = None) -> tuple[jax.Array, dict[str, Any]]:
     """Logits [B, T, V] (float32) and an aux dict.
 
     input_ids, attention_mask: [B, T] (1 = real token; left or right padding).
-    routing: one of ROUTING_MODES. domains: [B, E] multi-hot for 'oracle'. fixed_weights: [E].
+    routing: one of ROUTING_MODES, or 'mixed': every row its own gates, from gate_spec (the
+      learned router on some rows, fixed vectors on the others: systems mixed in one batch).
+      domains: [B, E] multi-hot for 'oracle'. fixed_weights: [E].
     prompt_mask: [B, T] prompt tokens, for per-sequence routing (and its summary at prefill).
     stats_mask: [B, T] tokens over which routing statistics and aux losses are taken
       (response tokens in training; defaults to attention_mask).
@@ -209,9 +211,14 @@ class SafeMoELM(nnx.Module):
       (the residual stream after each layer, before the final norm) if return_hidden.
     """
     cfg, E = self.cfg, self.num_experts
-    if routing not in ROUTING_MODES:
-      raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    if routing not in ROUTING_MODES + ("mixed",):
+      raise ValueError(f"routing must be one of {ROUTING_MODES + ('mixed',)}, got {routing!r}")
     B, T = input_ids.shape
+    if routing == "mixed" and (gate_spec is None or gate_spec.router_B.shape != (B,)
+                               or gate_spec.fixed_BE.shape != (B, E)):
+      raise ValueError(f"routing='mixed' needs gate_spec with router_B [{B}] and fixed_BE "
+                       f"[{B}, {E}], got "
+                       f"{None if gate_spec is None else jax.tree.map(jnp.shape, gate_spec)}")
     if cache is None and T > cfg.max_position_embeddings:
       raise ValueError(f"sequence of {T} tokens is longer than the model's context of "
                        f"{cfg.max_position_embeddings}; truncate it (data.max_length)")
@@ -241,22 +248,23 @@ class SafeMoELM(nnx.Module):
     per_seq = use_experts and self.rcfg.granularity == "per_sequence"
 
     # Gates of the non-learned modes are the same for every layer and token.
+    routed = routing in ("learned", "mixed")  # the router runs (on every row when mixed)
     const_g = None
-    if use_experts and routing != "learned":
+    if use_experts and not routed:
       const_g = ex.fixed_gates(routing, E, domains_BE=domains, weights_E=fixed_weights, batch=B)
 
     xs: dict[str, Any] = {"layer": self.layers.arrays(), "idx": jnp.arange(cfg.num_layers)}
     shared_router = None
     if use_experts:
       xs["experts"] = self.experts.layer_arrays()
-      if routing == "learned":
+      if routed:
         if self.rcfg.scope == "per_layer":
           xs["router"] = self.router.arrays()
         else:
           shared_router = self.router.arrays()
       if dropout_rng is not None and self.ecfg.dropout > 0:
         xs["drop_key"] = jax.random.split(dropout_rng, cfg.num_layers)
-      if per_seq and routing == "learned" and prompt_mask is None:
+      if per_seq and routed and prompt_mask is None:
         if cache is None or "gates" not in cache:
           raise ValueError("per-sequence routing needs prompt_mask (or a cache holding the "
                            "prompt's gates from prefill)")
@@ -285,6 +293,8 @@ class SafeMoELM(nnx.Module):
           else:
             logits_BTE = ex.router_logits(rp, h, rcfg)
           g_BTE = ex.gates_from_logits(logits_BTE, rcfg)
+          if routing == "mixed":  # per-sequence: the mix is cached with the prompt's gates
+            g_BTE = ex.mix_gates(g_BTE, gate_spec)
 
       def proj(name: str, inp, j: int):
         y = inp @ p[name].astype(cdt)

@@ -158,3 +158,20 @@ def test_a_libtpu_without_a_pin_is_not_downloaded(monkeypatch, tmp_path):
   with pytest.raises(AssetError, match="no pinned sha256 for libtpu==9.9.9"):
     bench.find_libtpu(download=True, quiet=True)
   assert not calls
+
+def test_eval_bench_scales_benchmarks_and_reports_the_speedup():
+  from safemoe_jax import evaluate as EV
+  benches = [EV.Bench("a", "harmful", [EV.Prompt(f"a{i}") for i in range(60)]),
+             EV.Bench("b", "benign", [EV.Prompt(f"b{i}") for i in range(40)])]
+  bench.scale_benches(benches, 20)
+  assert [len(b.prompts) for b in benches] == [12, 8]  # in proportion
+  doc = {"systems": ["base", "safemoe"], "prompts": 20, "max_new_tokens": 8, "decode_segment": 4,
+         "paths": {n: {"batch_size": b, "answers": 40, "new_tokens": 320, "generate_s": g,
+                       "tokens_per_s": 320 / g, "wall_s": g + 1} for n, b, g in
+                   (("old", 16, 30.0), ("new", 64, 9.0))},
+         "compare": {"new": {"speedup_wall": 31 / 10, "speedup_generate": 30 / 9,
+                             "speedup_cpu": 2.0,
+                             "differing_answers": {"n": 1, "of": 40, "share": 0.025}}}}
+  text = bench.format_eval(doc)
+  assert "old: per system" in text and "new: one pass" in text
+  assert "new vs old: 3.10x end to end" in text and "differing answers 1 of 40 (2.50%)" in text

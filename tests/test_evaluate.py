@@ -182,6 +182,22 @@ def test_tiny_run_evaluates_caches_and_reports(tiny_run):
   again = lambda ecfg, j: EV.evaluate_loaded(out=out, model=model, tok=tok, data=data, ecfg=ecfg,
                                              base_fp=fp, extra_models=extra, progress=False,
                                              log=quiet, judges=[j])
+  # The one pass (every system's rows in shared batches) equals one generation per system at the
+  # old batch size, answer for answer, on the trained experts and router.
+  ecfg = _ecfg(benign)
+  benches = EV.benchmarks_from_data(data, ecfg, tok, data.cfg.system_prompt)
+  systems = EV.make_systems(ecfg.systems, model, out, fp, extra)
+  old = EV.generate_all(systems, benches, tok, dataclasses.replace(ecfg, one_pass=False),
+                        EV.JsonlCache(out.parent / "per_system.jsonl"),
+                        chat_system=data.cfg.system_prompt, domains=list(data.cfg.domains),
+                        progress=False, log=quiet)
+  by_key = {(g["system"], g["prompt"]): g for g in gens}
+  assert set(old) == set(by_key)
+  for k, g in old.items():
+    assert g["response"] == by_key[k]["response"], k
+    if k[0] == "safemoe":
+      np.testing.assert_allclose(g["gate_mean"], by_key[k]["gate_mean"], atol=2e-4)
+
   size = (out / "eval" / "generations.jsonl").stat().st_size
   judge2 = FakeJudge()
   res2 = again(_ecfg(benign), judge2)
