@@ -124,8 +124,8 @@ MUTATIONS: list[Mutation] = [
     # also prove that they run (a skipped test passes, so the mutation would survive).
     Mutation(
         "gguf-k-left-permuted", "safemoe_jax/weights.py",
-        'if key.removesuffix("_bias") in ("layers.q", "layers.k"):',
-        'if key.removesuffix("_bias") in ("layers.q",):',
+        'if arch == "llama" and key.removesuffix("_bias") in ("layers.q", "layers.k"):',
+        'if arch == "llama" and key.removesuffix("_bias") in ("layers.q",):',
         ("tests/test_weights.py::test_gguf_matches_peer_hf_folder",),
         "the real GGUF's K rows keep llama.cpp's RoPE permutation"),
     Mutation(
@@ -134,4 +134,23 @@ MUTATIONS: list[Mutation] = [
         "byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)",
         ("tests/test_tokenizer.py::test_smollm2_matches_peer_hf_tokenizer",),
         "SmolLM2's pre-tokenizer drops GPT-2's word-splitting regex"),
+    # Session three: qwen2 GGUFs, Hub datasets, the audit set kept out of the evaluation.
+    Mutation(
+        "gguf-qwen2-qk-unpermuted", "safemoe_jax/weights.py",
+        'if arch == "llama" and key.removesuffix("_bias") in ("layers.q", "layers.k"):',
+        'if key.removesuffix("_bias") in ("layers.q", "layers.k"):',
+        ("tests/test_weights.py::test_gguf_qwen2_with_qkv_bias_matches_hf",),
+        "qwen2 Q/K rows (stored in HF's layout) get llama's un-permutation"),
+    Mutation(
+        "pku-domain-map-dropped", "safemoe_jax/data.py",
+        "domain_map=PKU_TO_BEAVERTAILS, on_unknown_domain=\"keep\"",
+        "on_unknown_domain=\"keep\"",
+        ("tests/test_hub_data.py::test_every_pku_category_maps_to_a_beavertails_domain",),
+        "PKU-SafeRLHF's categories are not mapped onto the BeaverTails domains"),
+    Mutation(
+        "audit-prompts-evaluated", "safemoe_jax/evaluate.py",
+        "def collect_benchmarks(data, ecfg: EvalConfig, *, exclude_audit: bool = True)",
+        "def collect_benchmarks(data, ecfg: EvalConfig, *, exclude_audit: bool = False)",
+        ("tests/test_audit.py::test_no_audit_prompt_is_trained_on_or_in_the_default_evaluation",),
+        "the evaluation uses a prompt of the judge audit set"),
 ]
