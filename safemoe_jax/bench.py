@@ -1188,12 +1188,7 @@ def main_eval(argv: Sequence[str]) -> int:
   doc = run_eval_bench([s for s in a.systems.split(",") if s], a.prompts, a.batch_size,
                        a.old_batch_size, a.max_new_tokens, a.overrides,
                        [p for p in a.paths.split(",") if p], a.segment, a.run)
-  doc["command"] = "python -m safemoe_jax.bench eval " + " ".join(argv)
-  Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(a.out).write_text(json.dumps(doc, indent=1, default=str))
-  print("\n".join(doc["table"]))
-  print(f"\nresults -> {a.out}")
-  return 0
+  return _write_results(doc, a.out, "eval", argv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1285,11 +1280,16 @@ def main_aot(argv: Sequence[str]) -> int:
   Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   doc = run_aot(a.config, a.overrides, a.topology or DEFAULT_TOPOLOGIES, a.model_config,
                 find_max_batch=not a.no_max_batch, tiny=a.tiny, partial=Path(a.out))
-  doc["command"] = "python -m safemoe_jax.bench aot " + " ".join(argv)
-  Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(a.out).write_text(json.dumps(doc, indent=1, default=str))
+  return _write_results(doc, a.out, "aot", argv)
+
+
+def _write_results(doc: dict, out: str, sub: str, argv: Sequence[str]) -> int:
+  """Record the command, write the JSON, print the table: the end of every bench subcommand."""
+  doc["command"] = f"python -m safemoe_jax.bench {sub} " + " ".join(argv)
+  Path(out).parent.mkdir(parents=True, exist_ok=True)
+  Path(out).write_text(json.dumps(doc, indent=1, default=str))
   print("\n".join(doc["table"]))
-  print(f"\nresults -> {a.out}")
+  print(f"\nresults -> {out}")
   return 0
 
 
