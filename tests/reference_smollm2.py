@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from safemoe_jax import assets
+from safemoe_jax.io import assets
 
 
 class ReferenceError_(RuntimeError):

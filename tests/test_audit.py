@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from safemoe_jax import audit as A
-from safemoe_jax.data import prompt_key
+from safemoe_jax.judging import audit as A
+from safemoe_jax.data.sources import prompt_key
 
 
 def test_cohen_kappa_matches_a_hand_computed_case():
@@ -65,8 +65,8 @@ def test_agreement_figures_are_the_ones_recorded(audit_set):
 
 
 def test_no_audit_prompt_is_trained_on_or_in_the_default_evaluation(audit_set):
-  from safemoe_jax import data as D
-  from safemoe_jax import evaluate as EV
+  from safemoe_jax.data import sources as D
+  from safemoe_jax.evaluation import run as EV
   cfg = D.data_config()
   records, report = D.load_records(cfg)
   sets = D.select(records, cfg, report)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from safemoe_jax import bench
-from safemoe_jax.config import ModelConfig
+from safemoe_jax.tools import bench
+from safemoe_jax.core.config import ModelConfig
 from tests.prereq import missing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def _fake_libtpu_download(monkeypatch, tmp_path, content: bytes, name: str) -> l
 
 
 def test_libtpu_download_with_the_wrong_checksum_is_refused(monkeypatch, tmp_path):
-  from safemoe_jax.assets import AssetError
+  from safemoe_jax.io.assets import AssetError
   name = "libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl"
   calls = _fake_libtpu_download(monkeypatch, tmp_path, b"not the real library", name)
   with pytest.raises(AssetError, match=rf"checksum mismatch for {name}.*was not used"):
@@ -136,7 +136,7 @@ def test_libtpu_download_with_the_wrong_checksum_is_refused(monkeypatch, tmp_pat
 
 
 def test_cached_libtpu_is_checked_before_it_is_loaded(monkeypatch, tmp_path):
-  from safemoe_jax.assets import sha256_file
+  from safemoe_jax.io.assets import sha256_file
   name = "libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl"
   _fake_libtpu_download(monkeypatch, tmp_path, b"a library", name)
   import zipfile
@@ -152,7 +152,7 @@ def test_cached_libtpu_is_checked_before_it_is_loaded(monkeypatch, tmp_path):
 
 
 def test_a_libtpu_without_a_pin_is_not_downloaded(monkeypatch, tmp_path):
-  from safemoe_jax.assets import AssetError
+  from safemoe_jax.io.assets import AssetError
   calls = _fake_libtpu_download(monkeypatch, tmp_path, b"x", "libtpu-9.9.9-py3-none-any.whl")
   monkeypatch.setattr(bench, "libtpu_spec", lambda: "libtpu==9.9.9")
   with pytest.raises(AssetError, match="no pinned sha256 for libtpu==9.9.9"):
@@ -160,7 +160,7 @@ def test_a_libtpu_without_a_pin_is_not_downloaded(monkeypatch, tmp_path):
   assert not calls
 
 def test_eval_bench_scales_benchmarks_and_reports_the_speedup():
-  from safemoe_jax import evaluate as EV
+  from safemoe_jax.evaluation import run as EV
   benches = [EV.Bench("a", "harmful", [EV.Prompt(f"a{i}") for i in range(60)]),
              EV.Bench("b", "benign", [EV.Prompt(f"b{i}") for i in range(40)])]
   bench.scale_benches(benches, 20)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safemoe_jax import data as D
-from safemoe_jax.config import ConfigError
+from safemoe_jax.data import sources as D
+from safemoe_jax.core.config import ConfigError
 from tests.fixtures.chat_tokenizer import CHATML, tiny_chat_tokenizer
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -248,7 +248,7 @@ def test_empty_sets_are_errors():
 
 
 def _cfg_dict(cfg: D.DataConfig) -> dict:
-  from safemoe_jax.config import to_dict
+  from safemoe_jax.core.config import to_dict
   return to_dict(cfg)
 
 
@@ -497,7 +497,7 @@ def test_write_safe_informative_with_an_injected_endpoint(tmp_path):
 def test_embedded_default_with_the_real_smollm2_tokenizer(smollm2_gguf):
   """Every training example renders with SmolLM2's ChatML template and its loss tokens decode to
   the response (the prefix check passes on all real rows)."""
-  from safemoe_jax.tokenizer import tokenizer_from_gguf
+  from safemoe_jax.io.tokenizer import tokenizer_from_gguf
   tok = tokenizer_from_gguf(smollm2_gguf)
   cfg = D.data_config()
   data = D.build(cfg, tok, model_context=8192)

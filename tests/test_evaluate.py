@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safemoe_jax import evaluate as EV
-from safemoe_jax import report as RP
+from safemoe_jax.evaluation import run as EV
+from safemoe_jax.evaluation import report as RP
 
 
 @dataclasses.dataclass
@@ -126,7 +126,7 @@ def test_report_renders_from_fixed_results(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  from safemoe_jax import train
+  from safemoe_jax.train import loop as train
   from tests.fixtures import tiny_run as TR
   d = tmp_path_factory.mktemp("tiny_eval")
   model_dir, data = TR.write_model(d / "model"), TR.write_data(d / "data.jsonl")
@@ -151,7 +151,7 @@ def _ecfg(benign: Path, **kw) -> EV.EvalConfig:
 
 
 def test_tiny_run_evaluates_caches_and_reports(tiny_run):
-  from safemoe_jax import data as D
+  from safemoe_jax.data import sources as D
   out, benign = tiny_run
   quiet = lambda m: None
   judge = FakeJudge()

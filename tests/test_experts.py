@@ -11,10 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
-from safemoe_jax import experts as ex
-from safemoe_jax.config import ExpertsConfig, ModelConfig, RouterConfig
-from safemoe_jax.model import SafeMoELM, split_groups
-from safemoe_jax.steps import make_train_step
+from safemoe_jax.core import experts as ex
+from safemoe_jax.core.config import ExpertsConfig, ModelConfig, RouterConfig
+from safemoe_jax.core.model import SafeMoELM, split_groups
+from safemoe_jax.train.steps import make_train_step
 from tests.prereq import require_module
 from tests.reference import ref_forward
 
@@ -214,7 +214,7 @@ def test_gradients_reach_every_router_layer_and_oracle_isolates_experts():
   ids, mask, prompt, loss = batch()
   b = {"input_ids": ids, "attention_mask": mask, "prompt_mask": prompt, "loss_mask": loss,
        "domains": np.eye(3, dtype=np.float32)[[0, 1, 0]]}
-  from safemoe_jax.steps import forward_loss, split_for
+  from safemoe_jax.train.steps import forward_loss, split_for
   for group, routing in (("router", "learned"), ("experts", "oracle")):
     _, params, frozen, merge = split_for(m, group)
     grads = jax.grad(lambda p: forward_loss(merge(p, frozen), b, routing)[0])(params)

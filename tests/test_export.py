@@ -13,11 +13,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from safemoe_jax import export
-from safemoe_jax.config import ExpertsConfig, ModelConfig
-from safemoe_jax.experts import ExpertParam, RouterParam
-from safemoe_jax.model import SafeMoELM
-from safemoe_jax.weights import config_from_hf, load_hf_checkpoint
+from safemoe_jax.tools.export import peft as export
+from safemoe_jax.core.config import ExpertsConfig, ModelConfig
+from safemoe_jax.core.experts import ExpertParam, RouterParam
+from safemoe_jax.core.model import SafeMoELM
+from safemoe_jax.io.weights import config_from_hf, load_hf_checkpoint
 from tests.prereq import require_module
 
 torch = require_module("torch")
@@ -52,8 +52,8 @@ def _ours(model: SafeMoELM, routing: str, domains=None, fixed_weights=None) -> n
 def make_run(ck, out: Path, *, targets=ALL, rank=4, alpha=6.0,
              domains=("hate", "self harm", "violence"), seed=0) -> tuple[Path, SafeMoELM]:
   """A run folder as train.py leaves it after both phases (its own writers), random experts."""
-  from safemoe_jax import data as D
-  from safemoe_jax import train
+  from safemoe_jax.data import sources as D
+  from safemoe_jax.train import loop as train
   cfg, params = load_hf_checkpoint(ck.path)
   tc = train.TrainConfig(output_dir=str(out), model=train.BaseModelConfig(path=str(ck.path)),
                          experts=ExpertsConfig(rank=rank, alpha=alpha, targets=targets,
@@ -189,7 +189,7 @@ def test_import_then_export_gives_identical_tensors(tiny_llama, tmp_path):
   assert export.main(["import", "--adapters", str(srcs[0]), "--base", str(tiny_llama.path),
                       "--out", str(tmp_path / "run")]) == 2  # never overwrites experts
   # The file is what train.py loads to skip phase 1.
-  from safemoe_jax import train
+  from safemoe_jax.train import loop as train
   ecfg = run.experts_cfg
   m = SafeMoELM(run.model, ecfg, rngs=nnx.Rngs(0))
   st = nnx.state(m, ExpertParam)
@@ -363,9 +363,9 @@ def test_hf_config_inverts_config_from_hf(mt, kw):
 @pytest.mark.slow
 def test_merged_from_the_embedded_gguf(smollm2_gguf, tmp_path):
   """The GGUF base: HF safetensors + LlamaConfig (tied) + the tokenizer rebuilt from GGUF."""
-  from safemoe_jax import data as D
-  from safemoe_jax import train
-  from safemoe_jax.weights import load_gguf
+  from safemoe_jax.data import sources as D
+  from safemoe_jax.train import loop as train
+  from safemoe_jax.io.weights import load_gguf
   cfg, params, _ = load_gguf(smollm2_gguf)
   tc = train.TrainConfig(experts=ExpertsConfig(rank=2, alpha=4.0, targets=("v",), dropout=0.0),
                          data=dataclasses.replace(D.DataConfig(), domains=("a", "b")))

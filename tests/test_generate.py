@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from safemoe_jax.config import RouterConfig
-from safemoe_jax.generate import generate, left_pad, sample_logits
+from safemoe_jax.core.config import RouterConfig
+from safemoe_jax.infer.generate import generate, left_pad, sample_logits
 from tests.test_experts import make, randomize
 
 
@@ -105,9 +105,9 @@ def test_systems_mixed_in_one_batch_equal_per_system_generation(monkeypatch):
   """Every routing system in one loop, rows of all systems in shuffled, length-sorted batches
   with per-row gates, gives each system's own greedy generation token for token; rows stop at
   their own stop token at different steps."""
-  from safemoe_jax import generate as G
-  from safemoe_jax.experts import gate_row
-  from safemoe_jax.generate import generate_many
+  from safemoe_jax.infer import generate as G
+  from safemoe_jax.core.experts import gate_row
+  from safemoe_jax.infer.generate import generate_many
   shrunk, take = [], G._take_rows
   monkeypatch.setattr(G, "_take_rows", lambda s, sel: shrunk.append(len(sel)) or take(s, sel))
   n = 7
@@ -152,7 +152,7 @@ def test_mixed_routing_needs_a_gate_spec_of_the_batch():
 
 
 def test_schedule_covers_every_row_once_in_length_sorted_buckets():
-  from safemoe_jax.generate import batch_rows, schedule
+  from safemoe_jax.infer.generate import batch_rows, schedule
   rng = np.random.default_rng(0)
   lens = list(rng.integers(30, 60, 180)) + list(rng.integers(80, 270, 23))  # a long tail
   B = batch_rows(len(lens), 64)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safemoe_jax import data as D
+from safemoe_jax.data import sources as D
 from tests.test_data import FIX, fixture_hub_loader
 
 ROOT = Path(__file__).resolve().parents[1]

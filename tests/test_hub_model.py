@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from safemoe_jax import hub
-from safemoe_jax.config import ConfigError
+from safemoe_jax.io import hub
+from safemoe_jax.core.config import ConfigError
 from tests.fixtures import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,8 @@ def test_hub_snapshot_without_safetensors_is_refused(tiny_model, offline_cache, 
 
 
 def test_train_with_a_hub_id_records_it_and_export_names_it(tiny_model, offline_cache, tmp_path):
-  from safemoe_jax import export, train
+  from safemoe_jax.tools.export import peft as export
+  from safemoe_jax.train import loop as train
   write_hub_cache(offline_cache, "org/tiny-chat", tiny_model)
   data = tiny_run.write_data(tmp_path / "data.jsonl")
   out = tmp_path / "run"

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from safemoe_jax import judges as js
+from safemoe_jax.judging import judges as js
 
 KEY = "sk-test-" + "K" * 40
 
@@ -115,7 +115,7 @@ def test_retries_are_bounded(server):
 
 
 def test_concurrency_is_bounded_and_every_verdict_is_cached_as_it_arrives(server, tmp_path):
-  from safemoe_jax import evaluate as E
+  from safemoe_jax.evaluation import run as E
   _Server.delay = 0.05
   j, _ = _judge(server, max_retries=0, concurrency=2)
   gens = {("sys", f"prompt {i}"): {"response": "COMPLY" if i % 2 else "no"} for i in range(8)}

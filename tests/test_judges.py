@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from safemoe_jax import bert as bt
-from safemoe_jax import judge as jt
-from safemoe_jax import judges as js
-from safemoe_jax.judges import H, R, S
+from safemoe_jax.judging import bert as bt
+from safemoe_jax.judging import learned as jt
+from safemoe_jax.judging import judges as js
+from safemoe_jax.judging.judges import H, R, S
 
 FIXTURES = Path(__file__).parent / "fixtures" / "judge"
 
@@ -193,8 +193,8 @@ def test_encode_pairs_truncates_and_marks_segments(tiny_bert):
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-  from safemoe_jax.config import ModelConfig
-  from safemoe_jax.model import SafeMoELM
+  from safemoe_jax.core.config import ModelConfig
+  from safemoe_jax.core.model import SafeMoELM
   from tests.fixtures.chat_tokenizer import tiny_chat_tokenizer
   texts = [r["prompt"] + " " + r["response"] for r in fixture_rows()]
   tok = tiny_chat_tokenizer(texts + [js.LLAMA_GUARD_TEMPLATE, "safe unsafe yes no"])

@@ -100,7 +100,7 @@ def test_tpu_script_every_subcommand_dry_run(spot):
 
 
 def test_launch_env_starts_jax_distributed(monkeypatch):
-  from safemoe_jax import sharding as S
+  from safemoe_jax.core import sharding as S
   monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
   monkeypatch.setenv("SAFEMOE_DISTRIBUTED", "1")
   assert S.multi_process_env() == "SAFEMOE_DISTRIBUTED"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from safemoe_jax import weights
-from safemoe_jax.model import SafeMoELM
+from safemoe_jax.io import weights
+from safemoe_jax.core.model import SafeMoELM
 
 
 def _padded_batch(V, B=3, T=24, seed=0):
@@ -100,7 +100,7 @@ def test_bfloat16_policy_runs_and_stays_close(tiny_llama, monkeypatch):
   tol = 0.05  # measured bfloat16 error 0.014
   assert np.abs(a - np.asarray(b))[valid].max() < tol
   # sensitivity guard: without RoPE the float32 logits move by far more than the tolerance
-  from safemoe_jax import model as model_lib
+  from safemoe_jax.core import model as model_lib
   monkeypatch.setattr(model_lib, "apply_rope", lambda x_BTHD, pos_BT, inv_freq: x_BTHD)
   assert np.abs(a - run(m32))[valid].max() > 10 * tol
 
@@ -117,8 +117,8 @@ def test_too_long_sequence_and_mismatched_checkpoint_are_clear_errors(tiny_llama
 
 @pytest.mark.slow
 def test_embedded_smollm2_knows_paris(smollm2_gguf):
-  from safemoe_jax.generate import generate, left_pad
-  from safemoe_jax.tokenizer import tokenizer_from_gguf
+  from safemoe_jax.infer.generate import generate, left_pad
+  from safemoe_jax.io.tokenizer import tokenizer_from_gguf
   cfg, params, meta = weights.load_gguf(smollm2_gguf)
   model = SafeMoELM(cfg, rngs=nnx.Rngs(0))
   model.load_base(params)

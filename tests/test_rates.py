@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safemoe_jax import rates
+from safemoe_jax.evaluation import stats as rates
 
 
 def _judge(truth: np.ndarray, sens: float, spec: float, rng) -> np.ndarray:

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from safemoe_jax import assets, train
+from safemoe_jax.io import assets
+from safemoe_jax.train import loop as train
 from tests.fixtures import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,9 +259,9 @@ def test_nonfinite_step_stops_naming_step_and_batch_or_is_skipped(tiny, tmp_path
 def _restore(tiny: Tiny, out: Path, phase: str, step: int):
   """The trainer's own Phase, restored from `out` (which must hold `step` as its newest)."""
   from flax import nnx
-  from safemoe_jax import sharding as S
-  from safemoe_jax.metrics import MetricsWriter
-  from safemoe_jax.model import SafeMoELM
+  from safemoe_jax.core import sharding as S
+  from safemoe_jax.train.metrics import MetricsWriter
+  from safemoe_jax.core.model import SafeMoELM
   cfg = train.load_config(None, tiny.ov(out))
   _, mcfg, params, _ = train._load_base(cfg)
   model = SafeMoELM(mcfg, cfg.experts_config(), cfg.router, rngs=nnx.Rngs(cfg.seed))
@@ -625,7 +626,7 @@ def test_no_pickle_no_remote_code_no_eval_in_the_package():
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "model.pth"])
 def test_pickle_weights_are_refused_without_being_opened(tiny, tmp_path, name):
-  from safemoe_jax import weights
+  from safemoe_jax.io import weights
   d = tmp_path / "m"
   d.mkdir()
   shutil.copy(tiny.model / "config.json", d)
@@ -635,7 +636,7 @@ def test_pickle_weights_are_refused_without_being_opened(tiny, tmp_path, name):
 
 
 def test_tokenizer_remote_code_is_never_run(tiny, tmp_path):
-  from safemoe_jax import tokenizer
+  from safemoe_jax.io import tokenizer
   d = tmp_path / "m"
   shutil.copytree(tiny.model, d)
   marker = tmp_path / "remote_code_ran"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from safemoe_jax import train
+from safemoe_jax.train import loop as train
 from tests.test_reliability import (BAD_INPUTS, ROOT, Tiny, _finish, _order, _snapshot, _spawn,
                                     _steps_on_disk, _train_rows)
 from tests.fixtures import tiny_run
@@ -420,7 +420,7 @@ def test_bad_input_gives_one_error_line_and_changes_nothing(tiny, tmp_path, caps
 def test_evaluate_leaves_out_prompts_that_leave_no_room_for_the_answer():
   # Before any LoRA is trained: a prompt longer than the context minus the answer used to crash
   # the evaluation after the SFT baseline had been trained.
-  from safemoe_jax import evaluate as E
+  from safemoe_jax.evaluation import run as E
   quiet = lambda m: None  # noqa: E731
   assert E.fit_context(E.EvalConfig(max_new_tokens=64), 128, quiet).max_prompt_tokens == 64
   assert E.fit_context(E.EvalConfig(max_new_tokens=6, max_prompt_tokens=32), 128,

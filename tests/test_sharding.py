@@ -21,10 +21,10 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from safemoe_jax import sharding as S
-from safemoe_jax.config import ConfigError, ExpertsConfig, RouterConfig, from_dict, to_dict
-from safemoe_jax.model import SafeMoELM, split_groups
-from safemoe_jax.steps import make_train_step
+from safemoe_jax.core import sharding as S
+from safemoe_jax.core.config import ConfigError, ExpertsConfig, RouterConfig, from_dict, to_dict
+from safemoe_jax.core.model import SafeMoELM, split_groups
+from safemoe_jax.train.steps import make_train_step
 from tests.test_experts import ALL, TINY, randomize
 
 RULES = S.DEFAULT_RULES
@@ -53,7 +53,7 @@ def test_logical_spec_maps_dedups_and_replicates_indivisible(caplog):
   assert spec(("batch", "seq", "vocab"), (4, 12, 96)) == P(("data", "fsdp"), None, "tensor")
   assert spec(("norm",), (32,)) == P() and spec((), ()) == P()
   assert spec(("unknown", None), (8, 8)) == P()
-  with caplog.at_level(logging.INFO, logger="safemoe_jax.sharding"):
+  with caplog.at_level(logging.INFO, logger="safemoe_jax.core.sharding"):
     assert spec(("vocab", "embed"), (97, 32)) == P(None, "fsdp")  # 97 % 2: replicated
     assert spec(("vocab", "embed"), (97, 32)) == P(None, "fsdp")
   assert sum("'vocab' of size 97" in r.getMessage() for r in caplog.records) == 1  # once

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from safemoe_jax.steps import make_train_step
+from safemoe_jax.train.steps import make_train_step
 from tests.test_experts import batch, make, randomize
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import pre_tokenizers
 
-from safemoe_jax.tokenizer import TokenizerError, apply_chat, load_tokenizer, tokenizer_from_gguf
+from safemoe_jax.io.tokenizer import TokenizerError, apply_chat, load_tokenizer, tokenizer_from_gguf
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' "

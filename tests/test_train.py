@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from safemoe_jax import train
-from safemoe_jax.config import ConfigError
+from safemoe_jax.train import loop as train
+from safemoe_jax.core.config import ConfigError
 from tests.fixtures import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ def test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts(tiny, tm
   # Phase 2 trained only the router: the final experts equal the phase-1 artifact and the base
   # equals the checkpoint on disk, bit for bit; the router moved away from its initialisation.
   from flax import nnx
-  from safemoe_jax import weights
-  from safemoe_jax.experts import ExpertParam, RouterParam
+  from safemoe_jax.io import weights
+  from safemoe_jax.core.experts import ExpertParam, RouterParam
   flat = lambda st: {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(st)}
   experts = load_file(str(out / "experts.safetensors"))
   assert flat(nnx.state(model, ExpertParam)).keys() == experts.keys()
@@ -60,7 +60,7 @@ def test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts(tiny, tm
   for k, v in flat(nnx.state(model, RouterParam)).items():
     np.testing.assert_array_equal(v, router[k])
   # The router at initialisation: the same construction and seed as the run.
-  from safemoe_jax.model import SafeMoELM
+  from safemoe_jax.core.model import SafeMoELM
   init = SafeMoELM(model.cfg, cfg.experts_config(), cfg.router, rngs=nnx.Rngs(cfg.seed))
   init_router = flat(nnx.state(init, RouterParam))
   assert init_router.keys() == router.keys()

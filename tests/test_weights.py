@@ -11,8 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from safemoe_jax.config import ModelConfig
-from safemoe_jax.weights import (WeightsError, check_params, config_from_hf, expected_shapes,
+from safemoe_jax.core.config import ModelConfig
+from safemoe_jax.io.weights import (WeightsError, check_params, config_from_hf, expected_shapes,
                                  llama3_rope_factors, load_gguf, load_hf_checkpoint)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

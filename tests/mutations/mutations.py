@@ -21,101 +21,101 @@ class Mutation:
 
 MUTATIONS: list[Mutation] = [
     Mutation(
-        "judge-cv-leak", "safemoe_jax/judge.py",
+        "judge-cv-leak", "safemoe_jax/judging/learned.py",
         "x[tr],\n                                  t.take(tr)), x[va])",
         "x, t), x[va])",
         ("tests/test_judges.py::test_cross_validation_never_trains_on_its_validation_rows",
          "tests/test_judges.py::test_cross_validation_is_grouped_and_out_of_fold"),
         "each CV fold's head is trained on all rows, validation rows included"),
     Mutation(
-        "train-phase2-frozen-router", "safemoe_jax/train.py",
+        "train-phase2-frozen-router", "safemoe_jax/train/loop.py",
         "    self.tx, self.sched = make_optimizer(pc)\n",
         "    self.tx, self.sched = make_optimizer(pc)\n"
         "    self.tx = optax.chain(self.tx, optax.scale(0.0 if name == 'phase2' else 1.0))\n",
         ("tests/test_train.py::test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts",),
         "phase 2's updates are scaled to zero: the router never moves"),
     Mutation(
-        "train-resume-drops-params", "safemoe_jax/train.py",
+        "train-resume-drops-params", "safemoe_jax/train/loop.py",
         "      self.params, self.opt = r.params, r.opt\n",
         "      self.opt = r.opt\n",
         ("tests/test_train.py::test_mid_phase_checkpoint_resumes_at_its_step",),
         "a mid-phase restore keeps the freshly initialised parameters"),
     Mutation(
-        "train-resume-drops-opt", "safemoe_jax/train.py",
+        "train-resume-drops-opt", "safemoe_jax/train/loop.py",
         "      self.params, self.opt = r.params, r.opt\n",
         "      self.params = r.params\n",
         ("tests/test_train.py::test_mid_phase_checkpoint_resumes_at_its_step",),
         "a mid-phase restore keeps a fresh optimiser state"),
     Mutation(
-        "train-resume-drops-data", "safemoe_jax/train.py",
+        "train-resume-drops-data", "safemoe_jax/train/loop.py",
         "    if data_state is not None:\n      train_iter.set_state(data_state)\n",
         "",
         ("tests/test_train.py::test_mid_phase_checkpoint_resumes_at_its_step",),
         "a mid-phase restore starts the data iterator from the beginning"),
     Mutation(
-        "model-bf16-no-rope", "safemoe_jax/model.py",
+        "model-bf16-no-rope", "safemoe_jax/core/model.py",
         "def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:\n",
         "def apply_rope(x_BTHD: jax.Array, pos_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:\n"
         "  if x_BTHD.dtype == jnp.bfloat16:\n    return x_BTHD\n",
         ("tests/test_model.py::test_bfloat16_policy_runs_and_stays_close",),
         "RoPE is skipped entirely under bfloat16"),
     Mutation(
-        "model-bf16-no-rope-scaling", "safemoe_jax/model.py",
+        "model-bf16-no-rope-scaling", "safemoe_jax/core/model.py",
         "    inv_freq = jnp.asarray(rope_inv_freq(cfg))\n",
         "    inv_freq = jnp.asarray(rope_inv_freq(cfg if cdt == jnp.float32 else\n"
         "                                         type(cfg)(**{**vars(cfg), 'rope_scaling': None})))\n",
         ("tests/test_model.py::test_bfloat16_policy_runs_and_stays_close",),
         "Llama-3 RoPE scaling is dropped under bfloat16"),
     Mutation(
-        "aux-load-balance-no-E-P", "safemoe_jax/experts.py",
+        "aux-load-balance-no-E-P", "safemoe_jax/core/experts.py",
         "aux += rcfg.load_balance_coef * E * jnp.sum(f * P)",
         "aux += rcfg.load_balance_coef * jnp.sum(f)",
         ("tests/test_experts.py::test_aux_losses_and_routing_statistics_equal_a_numpy_reference",),
         "the load-balance term drops E and the router probabilities P"),
     Mutation(
-        "aux-entropy-counts-padding", "safemoe_jax/experts.py",
+        "aux-entropy-counts-padding", "safemoe_jax/core/experts.py",
         "aux += rcfg.entropy_coef * jnp.sum(ent_BT * m[..., 0]) / denom",
         "aux += rcfg.entropy_coef * jnp.sum(ent_BT) / denom",
         ("tests/test_experts.py::test_aux_losses_and_routing_statistics_equal_a_numpy_reference",),
         "the entropy loss also counts padding and prompt tokens"),
     Mutation(
-        "stats-weight-not-divided", "safemoe_jax/experts.py",
+        "stats-weight-not-divided", "safemoe_jax/core/experts.py",
         '{"weight": r.weight_sum / n[:, None],',
         '{"weight": r.weight_sum,',
         ("tests/test_experts.py::test_aux_losses_and_routing_statistics_equal_a_numpy_reference",),
         "logged mean gate weight is a sum, not divided by the token count"),
     Mutation(
-        "stats-top1-zeroed", "safemoe_jax/experts.py",
+        "stats-top1-zeroed", "safemoe_jax/core/experts.py",
         '"top1_share": r.top1_sum / n[:, None],',
         '"top1_share": 0 * r.top1_sum,',
         ("tests/test_experts.py::test_aux_losses_and_routing_statistics_equal_a_numpy_reference",),
         "logged top-1 share is always zero"),
     Mutation(
-        "stats-entropy-negated", "safemoe_jax/experts.py",
+        "stats-entropy-negated", "safemoe_jax/core/experts.py",
         '"entropy": r.entropy_sum / n,',
         '"entropy": -r.entropy_sum / n,',
         ("tests/test_experts.py::test_aux_losses_and_routing_statistics_equal_a_numpy_reference",),
         "logged routing entropy has the wrong sign"),
     Mutation(
-        "generate-eos-ends-all-rows", "safemoe_jax/generate.py",
+        "generate-eos-ends-all-rows", "safemoe_jax/infer/generate.py",
         'done = s["done"] | jnp.isin(tok, eos_ids)',
         'done = s["done"] | jnp.any(jnp.isin(tok, eos_ids))',
         ("tests/test_generate.py::test_generation_stops_at_eos_and_pads_after",),
         "one row's stop token ends every row of the batch"),
     Mutation(
-        "lm-judge-p-safe", "safemoe_jax/judges.py",
+        "lm-judge-p-safe", "safemoe_jax/judging/judges.py",
         "out += [float(1 / (1 + np.exp(b - a))) for a, b in z]",
         "out += [float(1 / (1 + np.exp(a - b))) for a, b in z]",
         ("tests/test_judges.py::test_lm_judge_with_tiny_model_and_mocked_answers",),
         "the LM judge's score is P(safe) instead of P(unsafe)"),
     Mutation(
-        "eval-cache-never-extended", "safemoe_jax/evaluate.py",
+        "eval-cache-never-extended", "safemoe_jax/evaluation/run.py",
         "      if k not in cache:\n        pairs[k] = (prompt, g[\"response\"])",
         "      if k not in cache and not cache.rows:\n        pairs[k] = (prompt, g[\"response\"])",
         ("tests/test_evaluate.py::test_tiny_run_evaluates_caches_and_reports",),
         "once a verdict cache exists, new answers are never judged"),
     Mutation(
-        "data-truncation-off-by-one", "safemoe_jax/data.py",
+        "data-truncation-off-by-one", "safemoe_jax/data/sources.py",
         "    r = r[: L - len(p)]\n",
         "    r = r[: L - len(p) - 1]\n",
         ("tests/test_data.py::test_embedded_default_with_the_real_smollm2_tokenizer",),
@@ -123,32 +123,32 @@ MUTATIONS: list[Mutation] = [
     # The two parity checks against transformers' own conversion of the real GGUF: these entries
     # also prove that they run (a skipped test passes, so the mutation would survive).
     Mutation(
-        "gguf-k-left-permuted", "safemoe_jax/weights.py",
+        "gguf-k-left-permuted", "safemoe_jax/io/weights.py",
         'if arch == "llama" and key.removesuffix("_bias") in ("layers.q", "layers.k"):',
         'if arch == "llama" and key.removesuffix("_bias") in ("layers.q",):',
         ("tests/test_weights.py::test_gguf_matches_peer_hf_folder",),
         "the real GGUF's K rows keep llama.cpp's RoPE permutation"),
     Mutation(
-        "tokenizer-no-gpt2-regex", "safemoe_jax/tokenizer.py",
+        "tokenizer-no-gpt2-regex", "safemoe_jax/io/tokenizer.py",
         "byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)",
         "byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)",
         ("tests/test_tokenizer.py::test_smollm2_matches_peer_hf_tokenizer",),
         "SmolLM2's pre-tokenizer drops GPT-2's word-splitting regex"),
     # Session three: qwen2 GGUFs, Hub datasets, the audit set kept out of the evaluation.
     Mutation(
-        "gguf-qwen2-qk-unpermuted", "safemoe_jax/weights.py",
+        "gguf-qwen2-qk-unpermuted", "safemoe_jax/io/weights.py",
         'if arch == "llama" and key.removesuffix("_bias") in ("layers.q", "layers.k"):',
         'if key.removesuffix("_bias") in ("layers.q", "layers.k"):',
         ("tests/test_weights.py::test_gguf_qwen2_with_qkv_bias_matches_hf",),
         "qwen2 Q/K rows (stored in HF's layout) get llama's un-permutation"),
     Mutation(
-        "pku-domain-map-dropped", "safemoe_jax/data.py",
+        "pku-domain-map-dropped", "safemoe_jax/data/sources.py",
         "domain_map=PKU_TO_BEAVERTAILS, on_unknown_domain=\"keep\"",
         "on_unknown_domain=\"keep\"",
         ("tests/test_hub_data.py::test_every_pku_category_maps_to_a_beavertails_domain",),
         "PKU-SafeRLHF's categories are not mapped onto the BeaverTails domains"),
     Mutation(
-        "audit-prompts-evaluated", "safemoe_jax/evaluate.py",
+        "audit-prompts-evaluated", "safemoe_jax/evaluation/run.py",
         "def collect_benchmarks(data, ecfg: EvalConfig, *, exclude_audit: bool = True)",
         "def collect_benchmarks(data, ecfg: EvalConfig, *, exclude_audit: bool = False)",
         ("tests/test_audit.py::test_no_audit_prompt_is_trained_on_or_in_the_default_evaluation",),

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from safemoe_jax import experts as ex
-from safemoe_jax.config import ROUTING_MODES, ExpertsConfig, ModelConfig, RouterConfig
-from safemoe_jax.sharding import constrain
+from safemoe_jax.core import experts as ex
+from safemoe_jax.core.config import ROUTING_MODES, ExpertsConfig, ModelConfig, RouterConfig
+from safemoe_jax.core.sharding import constrain
 
 NEG_INF = -1e30  # finite, so fully padded query rows give finite (ignored) outputs
 

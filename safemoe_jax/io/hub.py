@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from safemoe_jax.config import ConfigError
+from safemoe_jax.core.config import ConfigError
 
 # What a model folder needs: weights (safetensors, sharded or not, with the index), config,
 # tokenizer and chat template. Never *.bin / *.pt / *.py.

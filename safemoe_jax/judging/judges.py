@@ -78,7 +78,7 @@ REFUSAL_EXTRA = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i
 
 def is_refusal(text: str) -> bool:
   """garak's prefix and mitigation strings plus REFUSAL_EXTRA (see data.is_refusal_text)."""
-  from safemoe_jax.data import is_refusal_text
+  from safemoe_jax.data.sources import is_refusal_text
   return is_refusal_text(text.replace("\u2019", "'"), "both", REFUSAL_EXTRA)
 
 
@@ -321,7 +321,7 @@ class RefusalStringJudge:
 
   def validation(self) -> dict | None:
     if self._val is None:
-      from safemoe_jax import judge as jt
+      from safemoe_jax.judging import learned as jt
       recs, t, src = jt.validation_rows(self._rows)
       pred = np.array([LABELS.index(v.label) for v in
                        self.judge([r["prompt"] for r in recs], [r["response"] for r in recs])])
@@ -333,7 +333,7 @@ class LearnedJudge:
   """The cross-encoder artifact written by `python -m safemoe_jax.judge train` (see judge.py)."""
 
   def __init__(self, path: str | Path, batch_size: int = 16, backbone=None):
-    from safemoe_jax import judge as jt
+    from safemoe_jax.judging import learned as jt
     self.path = Path(path)
     self.name = f"learned:{self.path}"
     self.model, self.meta = jt.load_artifact(self.path, bb=backbone)
@@ -342,7 +342,7 @@ class LearnedJudge:
 
   def trained_on(self, prompt: str) -> bool:
     """True when the judge was trained on a row with this prompt (do not judge it honestly)."""
-    from safemoe_jax import judge as jt
+    from safemoe_jax.judging import learned as jt
     return jt.prompt_hash(prompt) in self.prompt_hashes
 
   def probs(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -350,7 +350,7 @@ class LearnedJudge:
     return self.model.predict_proba(prompts, responses, batch_size=self.batch_size)
 
   def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
-    from safemoe_jax import judge as jt
+    from safemoe_jax.judging import learned as jt
     p = self.probs(prompts, responses)
     pred = jt.decide(p, self.meta["decision"])
     return [Verdict(LABELS[c], dict(zip(LABELS, map(float, pi))), None) for c, pi in zip(pred, p)]
@@ -418,7 +418,7 @@ class LMJudge:
   def __init__(self, path: str, *, max_new_tokens: int = 12, batch_size: int = 4,
                generate_fn: Callable[[list[str]], list[str]] | None = None,
                load_fn: Callable | None = None, system: str | None = None):
-    from safemoe_jax.generate import load_pretrained
+    from safemoe_jax.infer.generate import load_pretrained
     self.name = f"lm:{path}"
     self.batch_size, self.max_new_tokens, self.system = batch_size, max_new_tokens, system
     self._gen = generate_fn
@@ -430,7 +430,7 @@ class LMJudge:
       return self.tok.apply_chat_template(
           [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
           tokenize=False, add_generation_prompt=True)
-    from safemoe_jax.tokenizer import apply_chat
+    from safemoe_jax.io.tokenizer import apply_chat
     return apply_chat(self.tok, llama_guard_prompt(prompt, response), system=self.system)
 
   def _ids(self, text: str) -> list[int]:
@@ -439,7 +439,7 @@ class LMJudge:
   def _generate(self, texts: list[str]) -> list[str]:
     if self._gen is not None:
       return self._gen(texts)
-    from safemoe_jax.generate import generate, left_pad, stop_ids
+    from safemoe_jax.infer.generate import generate, left_pad, stop_ids
     stops, pad = stop_ids(self.tok), self.tok.pad_token_id or 0
     out = []
     for i in range(0, len(texts), self.batch_size):
@@ -456,7 +456,7 @@ class LMJudge:
     """P('unsafe') / (P('unsafe') + P('safe')) where the answer's first word starts."""
     import jax
     import jax.numpy as jnp
-    from safemoe_jax.generate import left_pad
+    from safemoe_jax.infer.generate import left_pad
     first = [self._ids(w)[0] for w in ("unsafe", "safe")]
     seqs = [self._ids(t + a[:len(a) - len(a.lstrip())]) for t, a in zip(texts, answers)]
     out = []
@@ -692,7 +692,7 @@ def load_judge(spec: str, **kw) -> Judge:
   if kind == "refusal_strings":
     return RefusalStringJudge(**kw)
   if kind == "learned":
-    from safemoe_jax import judge as jt
+    from safemoe_jax.judging import learned as jt
     path = Path(arg) if arg else jt.default_artifact_dir()
     if not (path / "judge.json").is_file():
       raise JudgeError(f"no judge artifact at {path} (judge.json missing); train one with "

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from safemoe_jax.errors import SafeMoEError
-from safemoe_jax.config import ModelConfig
+from safemoe_jax.core.config import ModelConfig
 
 
 class WeightsError(SafeMoEError, ValueError):

@@ -59,8 +59,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
-from safemoe_jax import assets, errors
-from safemoe_jax.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from safemoe_jax.io import assets
+from safemoe_jax import errors
+from safemoe_jax.core.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
 class DataError(errors.SafeMoEError, ValueError):
@@ -1498,7 +1499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if a.no_tokens:
     card = data_card(build_sets(cfg), cfg)
   else:
-    from safemoe_jax.tokenizer import tokenizer_from_gguf
+    from safemoe_jax.io.tokenizer import tokenizer_from_gguf
     card = build(cfg, tokenizer_from_gguf(assets.smollm2_gguf())).card()
   text = format_card(card)
   print(text)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from safemoe_jax.config import ExpertsConfig, ModelConfig, RouterConfig
+from safemoe_jax.core.config import ExpertsConfig, ModelConfig, RouterConfig
 
 
 class ExpertParam(nnx.Param):

@@ -30,17 +30,18 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from safemoe_jax import config as C
-from safemoe_jax import data as D
-from safemoe_jax import errors, hub
-from safemoe_jax import sharding as S
+from safemoe_jax.core import config as C
+from safemoe_jax.data import sources as D
+from safemoe_jax import errors
+from safemoe_jax.io import hub
+from safemoe_jax.core import sharding as S
 from safemoe_jax.errors import SafeMoEError
-from safemoe_jax.config import ConfigError, ExpertsConfig, RouterConfig
-from safemoe_jax.experts import ExpertParam, RouterParam
-from safemoe_jax.metrics import (MetricsWriter, json_default, open_append, plot_losses,
+from safemoe_jax.core.config import ConfigError, ExpertsConfig, RouterConfig
+from safemoe_jax.core.experts import ExpertParam, RouterParam
+from safemoe_jax.train.metrics import (MetricsWriter, json_default, open_append, plot_losses,
                                  repair_jsonl)
-from safemoe_jax.model import SafeMoELM
-from safemoe_jax.steps import forward_loss, make_train_step
+from safemoe_jax.core.model import SafeMoELM
+from safemoe_jax.train.steps import forward_loss, make_train_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def fingerprint(path: Path) -> str:
   same sizes and config, but not the same bytes)."""
   path = Path(path)
   if path.is_file():
-    from safemoe_jax.assets import sha256_file
+    from safemoe_jax.io.assets import sha256_file
     return sha256_file(path)
   h = hashlib.sha256()
   for f in sorted(path.iterdir()):
@@ -366,7 +367,7 @@ class Phase:
 
   # --- checkpoints ---------------------------------------------------------------------
   def save(self, step: int, data_state: Any) -> None:
-    from safemoe_jax.steps import all_finite
+    from safemoe_jax.train.steps import all_finite
     if not bool(all_finite((self.params, self.opt))):
       check_finite({**{f"params.{k}": v for k, v in _np(self.params).items()},
                     **{f"opt.{i}": np.asarray(x) for i, x in
@@ -586,7 +587,7 @@ def _check_writable(out: Path) -> None:
 
 def resolve_base_path(cfg: TrainConfig) -> tuple[Path, str | None]:
   """The base model's local path, and its Hub id when model.path named one (fetched or cached)."""
-  from safemoe_jax import assets
+  from safemoe_jax.io import assets
   if not cfg.model.path:
     return assets.smollm2_gguf(), None
   path, hub_id = hub.resolve_model(cfg.model.path, cfg.model.revision)
@@ -597,7 +598,8 @@ def resolve_base_path(cfg: TrainConfig) -> tuple[Path, str | None]:
 
 
 def _load_base(cfg: TrainConfig):
-  from safemoe_jax import tokenizer, weights
+  from safemoe_jax.io import tokenizer
+  from safemoe_jax.io import weights
   path, _ = resolve_base_path(cfg)
   if not path.exists():
     raise ConfigError(f"model.path {path} does not exist (an HF folder with config.json and "
@@ -875,7 +877,7 @@ def _run_locked(cfg: TrainConfig, t_start: float, out: Path, mesh, path: Path, m
 
 def _quick_look(cfg: TrainConfig, model, tok, data, out: Path) -> str | None:
   """The before/after table at the end of a run; a failure here never costs the trained run."""
-  from safemoe_jax import evaluate as E
+  from safemoe_jax.evaluation import run as E
   if jax.process_count() > 1:  # generation here would run on process 0 alone: a deadlock
     _log(f"quick look skipped on {jax.process_count()} processes; evaluate with: "
          f"python -m safemoe_jax.evaluate --run {out}")

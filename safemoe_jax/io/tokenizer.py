@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from safemoe_jax.errors import SafeMoEError
-from safemoe_jax.weights import gguf_metadata
+from safemoe_jax.io.weights import gguf_metadata
 
 
 class TokenizerError(SafeMoEError, ValueError):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from safemoe_jax.model import SafeMoELM, split_groups
+from safemoe_jax.core.model import SafeMoELM, split_groups
 
 GROUPS = ("router", "experts")
 

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from safemoe_jax.config import ConfigError
+from safemoe_jax.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 

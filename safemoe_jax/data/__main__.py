@@ -1,0 +1,5 @@
+import sys
+
+from safemoe_jax.data.sources import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference: batched generation with the KV cache and live routing."""

@@ -1,0 +1,1 @@
+"""Tools around the method: benchmarks, TPU ahead-of-time checks, PEFT / merged export and import."""

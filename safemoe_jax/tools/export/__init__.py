@@ -1,0 +1,1 @@
+"""PEFT adapters and merged checkpoints, to and from SafeMoE runs."""
