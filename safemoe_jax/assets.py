@@ -1,6 +1,8 @@
-"""`python -m safemoe_jax.assets`: see safemoe_jax.io.assets."""
+"""`python -m safemoe_jax.assets` = `safemoe assets` (safemoe_jax/cli/assets.py)."""
 
-from safemoe_jax.io.assets import main
+import sys
+
+from safemoe_jax.cli.assets import main
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,8 +1,8 @@
-"""`python -m safemoe_jax.audit`: see safemoe_jax.judging.audit."""
+"""`python -m safemoe_jax.audit` = `safemoe audit` (safemoe_jax/cli/audit.py)."""
 
 import sys
 
-from safemoe_jax.judging.audit import main
+from safemoe_jax.cli.audit import main
 
 if __name__ == "__main__":
   sys.exit(main())

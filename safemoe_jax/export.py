@@ -1,8 +1,8 @@
-"""`python -m safemoe_jax.export`: see safemoe_jax.tools.export.peft."""
+"""`python -m safemoe_jax.export` = `safemoe export` (safemoe_jax/cli/export.py)."""
 
 import sys
 
-from safemoe_jax.tools.export.peft import main
+from safemoe_jax.cli.export import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -1,8 +1,8 @@
-"""`python -m safemoe_jax.judge`: see safemoe_jax.judging.learned."""
+"""`python -m safemoe_jax.judge` = `safemoe judge` (safemoe_jax/cli/judge.py)."""
 
 import sys
 
-from safemoe_jax.judging.learned import main
+from safemoe_jax.cli.judge import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -1,8 +1,8 @@
-"""`python -m safemoe_jax.report`: see safemoe_jax.evaluation.report."""
+"""`python -m safemoe_jax.report` = `safemoe report` (safemoe_jax/cli/report.py)."""
 
 import sys
 
-from safemoe_jax.evaluation.report import main
+from safemoe_jax.cli.report import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -80,7 +80,7 @@ def smollm2_gguf() -> Path:
 def peer_smollm2() -> Path:
   """An fp32 HF folder of SmolLM2-135M-Instruct converted from the pinned GGUF by transformers'
   own loader (tests/reference_smollm2.py; built once, cached). $PEER_SMOLLM2 names another one,
-  e.g. the folder ../shared/peer/setup.sh builds."""
+  e.g. one converted by hand with transformers."""
   from tests import prereq, reference_smollm2
   if os.environ.get("PEER_SMOLLM2"):
     folder = Path(os.environ["PEER_SMOLLM2"])

@@ -65,17 +65,21 @@ def test_agreement_figures_are_the_ones_recorded(audit_set):
 
 
 def test_no_audit_prompt_is_trained_on_or_in_the_default_evaluation(audit_set):
-  from safemoe_jax.data import sources as D
-  from safemoe_jax.evaluation import run as EV
-  cfg = D.data_config()
-  records, report = D.load_records(cfg)
-  sets = D.select(records, cfg, report)
+  from safemoe_jax.data import config as data_cfg
+  from safemoe_jax.data import encode as data_encode
+  from safemoe_jax.data import records as data_records
+  from safemoe_jax.data import select as data_select
+  from safemoe_jax.evaluation import benchmarks as EB
+  from safemoe_jax.evaluation import config as EC
+  cfg = data_cfg.data_config()
+  records, report = data_records.load_records(cfg)
+  sets = data_select.select(records, cfg, report)
   audit = {prompt_key(r["prompt"]) for r in audit_set.rows}
   trained = {prompt_key(r["prompt"]) for part in (sets.phase1, sets.phase2)
              for rs in part.values() for r in rs}
   judge = {prompt_key(r["prompt"]) for r in sets.judge}
   assert trained and judge and not audit & trained and not audit & judge
-  data = D.Data(cfg, sets, {}, {}, 0)
-  evaluated = {prompt_key(p.text) for b in EV.benchmarks_from_data(data, EV.EvalConfig())
+  data = data_encode.Data(cfg, sets, {}, {}, 0)
+  evaluated = {prompt_key(p.text) for b in EB.benchmarks_from_data(data, EC.EvalConfig())
                for p in b.prompts}
   assert evaluated and not audit & evaluated

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from safemoe_jax.tools import aot as bench_aot
 from safemoe_jax.tools import bench
+from safemoe_jax.tools import bench_eval
+from safemoe_jax.tools import flops as bench_flops
 from safemoe_jax.core.config import ModelConfig
 from tests.prereq import missing
 
@@ -23,17 +26,17 @@ SMALL = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_lay
 def test_flop_count_equals_a_hand_count():
   # N per layer: q 8*8=64, k and v 8*4*2=64, o 8*8=64, gate/up/down 3*8*16=384 -> 576;
   # 2 layers 1152, LM head 8*100=800 -> N = 1952.
-  assert bench.matmul_params(SMALL) == 1952
+  assert bench_flops.matmul_params(SMALL) == 1952
   # Attention forward per token at T=10: (q k^T + a v) 2 * 2*T*H*Dh = 4*10*2*4 = 320 per layer.
-  assert bench.attention_flops(SMALL, 10) == 640
+  assert bench_flops.attention_flops(SMALL, 10) == 640
   base = 4 * 1952 + 3 * 640  # frozen: 2N forward + 2N input gradients; attention 3x forward
-  assert bench.train_flops_per_token(SMALL, 10, "base") == {"base": base, "adapter": 0,
+  assert bench_flops.train_flops_per_token(SMALL, 10, "base") == {"base": base, "adapter": 0,
                                                             "router": 0, "total": base}
   # 3 experts of rank 2 on q (8 -> 8) and v (8 -> 4): 2*E*r*(in+out) = 12*16 + 12*12 = 336 per
   # layer, 672 forward for both layers.
-  p1 = bench.train_flops_per_token(SMALL, 10, "phase1", experts=3, rank=2, targets=("q", "v"))
+  p1 = bench_flops.train_flops_per_token(SMALL, 10, "phase1", experts=3, rank=2, targets=("q", "v"))
   assert p1 == {"base": base, "adapter": 3 * 672, "router": 0, "total": base + 2016}
-  p2 = bench.train_flops_per_token(SMALL, 10, "phase2", experts=3, rank=2, targets=("q", "v"))
+  p2 = bench_flops.train_flops_per_token(SMALL, 10, "phase2", experts=3, rank=2, targets=("q", "v"))
   # phase 2: the adapters' forward + input gradient (2x672); the router 2*D*E = 48 per layer,
   # forward, input and weight gradients -> 3 * 2 * 48 = 288.
   assert p2 == {"base": base, "adapter": 1344, "router": 288, "total": base + 1344 + 288}
@@ -69,9 +72,9 @@ def test_bench_runs_on_the_tiny_model_and_writes_json(tmp_path):
 
 
 def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path, capsys):
-  libtpu = bench.find_libtpu(download=True)  # from PyPI on first use, then cached; no TPU needed
+  libtpu = bench_aot.find_libtpu(download=True)  # from PyPI on first use, then cached; no TPU needed
   if libtpu is None:
-    missing(f"libtpu could not be fetched here (pip download {bench.libtpu_spec()} failed: "
+    missing(f"libtpu could not be fetched here (pip download {bench_aot.libtpu_spec()} failed: "
             f"{capsys.readouterr().err.strip()[-600:]})")
   out = tmp_path / "aot.json"
   cmd = [sys.executable, "-m", "safemoe_jax.bench", "aot", "--tiny", "--topology", "v5e:2x2",
@@ -114,10 +117,10 @@ def _fake_libtpu_download(monkeypatch, tmp_path, content: bytes, name: str) -> l
       z.writestr("libtpu/libtpu.so", content)
     return subprocess.CompletedProcess(cmd, 0, "", "")
 
-  monkeypatch.setattr(bench.subprocess, "run", pip_download)
+  monkeypatch.setattr(bench_aot.subprocess, "run", pip_download)
   monkeypatch.setenv("SAFEMOE_CACHE", str(tmp_path / "cache"))
   monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
-  monkeypatch.setattr(bench, "libtpu_spec", lambda: "libtpu==0.0.42.*")
+  monkeypatch.setattr(bench_aot, "libtpu_spec", lambda: "libtpu==0.0.42.*")
   import importlib.util
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec",
@@ -130,7 +133,7 @@ def test_libtpu_download_with_the_wrong_checksum_is_refused(monkeypatch, tmp_pat
   name = "libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl"
   calls = _fake_libtpu_download(monkeypatch, tmp_path, b"not the real library", name)
   with pytest.raises(AssetError, match=rf"checksum mismatch for {name}.*was not used"):
-    bench.find_libtpu(download=True, quiet=True)
+    bench_aot.find_libtpu(download=True, quiet=True)
   assert "--require-hashes" in calls[0]  # pip checks it too
   assert not list((tmp_path / "cache").rglob("libtpu.so"))
 
@@ -143,27 +146,27 @@ def test_cached_libtpu_is_checked_before_it_is_loaded(monkeypatch, tmp_path):
   whl = tmp_path / name  # pin the fake wheel, as the real one is pinned
   with zipfile.ZipFile(whl, "w") as z:
     z.writestr("libtpu/libtpu.so", b"a library")
-  monkeypatch.setitem(bench.LIBTPU_SHA256, name, sha256_file(whl))
-  so = bench.find_libtpu(download=True, quiet=True)
+  monkeypatch.setitem(bench_aot.LIBTPU_SHA256, name, sha256_file(whl))
+  so = bench_aot.find_libtpu(download=True, quiet=True)
   assert so.read_bytes() == b"a library"
-  assert bench.find_libtpu(download=False) == so  # the record matches
+  assert bench_aot.find_libtpu(download=False) == so  # the record matches
   so.write_bytes(b"something else")  # replaced in the cache
-  assert bench.find_libtpu(download=False) is None and not so.exists()
+  assert bench_aot.find_libtpu(download=False) is None and not so.exists()
 
 
 def test_a_libtpu_without_a_pin_is_not_downloaded(monkeypatch, tmp_path):
   from safemoe_jax.io.assets import AssetError
   calls = _fake_libtpu_download(monkeypatch, tmp_path, b"x", "libtpu-9.9.9-py3-none-any.whl")
-  monkeypatch.setattr(bench, "libtpu_spec", lambda: "libtpu==9.9.9")
+  monkeypatch.setattr(bench_aot, "libtpu_spec", lambda: "libtpu==9.9.9")
   with pytest.raises(AssetError, match="no pinned sha256 for libtpu==9.9.9"):
-    bench.find_libtpu(download=True, quiet=True)
+    bench_aot.find_libtpu(download=True, quiet=True)
   assert not calls
 
 def test_eval_bench_scales_benchmarks_and_reports_the_speedup():
-  from safemoe_jax.evaluation import run as EV
-  benches = [EV.Bench("a", "harmful", [EV.Prompt(f"a{i}") for i in range(60)]),
-             EV.Bench("b", "benign", [EV.Prompt(f"b{i}") for i in range(40)])]
-  bench.scale_benches(benches, 20)
+  from safemoe_jax.evaluation import benchmarks as EB
+  benches = [EB.Bench("a", "harmful", [EB.Prompt(f"a{i}") for i in range(60)]),
+             EB.Bench("b", "benign", [EB.Prompt(f"b{i}") for i in range(40)])]
+  bench_eval.scale_benches(benches, 20)
   assert [len(b.prompts) for b in benches] == [12, 8]  # in proportion
   doc = {"systems": ["base", "safemoe"], "prompts": 20, "max_new_tokens": 8, "decode_segment": 4,
          "paths": {n: {"batch_size": b, "answers": 40, "new_tokens": 320, "generate_s": g,
@@ -172,6 +175,6 @@ def test_eval_bench_scales_benchmarks_and_reports_the_speedup():
          "compare": {"new": {"speedup_wall": 31 / 10, "speedup_generate": 30 / 9,
                              "speedup_cpu": 2.0,
                              "differing_answers": {"n": 1, "of": 40, "share": 0.025}}}}
-  text = bench.format_eval(doc)
+  text = bench_eval.format_eval(doc)
   assert "old: per system" in text and "new: one pass" in text
   assert "new vs old: 3.10x end to end" in text and "differing answers 1 of 40 (2.50%)" in text

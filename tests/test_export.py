@@ -13,11 +13,19 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from safemoe_jax.tools.export import peft as export
+from safemoe_jax.cli import export as export_cmd
+from safemoe_jax.tools.export import adapters as export_adapters
+from safemoe_jax.tools.export import common as export_common
+from safemoe_jax.tools.export import merged as export_merged
+from safemoe_jax.tools.export import peft as export_peft
 from safemoe_jax.core.config import ExpertsConfig, ModelConfig
 from safemoe_jax.core.experts import ExpertParam, RouterParam
 from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.io.weights import config_from_hf, load_hf_checkpoint
+from safemoe_jax.data import config as data_cfg
+from safemoe_jax.train import checkpoint as ckpt
+from safemoe_jax.train import config as train_cfg
+from safemoe_jax.train import rundir as train_rundir
 from tests.prereq import require_module
 
 torch = require_module("torch")
@@ -25,7 +33,7 @@ peft = require_module("peft")
 transformers = require_module("transformers")
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
-HF_MOD = {t: m.split(".")[1] for t, m in export.PEFT_MODULES.items()}  # "q" -> "q_proj"
+HF_MOD = {t: m.split(".")[1] for t, m in export_common.PEFT_MODULES.items()}  # "q" -> "q_proj"
 TOL = 1e-4  # max abs logit error, float32
 IDS = np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.int32)
 
@@ -52,22 +60,20 @@ def _ours(model: SafeMoELM, routing: str, domains=None, fixed_weights=None) -> n
 def make_run(ck, out: Path, *, targets=ALL, rank=4, alpha=6.0,
              domains=("hate", "self harm", "violence"), seed=0) -> tuple[Path, SafeMoELM]:
   """A run folder as train.py leaves it after both phases (its own writers), random experts."""
-  from safemoe_jax.data import sources as D
-  from safemoe_jax.train import loop as train
   cfg, params = load_hf_checkpoint(ck.path)
-  tc = train.TrainConfig(output_dir=str(out), model=train.BaseModelConfig(path=str(ck.path)),
+  tc = train_cfg.TrainConfig(output_dir=str(out), model=train_cfg.BaseModelConfig(path=str(ck.path)),
                          experts=ExpertsConfig(rank=rank, alpha=alpha, targets=targets,
                                                dropout=0.0),
-                         data=dataclasses.replace(D.DataConfig(), domains=domains))
+                         data=dataclasses.replace(data_cfg.DataConfig(), domains=domains))
   model = SafeMoELM(cfg, tc.experts_config(), tc.router, rngs=nnx.Rngs(seed))
   model.load_base(params)
   rng = np.random.default_rng(seed)
   for var in (getattr(model.experts, n) for n in model.experts.layer_arrays()):
     var[...] = jnp.asarray(0.2 * rng.standard_normal(var[...].shape), jnp.float32)
   out.mkdir(parents=True)
-  info = train._run_info(tc, Path(ck.path), cfg, out)
+  info = train_rundir.RunDir(out).record(tc, Path(ck.path), cfg)
   for name, group in (("experts", ExpertParam), ("router", RouterParam)):
-    train.save_group(out / f"{name}.safetensors", nnx.state(model, group),
+    ckpt.save_group(out / f"{name}.safetensors", nnx.state(model, group),
                      {"phase": name, "domains": list(domains), "run": info})
   return out, model
 
@@ -94,8 +100,8 @@ def peft_adapter(ck, out: Path, seed: int, **lora) -> Path:
 def test_exported_experts_load_in_peft_and_match_oracle_routing(fixture, request, tmp_path):
   ck = request.getfixturevalue(fixture)
   run_dir, model = make_run(ck, tmp_path / "run")
-  run = export.load_run(run_dir)
-  written = export.export_peft(run, tmp_path / "peft")
+  run = train_rundir.RunDir(run_dir).load()
+  written = export_peft.export_peft(run, tmp_path / "peft")
   assert [p.name for p in written.values()] == ["hate", "self_harm", "violence"]
   # Same tensor names and shapes, and the same config values, as PEFT's own save_pretrained.
   ref = peft_adapter(ck, tmp_path / "ref", 0, r=4, lora_alpha=6,
@@ -142,14 +148,14 @@ def test_exported_experts_load_in_peft_and_match_oracle_routing(fixture, request
 
 
 def test_export_single_expert_and_unknown_expert(tiny_llama, tmp_path):
-  run = export.load_run(make_run(tiny_llama, tmp_path / "run", targets=("q", "v"))[0])
-  written = export.export_peft(run, tmp_path / "peft", ["violence"], base_name="org/base")
+  run = train_rundir.RunDir(make_run(tiny_llama, tmp_path / "run", targets=("q", "v"))[0]).load()
+  written = export_peft.export_peft(run, tmp_path / "peft", ["violence"], base_name="org/base")
   assert list(written) == ["violence"] and not (tmp_path / "peft" / "hate").exists()
   cfg = json.loads((written["violence"] / "adapter_config.json").read_text())
   assert cfg["base_model_name_or_path"] == "org/base"
   assert cfg["target_modules"] == ["q_proj", "v_proj"] and (cfg["r"], cfg["lora_alpha"]) == (4, 6)
-  with pytest.raises(export.ExportError, match=r"no expert for \['nope'\]"):
-    export.export_peft(run, tmp_path / "x", ["nope"])
+  with pytest.raises(export_common.ExportError, match=r"no expert for \['nope'\]"):
+    export_peft.export_peft(run, tmp_path / "x", ["nope"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,13 +175,13 @@ def _model_with(ck, ecfg: ExpertsConfig, experts: dict[str, np.ndarray]) -> Safe
 def test_import_then_export_gives_identical_tensors(tiny_llama, tmp_path):
   kw = dict(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"])
   srcs = [peft_adapter(tiny_llama, tmp_path / n, i, **kw) for i, n in enumerate(("a", "b"))]
-  rc = export.main(["import", "--adapters", *map(str, srcs), "--base", str(tiny_llama.path),
+  rc = export_cmd.main(["import", "--adapters", *map(str, srcs), "--base", str(tiny_llama.path),
                     "--out", str(tmp_path / "run")])
   assert rc == 0
-  run = export.load_run(tmp_path / "run")
+  run = train_rundir.RunDir(tmp_path / "run").load()
   assert run.domains == ("a", "b") and run.experts_cfg.targets == ("q", "v", "down")
   assert (run.experts_cfg.rank, run.experts_cfg.alpha) == (4, 12.0)
-  assert export.main(["peft", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+  assert export_cmd.main(["peft", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
   for src in srcs:
     b = load_file(str(src / "adapter_model.safetensors"))
     a = load_file(str(tmp_path / "out" / src.name / "adapter_model.safetensors"))
@@ -186,14 +192,13 @@ def test_import_then_export_gives_identical_tensors(tiny_llama, tmp_path):
     assert sorted(ca["target_modules"]) == sorted(cb["target_modules"])
     assert all(ca[k] == cb[k] for k in ("r", "lora_alpha", "peft_type", "task_type",
                                          "use_rslora", "use_dora", "bias", "fan_in_fan_out"))
-  assert export.main(["import", "--adapters", str(srcs[0]), "--base", str(tiny_llama.path),
+  assert export_cmd.main(["import", "--adapters", str(srcs[0]), "--base", str(tiny_llama.path),
                       "--out", str(tmp_path / "run")]) == 2  # never overwrites experts
   # The file is what train.py loads to skip phase 1.
-  from safemoe_jax.train import loop as train
   ecfg = run.experts_cfg
   m = SafeMoELM(run.model, ecfg, rngs=nnx.Rngs(0))
   st = nnx.state(m, ExpertParam)
-  train.load_group(tmp_path / "run" / "experts.safetensors", st)
+  ckpt.load_group(tmp_path / "run" / "experts.safetensors", st)
   nnx.update(m, st)
   np.testing.assert_array_equal(np.asarray(m.experts.B_down[...]), run.experts["B_down"])
 
@@ -207,8 +212,8 @@ def test_import_mixed_ranks_scales_and_targets_is_exact(tiny_qwen2, tmp_path):
            target_modules=["up_proj", "down_proj", "o_proj"]),
   ]
   srcs = [peft_adapter(ck, tmp_path / f"ad{i}", 10 + i, **s) for i, s in enumerate(specs)]
-  cfg = export.base_config(ck.path)
-  ecfg, experts = export.import_adapters(srcs, cfg, names=["x", "y", "z"])
+  cfg = export_adapters.base_config(ck.path)
+  ecfg, experts = export_adapters.import_adapters(srcs, cfg, names=["x", "y", "z"])
   assert ecfg.domains == ("x", "y", "z") and ecfg.rank == 8 and ecfg.alpha == 24.0 and ecfg.targets == ("q", "k", "v", "o", "up",
                                                                      "down")
   assert not experts["A_up"][0, 2].any() and experts["A_up"][1, 2].any()  # layer 0 untouched
@@ -239,7 +244,7 @@ def _break(src: Path, dst: Path, cfg_change=None, tensors_change=None) -> Path:
 def test_import_errors_are_clear(tiny_llama, tmp_path):
   src = peft_adapter(tiny_llama, tmp_path / "ok", 0, r=4, lora_alpha=8,
                      target_modules=["q_proj", "down_proj"])
-  cfg = export.base_config(tiny_llama.path)
+  cfg = export_adapters.base_config(tiny_llama.path)
   cases = [
       (dict(cfg_change=lambda c: c.update(use_dora=True)), "use_dora=true"),
       (dict(cfg_change=lambda c: c.update(modules_to_save=["lm_head"])), "modules_to_save"),
@@ -253,25 +258,25 @@ def test_import_errors_are_clear(tiny_llama, tmp_path):
        r"not in layers \[1\]"),
   ]
   for i, (kw, msg) in enumerate(cases):
-    with pytest.raises(export.ExportError, match=msg):
-      export.import_adapters([_break(src, tmp_path / f"bad{i}", **kw)], cfg)
+    with pytest.raises(export_common.ExportError, match=msg):
+      export_adapters.import_adapters([_break(src, tmp_path / f"bad{i}", **kw)], cfg)
   small = dataclasses.replace(cfg, intermediate_size=96)
-  with pytest.raises(export.ExportError, match=r"mlp\.down_proj maps 128 -> 64.*96 -> 64"):
-    export.import_adapters([src], small)
-  with pytest.raises(export.ExportError, match="base model has 1 layers"):
-    export.import_adapters([src], dataclasses.replace(cfg, num_layers=1))
+  with pytest.raises(export_common.ExportError, match=r"mlp\.down_proj maps 128 -> 64.*96 -> 64"):
+    export_adapters.import_adapters([src], small)
+  with pytest.raises(export_common.ExportError, match="base model has 1 layers"):
+    export_adapters.import_adapters([src], dataclasses.replace(cfg, num_layers=1))
   pickled = tmp_path / "pickled"
   pickled.mkdir()
   (pickled / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
   (pickled / "adapter_model.bin").write_bytes(b"\x80")
-  with pytest.raises(export.ExportError, match="pickle is refused"):
-    export.read_peft_adapter(pickled)
+  with pytest.raises(export_common.ExportError, match="pickle is refused"):
+    export_adapters.read_peft_adapter(pickled)
   with pytest.warns(UserWarning, match="trained on 'someone/else'"):
     other = _break(src, tmp_path / "other",
                    cfg_change=lambda c: c.update(base_model_name_or_path="someone/else"))
-    export.import_adapters([other], cfg, base_name=str(tiny_llama.path))
-  with pytest.raises(export.ExportError, match="names must be unique"):
-    export.import_adapters([src, src], cfg)
+    export_adapters.import_adapters([other], cfg, base_name=str(tiny_llama.path))
+  with pytest.raises(export_common.ExportError, match="names must be unique"):
+    export_adapters.import_adapters([src, src], cfg)
 
 
 def test_import_from_hub_repo_id(tiny_llama, tmp_path, monkeypatch):
@@ -281,14 +286,14 @@ def test_import_from_hub_repo_id(tiny_llama, tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(huggingface_hub, "snapshot_download",
                       lambda repo_id, **kw: calls.append(repo_id) or str(src))
-  ad = export.read_peft_adapter("someone/tiny-lora")
+  ad = export_adapters.read_peft_adapter("someone/tiny-lora")
   assert calls == ["someone/tiny-lora"] and ad.name == "tiny-lora" and len(ad.a) == 2
 
   def offline(repo_id, **kw):
     raise OSError("offline")
   monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-  with pytest.raises(export.ExportError, match="could not be fetched from the Hugging Face Hub"):
-    export.read_peft_adapter("someone/tiny-lora")
+  with pytest.raises(export_common.ExportError, match="could not be fetched from the Hugging Face Hub"):
+    export_adapters.read_peft_adapter("someone/tiny-lora")
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +311,7 @@ def test_merged_checkpoint_loads_in_transformers_and_matches(fixture, routing, r
   args = ["merged", "--run", str(run_dir), "--routing", routing, "--out", str(tmp_path / "m")]
   args += {"fixed": ["--weights", ",".join(map(str, w))], "oracle": ["--domain", "self harm"]
            }.get(routing, [])
-  assert export.main(args) == 0
+  assert export_cmd.main(args) == 0
   hf = _hf(tmp_path / "m")
   assert not any("lora" in k for k in hf.state_dict())
   want = _ours(model, routing, fixed_weights=np.float32(w),
@@ -322,24 +327,24 @@ def test_merged_checkpoint_loads_in_transformers_and_matches(fixture, routing, r
 
 def test_merged_base_routing_reproduces_the_base_exactly(tiny_qwen2, tmp_path):
   run_dir, _ = make_run(tiny_qwen2, tmp_path / "run")
-  run = export.load_run(run_dir)
-  export.export_merged(run, tmp_path / "m", export.gate_vector("base", run.domains))
+  run = train_rundir.RunDir(run_dir).load()
+  export_merged.export_merged(run, tmp_path / "m", export_merged.gate_vector("base", run.domains))
   got = load_file(str(tmp_path / "m" / "model.safetensors"))
   assert got.keys() == tiny_qwen2.state.keys()
   assert all(np.array_equal(got[k], tiny_qwen2.state[k]) for k in got)
 
 
 def test_merged_errors(tiny_llama, tmp_path):
-  run = export.load_run(make_run(tiny_llama, tmp_path / "run", targets=("q",))[0])
-  with pytest.raises(export.ExportError, match="needs --domain"):
-    export.gate_vector("oracle", run.domains, ["nope"])
-  with pytest.raises(export.ExportError, match="needs --weights with 3 values"):
-    export.gate_vector("fixed", run.domains, weights=[1.0])
-  with pytest.raises(export.ExportError, match="learned routing depends on the input"):
-    export.gate_vector("learned", run.domains)
-  with pytest.raises(export.ExportError, match="fingerprint"):  # a different base model
-    export.export_merged(run, tmp_path / "m", np.zeros(3), base=tmp_path / "run")
-  assert export.main(["merged", "--run", str(tmp_path / "run"), "--routing", "fixed",
+  run = train_rundir.RunDir(make_run(tiny_llama, tmp_path / "run", targets=("q",))[0]).load()
+  with pytest.raises(export_common.ExportError, match="needs --domain"):
+    export_merged.gate_vector("oracle", run.domains, ["nope"])
+  with pytest.raises(export_common.ExportError, match="needs --weights with 3 values"):
+    export_merged.gate_vector("fixed", run.domains, weights=[1.0])
+  with pytest.raises(export_common.ExportError, match="learned routing depends on the input"):
+    export_merged.gate_vector("learned", run.domains)
+  with pytest.raises(export_common.ExportError, match="fingerprint"):  # a different base model
+    export_merged.export_merged(run, tmp_path / "m", np.zeros(3), base=tmp_path / "run")
+  assert export_cmd.main(["merged", "--run", str(tmp_path / "run"), "--routing", "fixed",
                       "--out", str(tmp_path / "m")]) == 2
 
 
@@ -350,34 +355,32 @@ def test_merged_errors(tiny_llama, tmp_path):
     ("mistral", dict(rms_norm_eps=1e-6)), ("qwen2", dict(qkv_bias=True, rope_theta=1e6))])
 def test_hf_config_inverts_config_from_hf(mt, kw):
   cfg = dataclasses.replace(ModelConfig(max_position_embeddings=128), **kw)
-  d = export.hf_config(cfg, mt)
+  d = export_merged.hf_config(cfg, mt)
   assert config_from_hf(d) == cfg
   hc = transformers.AutoConfig.for_model(**d)
   assert hc.model_type == mt and hc.tie_word_embeddings == cfg.tie_embeddings
   assert hc.rope_parameters == {"rope_type": "default", **(cfg.rope_scaling or {}),
                                 "rope_theta": cfg.rope_theta}
-  with pytest.raises(export.ExportError, match="only qwen2 has"):
-    export.hf_config(dataclasses.replace(cfg, qkv_bias=mt != "qwen2"), mt)
+  with pytest.raises(export_common.ExportError, match="only qwen2 has"):
+    export_merged.hf_config(dataclasses.replace(cfg, qkv_bias=mt != "qwen2"), mt)
 
 
 @pytest.mark.slow
 def test_merged_from_the_embedded_gguf(smollm2_gguf, tmp_path):
   """The GGUF base: HF safetensors + LlamaConfig (tied) + the tokenizer rebuilt from GGUF."""
-  from safemoe_jax.data import sources as D
-  from safemoe_jax.train import loop as train
   from safemoe_jax.io.weights import load_gguf
   cfg, params, _ = load_gguf(smollm2_gguf)
-  tc = train.TrainConfig(experts=ExpertsConfig(rank=2, alpha=4.0, targets=("v",), dropout=0.0),
-                         data=dataclasses.replace(D.DataConfig(), domains=("a", "b")))
+  tc = train_cfg.TrainConfig(experts=ExpertsConfig(rank=2, alpha=4.0, targets=("v",), dropout=0.0),
+                         data=dataclasses.replace(data_cfg.DataConfig(), domains=("a", "b")))
   model = SafeMoELM(cfg, tc.experts_config(), tc.router, rngs=nnx.Rngs(0))
   model.load_base(params)
   model.experts.B_v[...] = 0.05 * jnp.ones_like(model.experts.B_v[...])
   out = tmp_path / "run"
   out.mkdir()
-  info = train._run_info(tc, smollm2_gguf, cfg, out)
-  train.save_group(out / "experts.safetensors", nnx.state(model, ExpertParam), {"run": info})
-  run = export.load_run(out)
-  export.export_merged(run, tmp_path / "m", export.gate_vector("uniform", run.domains))
+  info = train_rundir.RunDir(out).record(tc, smollm2_gguf, cfg)
+  ckpt.save_group(out / "experts.safetensors", nnx.state(model, ExpertParam), {"run": info})
+  run = train_rundir.RunDir(out).load()
+  export_merged.export_merged(run, tmp_path / "m", export_merged.gate_vector("uniform", run.domains))
   hf = _hf(tmp_path / "m")
   assert hf.config.tie_word_embeddings and hf.config.model_type == "llama"
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "m"))

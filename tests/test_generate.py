@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from safemoe_jax.core.config import RouterConfig
-from safemoe_jax.infer.generate import generate, left_pad, sample_logits
+from safemoe_jax.infer.generate import generate, sample_logits
+from safemoe_jax.io.tokenizer import left_pad
 from tests.test_experts import make, randomize
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safemoe_jax.data import sources as D
+from safemoe_jax.data import config as data_cfg
+from safemoe_jax.data import records as data_records
+from safemoe_jax.data import sources as data_sources
 from tests.test_data import FIX, fixture_hub_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +32,7 @@ def _beavertails_domains() -> list[str]:
 def test_every_pku_category_maps_to_a_beavertails_domain(tmp_path):
   domains = _beavertails_domains()
   assert len(domains) == 14 and len(PKU_CATEGORIES) == 19
-  assert {D._slug(c) for c in PKU_CATEGORIES} == set(D.PKU_TO_BEAVERTAILS)
+  assert {data_sources._slug(c) for c in PKU_CATEGORIES} == set(data_cfg.PKU_TO_BEAVERTAILS)
   rows = []
   for i, cat in enumerate(PKU_CATEGORIES):  # one row per category, only that category true
     flags = {c: c == cat for c in PKU_CATEGORIES}
@@ -48,14 +50,14 @@ def test_every_pku_category_maps_to_a_beavertails_domain(tmp_path):
     assert path == "PKU-Alignment/PKU-SafeRLHF"
     return datasets.load_dataset("json", data_files=str(f), split="train")
 
-  cfg = D.data_config({"sources": [{"name": "pku", "kind": "pku_saferlhf"}],
+  cfg = data_cfg.data_config({"sources": [{"name": "pku", "kind": "pku_saferlhf"}],
                        "domains": domains})
-  records, report = D.load_records(cfg, hub_loader=load)
+  records, report = data_records.load_records(cfg, hub_loader=load)
   harmful = [r for r in records if r["labels"]["is_safe"] is False]
   assert len(harmful) == 19
   got = {r["prompt"]: r["domains"] for r in harmful}
   for i, cat in enumerate(PKU_CATEGORIES):
-    assert got[f"placeholder request {i}"] == [D.PKU_TO_BEAVERTAILS[D._slug(cat)]], cat
+    assert got[f"placeholder request {i}"] == [data_cfg.PKU_TO_BEAVERTAILS[data_sources._slug(cat)]], cat
     assert got[f"placeholder request {i}"][0] in domains
   assert not report["non_expert_domains"]  # nothing fell outside the 14
   assert all(r["domains"] == [] for r in records if r["labels"]["is_safe"])
@@ -65,9 +67,9 @@ def test_harmfulqa_topic_is_a_subject_and_benign_stl_sets_are_benign():
   sources = [{"name": "harmfulqa", "kind": "harmfulqa"},
              {"name": "i_alpaca", "kind": "safety_tuned_llamas", "hf_config": "I-Alpaca"},
              {"name": "i_cona", "kind": "safety_tuned_llamas", "hf_config": "I-CoNa"}]
-  cfg = D.data_config({"sources": sources, "domains": ["privacy_violation"]})
+  cfg = data_cfg.data_config({"sources": sources, "domains": ["privacy_violation"]})
   calls: list = []
-  records, _ = D.load_records(cfg, hub_loader=fixture_hub_loader(calls))
+  records, _ = data_records.load_records(cfg, hub_loader=fixture_hub_loader(calls))
   by = lambda s: [r for r in records if r["source"] == s]
   assert by("harmfulqa") and all(r["domains"] == [] and r["labels"]["subject"]
                                  for r in by("harmfulqa"))
@@ -89,8 +91,8 @@ class _Gated(Exception):
 def test_gated_or_unreachable_dataset_is_one_clear_error(exc, fix):
   def load(path, name=None, split=None, **kw):
     raise exc
-  cfg = D.data_config({"sources": [{"name": "advbench", "kind": "advbench_hub"}],
+  cfg = data_cfg.data_config({"sources": [{"name": "advbench", "kind": "advbench_hub"}],
                        "domains": ["privacy_violation"]})
-  with pytest.raises(D.DataError, match="dataset walledai/AdvBench could not be loaded") as e:
-    D.load_records(cfg, hub_loader=load)
+  with pytest.raises(data_cfg.DataError, match="dataset walledai/AdvBench could not be loaded") as e:
+    data_records.load_records(cfg, hub_loader=load)
   assert fix in str(e.value) and "fix:" in str(e.value)

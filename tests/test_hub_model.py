@@ -76,19 +76,21 @@ def test_hub_snapshot_without_safetensors_is_refused(tiny_model, offline_cache, 
 
 
 def test_train_with_a_hub_id_records_it_and_export_names_it(tiny_model, offline_cache, tmp_path):
-  from safemoe_jax.tools.export import peft as export
-  from safemoe_jax.train import loop as train
+  from safemoe_jax.tools.export import peft as export_peft
+  from safemoe_jax.cli import train as train_cmd
+  from safemoe_jax.train import config as train_cfg
+  from safemoe_jax.train.rundir import RunDir
   write_hub_cache(offline_cache, "org/tiny-chat", tiny_model)
   data = tiny_run.write_data(tmp_path / "data.jsonl")
   out = tmp_path / "run"
   ov = tiny_run.overrides(Path("org/tiny-chat"), data, out, **{"phase1.steps": 2,
                                                                "phase2.steps": 0})
-  train.run(train.load_config(None, ov))
+  train_cmd.run(train_cfg.load_config(None, ov))
   info = json.loads((out / "run.json").read_text())
   assert info["base_model"]["hub_id"] == "org/tiny-chat"
   assert COMMIT in info["base_model"]["path"]
-  run = export.load_run(out)
-  export.export_peft(run, tmp_path / "peft")
+  run = RunDir(out).load()
+  export_peft.export_peft(run, tmp_path / "peft")
   cfgs = list((tmp_path / "peft").glob("*/adapter_config.json"))
   assert cfgs and all(json.loads(c.read_text())["base_model_name_or_path"] == "org/tiny-chat"
                       for c in cfgs)

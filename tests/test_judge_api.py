@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from safemoe_jax.judging import judges as js
+from safemoe_jax.judging import api as judge_api
+from safemoe_jax.judging import labels as judge_labels
 
 KEY = "sk-test-" + "K" * 40
 
@@ -72,8 +73,8 @@ def server(monkeypatch):
   srv.shutdown()
 
 
-def _judge(url: str, **kw) -> tuple[js.APIJudge, list[float]]:
-  j = js.APIJudge("stub", base_url=url, timeout_s=10, **kw)
+def _judge(url: str, **kw) -> tuple[judge_api.APIJudge, list[float]]:
+  j = judge_api.APIJudge("stub", base_url=url, timeout_s=10, **kw)
   waits: list[float] = []
   j._sleep = waits.append  # record the backoff instead of sleeping
   return j, waits
@@ -99,7 +100,7 @@ def test_401_is_not_retried_and_an_echoed_key_never_leaks(server):
   # The key sits across the 300-character cut of the error body.
   _Server.script = [(401, {}, "x" * 290 + f" invalid key Bearer {KEY} for this org")]
   j, waits = _judge(server, max_retries=5)
-  with pytest.raises(js.JudgeError, match="HTTP 401") as e:
+  with pytest.raises(judge_labels.JudgeError, match="HTTP 401") as e:
     j.judge(["q"], ["COMPLY"])
   assert len(_Server.requests) == 1 and waits == []
   assert KEY[:10] not in str(e.value) and "K" * 8 not in str(e.value)
@@ -109,31 +110,32 @@ def test_401_is_not_retried_and_an_echoed_key_never_leaks(server):
 def test_retries_are_bounded(server):
   _Server.script = ["drop"] * 10
   j, waits = _judge(server, max_retries=2)
-  with pytest.raises(js.JudgeError, match=r"request to .* failed .*after 3 attempts"):
+  with pytest.raises(judge_labels.JudgeError, match=r"request to .* failed .*after 3 attempts"):
     j.judge(["q"], ["COMPLY"])
   assert len(_Server.requests) == 3 and len(waits) == 2
 
 
 def test_concurrency_is_bounded_and_every_verdict_is_cached_as_it_arrives(server, tmp_path):
-  from safemoe_jax.evaluation import run as E
+  from safemoe_jax.evaluation import cache as eval_cache
+  from safemoe_jax.evaluation import verdicts as eval_verdicts
   _Server.delay = 0.05
   j, _ = _judge(server, max_retries=0, concurrency=2)
   gens = {("sys", f"prompt {i}"): {"response": "COMPLY" if i % 2 else "no"} for i in range(8)}
-  cache = E.JsonlCache(tmp_path / "verdicts.jsonl")
-  out = E.judge_all([j], gens, cache, progress=False, log=lambda m: None)
+  cache = eval_cache.JsonlCache(tmp_path / "verdicts.jsonl")
+  out = eval_verdicts.judge_all([j], gens, cache, progress=False, log=lambda m: None)
   assert len(out) == 8 and _Server.max_in_flight <= 2
   # A failure part-way (the 5th request is refused): the answers already paid for are kept.
   _Server.script = ["ok"] * 4 + [(401, {}, "revoked")]
   j1, _ = _judge(server, max_retries=0, concurrency=1)
   gens2 = {("sys", f"other {i}"): {"response": "no"} for i in range(8)}
-  cache2 = E.JsonlCache(tmp_path / "verdicts2.jsonl")
-  with pytest.raises(js.JudgeError, match="HTTP 401"):
-    E.judge_all([j1], gens2, cache2, progress=False, log=lambda m: None)
+  cache2 = eval_cache.JsonlCache(tmp_path / "verdicts2.jsonl")
+  with pytest.raises(judge_labels.JudgeError, match="HTTP 401"):
+    eval_verdicts.judge_all([j1], gens2, cache2, progress=False, log=lambda m: None)
   kept = [json.loads(l) for l in (tmp_path / "verdicts2.jsonl").read_text().splitlines()]
   # (a request already under way when the error came may be answered and kept too)
   assert 4 <= len(kept) <= 5 and all(r["label"] == "refusal" for r in kept)
   # Run again: only what is missing is asked for.
   n = len(_Server.requests)
-  E.judge_all([j1], gens2, E.JsonlCache(tmp_path / "verdicts2.jsonl"), progress=False,
+  eval_verdicts.judge_all([j1], gens2, eval_cache.JsonlCache(tmp_path / "verdicts2.jsonl"), progress=False,
               log=lambda m: None)
   assert len(_Server.requests) - n == 8 - len(kept)

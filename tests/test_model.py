@@ -117,7 +117,8 @@ def test_too_long_sequence_and_mismatched_checkpoint_are_clear_errors(tiny_llama
 
 @pytest.mark.slow
 def test_embedded_smollm2_knows_paris(smollm2_gguf):
-  from safemoe_jax.infer.generate import generate, left_pad
+  from safemoe_jax.infer.generate import generate
+  from safemoe_jax.io.tokenizer import left_pad
   from safemoe_jax.io.tokenizer import tokenizer_from_gguf
   cfg, params, meta = weights.load_gguf(smollm2_gguf)
   model = SafeMoELM(cfg, rngs=nnx.Rngs(0))

@@ -27,8 +27,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from safemoe_jax.io import assets
-from safemoe_jax.train import loop as train
+from safemoe_jax.io import assets, base
+from safemoe_jax.io.base import load_base
+from safemoe_jax.cli import train as train_cmd
+from safemoe_jax.train import checkpoint as ckpt
+from safemoe_jax.train import config as train_cfg
+from safemoe_jax.train import loop as train_loop
+from safemoe_jax.train import rundir as train_rundir
 from tests.fixtures import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +216,7 @@ def _train_rows(out: Path) -> list[dict]:
 def test_same_seed_and_config_give_bit_identical_results_in_process(tiny, tmp_path):
   # 1 device vs 8 simulated devices: tests/test_train.py::test_one_device_and_eight_devices_agree
   out = tmp_path / "run"
-  train.run(train.load_config(None, tiny.ov(out)))  # in this process, against the subprocess
+  train_cmd.run(train_cfg.load_config(None, tiny.ov(out)))  # in this process, against the subprocess
   _assert_same_artifacts(out, tiny.ref)
   key = lambda r: (r["tag"], r["step"], r["loss"], r["grad_norm"])
   assert [key(r) for r in _train_rows(out)] == [key(r) for r in _train_rows(tiny.ref)]
@@ -229,7 +234,7 @@ def test_nonfinite_step_stops_naming_step_and_batch_or_is_skipped(tiny, tmp_path
   out, steps = tmp_path / "run", 4
   ov = tiny.ov(out, **{"phase1.steps": steps, "phase1.lr": 1e30, "phase1.ckpt_every": 1,
                        "phase2.steps": 0})
-  assert train.main(ov) == 2
+  assert train_cmd.main(ov) == 2
   err = capsys.readouterr().err
   m = re.search(r"error: non-finite loss or gradient at step (\d+) of phase1, examples "
                 r"(\[[\d, ]+\])", err)
@@ -239,12 +244,12 @@ def test_nonfinite_step_stops_naming_step_and_batch_or_is_skipped(tiny, tmp_path
   assert "the update was not applied" in err and "on_nonfinite=skip" in err
   assert _steps_on_disk(out, "phase1")[0][-1] == bad - 1
   assert not (out / "experts.safetensors").exists()
-  good = train._np(_restore(tiny, out, "phase1", bad - 1).params)  # the last good one loads
+  good = ckpt.flat_arrays(_restore(tiny, out, "phase1", bad - 1).params)  # the last good one loads
   assert all(np.isfinite(v).all() for v in good.values())
 
   # With on_nonfinite=skip the run resumes there, skips and logs every later (bad) batch, and
   # the parameters stay exactly those of that checkpoint.
-  assert train.main(ov + ["phase1.on_nonfinite=skip"]) == 0
+  assert train_cmd.main(ov + ["phase1.on_nonfinite=skip"]) == 0
   err = capsys.readouterr().err
   assert _resumed_from(err, "phase1") == bad - 1
   assert f"skipped a non-finite update at step {bad} of phase1, examples {examples}" in err
@@ -262,12 +267,13 @@ def _restore(tiny: Tiny, out: Path, phase: str, step: int):
   from safemoe_jax.core import sharding as S
   from safemoe_jax.train.metrics import MetricsWriter
   from safemoe_jax.core.model import SafeMoELM
-  cfg = train.load_config(None, tiny.ov(out))
-  _, mcfg, params, _ = train._load_base(cfg)
+  cfg = train_cfg.load_config(None, tiny.ov(out))
+  b = load_base(cfg.model.path)
+  mcfg, params = b.config, b.params
   model = SafeMoELM(mcfg, cfg.experts_config(), cfg.router, rngs=nnx.Rngs(cfg.seed))
   model.load_base(params)
   pc = getattr(cfg, phase)
-  ph = train.Phase(phase, pc, cfg, model, "experts" if phase == "phase1" else "router",
+  ph = train_loop.Phase(phase, pc, cfg, model, "experts" if phase == "phase1" else "router",
                    "oracle" if phase == "phase1" else "learned", S.make_mesh(cfg.mesh),
                    out, MetricsWriter(out, tensorboard=False))
   assert ph.restore_latest()[0] == step
@@ -299,7 +305,7 @@ def test_full_disk_at_a_checkpoint_or_artifact_write_is_reported_and_resumed(
     return await real(self, x, directory)
 
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full_at_4)
-  assert train.main(ov) == 2
+  assert train_cmd.main(ov) == 2
   err = capsys.readouterr().err
   assert re.search(r"error: could not write checkpoint 4 of phase1 to .*No space left on device",
                    err), err[-2000:]
@@ -314,7 +320,7 @@ def test_full_disk_at_a_checkpoint_or_artifact_write_is_reported_and_resumed(
     raise _enospc(path)
 
   monkeypatch.setattr(safetensors.numpy, "save_file", full_file)
-  assert train.main(ov) == 2
+  assert train_cmd.main(ov) == 2
   err = capsys.readouterr().err
   assert _resumed_from(err, "phase1") == 2
   assert re.search(r"error: could not write .*experts.safetensors .*No space left on device",
@@ -324,7 +330,7 @@ def test_full_disk_at_a_checkpoint_or_artifact_write_is_reported_and_resumed(
 
   # 3. Restarted with space: the phase's final checkpoint gives the same experts as a run that
   # never failed.
-  assert train.main(ov) == 0
+  assert train_cmd.main(ov) == 0
   assert _resumed_from(capsys.readouterr().err, "phase1") == P1
   _assert_same_artifacts(out, tiny.ref, groups=("experts",))
 
@@ -337,7 +343,7 @@ def stopped_at_4(tiny, tmp_path_factory) -> Path:
   class Crash(Exception):
     pass
 
-  real = train.Phase.save
+  real = train_loop.Phase.save
 
   def save(self, step, data_state):
     real(self, step, data_state)
@@ -345,8 +351,8 @@ def stopped_at_4(tiny, tmp_path_factory) -> Path:
       raise Crash
 
   with pytest.MonkeyPatch.context() as mp, pytest.raises(Crash):
-    mp.setattr(train.Phase, "save", save)
-    train.run(train.load_config(None, tiny.ov(out, **{"phase1.ckpt_every": 1,
+    mp.setattr(train_loop.Phase, "save", save)
+    train_cmd.run(train_cfg.load_config(None, tiny.ov(out, **{"phase1.ckpt_every": 1,
                                                       "phase2.steps": 0})))
   assert _steps_on_disk(out, "phase1")[0] == [3, 4]
   return out
@@ -374,7 +380,7 @@ def test_corrupted_newest_checkpoint_warns_and_uses_the_previous(tiny, stopped_a
   out = tmp_path / "run"
   shutil.copytree(stopped_at_4, out)
   corrupt(out / "checkpoints" / "phase1" / "4")
-  assert train.main(tiny.ov(out, **{"phase1.ckpt_every": 1, "phase2.steps": 0})) == 0
+  assert train_cmd.main(tiny.ov(out, **{"phase1.ckpt_every": 1, "phase2.steps": 0})) == 0
   err = capsys.readouterr().err
   assert re.search(r"WARNING: checkpoint \S+/phase1/4 cannot be read", err), err[-2000:]
   assert _resumed_from(err, "phase1") == 3
@@ -391,7 +397,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tiny, stopped_a
   for s in (3, 4):
     _truncate_metadata(out / "checkpoints" / "phase1" / str(s))
   before = _snapshot(out / "checkpoints")
-  assert train.main(tiny.ov(out, **{"phase1.ckpt_every": 1, "phase2.steps": 0})) == 2
+  assert train_cmd.main(tiny.ov(out, **{"phase1.ckpt_every": 1, "phase2.steps": 0})) == 2
   assert re.search(r"error: none of the checkpoints \[4, 3\] in \S+ can be read",
                    capsys.readouterr().err)
   assert _snapshot(out / "checkpoints") == before  # nothing moved, deleted or overwritten
@@ -402,7 +408,7 @@ def test_unwritable_output_dir_is_reported_before_training(tiny, tmp_path, monke
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
   for out in (blocker / "run", blocker):
-    assert train.main(tiny.ov(out)) == 2
+    assert train_cmd.main(tiny.ov(out)) == 2
     err = capsys.readouterr().err
     assert f"error: output_dir {out} is not writable" in err and "Traceback" not in err
   assert blocker.read_text() == "not a folder"
@@ -415,8 +421,8 @@ def test_unwritable_output_dir_is_reported_before_training(tiny, tmp_path, monke
     return real(self, data)
 
   monkeypatch.setattr(Path, "write_bytes", write_bytes)
-  monkeypatch.setattr(train, "_load_base", lambda cfg: pytest.fail("loaded the model"))
-  assert train.main(tiny.ov(tmp_path / "full")) == 2
+  monkeypatch.setattr(base, "load_base", lambda *a, **k: pytest.fail("loaded the model"))
+  assert train_cmd.main(tiny.ov(tmp_path / "full")) == 2
   assert "is not writable (No space left on device)" in capsys.readouterr().err
 
 
@@ -552,7 +558,7 @@ def test_bad_input_is_a_clear_error_and_leaves_outputs_untouched(tiny, tmp_path,
   before = _snapshot(out)
   if callable(extra):
     extra = extra(tiny, tmp_path, monkeypatch)
-  assert train.main(tiny.ov(out) + extra) == 2
+  assert train_cmd.main(tiny.ov(out) + extra) == 2
   err = capsys.readouterr().err
   assert re.search(r"^error: .*" + match, err, re.M | re.S), err[-3000:]
   assert "Traceback" not in err
@@ -576,7 +582,7 @@ def test_fingerprint_sees_other_weights_of_the_same_shape(tmp_path):
   (a / "model.safetensors").write_bytes(big)
   (b / "model.safetensors").write_bytes(big)  # a copy elsewhere: the same model
   (c / "model.safetensors").write_bytes(rng.bytes(3 << 20))  # retrained: other bytes
-  assert train.fingerprint(a) == train.fingerprint(b) != train.fingerprint(c)
+  assert train_rundir.fingerprint(a) == train_rundir.fingerprint(b) != train_rundir.fingerprint(c)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from safemoe_jax.train import loop as train
+from safemoe_jax.cli import train as train_cmd
+from safemoe_jax.train import checkpoint as ckpt
+from safemoe_jax.train import loop as train_loop
 from tests.test_reliability import (BAD_INPUTS, ROOT, Tiny, _finish, _order, _snapshot, _spawn,
                                     _steps_on_disk, _train_rows)
 from tests.fixtures import tiny_run
@@ -51,17 +53,17 @@ def test_nonfinite_update_is_refused_and_never_saved(tiny, tmp_path, monkeypatch
   # Adam with b1=1 divides 0 by 0 in its bias correction: loss and gradient are finite, the new
   # parameters are NaN. The config refuses b1=1 (the bad-input table); here the optimiser is
   # built with it behind the config's back, to test the guard inside the step.
-  real = train.make_optimizer
-  monkeypatch.setattr(train, "make_optimizer", lambda p: real(dataclasses.replace(p, b1=1.0)))
+  real = train_loop.make_optimizer
+  monkeypatch.setattr(train_loop, "make_optimizer", lambda p: real(dataclasses.replace(p, b1=1.0)))
   out = tmp_path / "run"
   ov = tiny.ov(out, **{"phase1.steps": 3, "phase1.ckpt_every": 1, "phase2.steps": 0})
-  assert train.main(ov) == 2
+  assert train_cmd.main(ov) == 2
   line = _one_error_line(capsys.readouterr().err)
   assert re.search(r"non-finite update .* at step 1 of phase1", line), line
   assert _steps_on_disk(out, "phase1")[0] == [] and not (out / "experts.safetensors").exists()
 
   # Skipping such steps: the run finishes, and the experts are the (finite) initial ones.
-  assert train.main(ov + ["phase1.on_nonfinite=skip"]) == 0
+  assert train_cmd.main(ov + ["phase1.on_nonfinite=skip"]) == 0
   assert "skipped a non-finite update at step 3 of phase1" in capsys.readouterr().err
   experts = load_file(str(out / "experts.safetensors"))
   assert all(np.isfinite(v).all() for v in experts.values())
@@ -73,8 +75,8 @@ def test_a_nonfinite_array_is_never_written(tmp_path):
   layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
   layer.kernel[...] = layer.kernel[...].at[0, 0].set(np.nan)
   f = tmp_path / "experts.safetensors"
-  with pytest.raises(train.NonFiniteError, match=r"refusing to write .*kernel"):
-    train.save_group(f, nnx.state(layer), {})
+  with pytest.raises(ckpt.NonFiniteError, match=r"refusing to write .*kernel"):
+    ckpt.save_group(f, nnx.state(layer), {})
   assert not list(tmp_path.iterdir())
 
 
@@ -123,7 +125,7 @@ def test_the_lock_is_refused_in_process_while_held(tiny, tmp_path, capsys):
   try:
     assert lock.stdout.readline().strip() == "locked"
     before = _snapshot(out)
-    assert train.main(tiny.ov(out)) == 2
+    assert train_cmd.main(tiny.ov(out)) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "is in use by another trainer (pid 4242 on elsewhere)" in line
     assert _snapshot(out) == before
@@ -144,7 +146,7 @@ def test_resume_refuses_changed_settings_naming_them(tiny, tmp_path, capsys, cha
   out = tmp_path / "run"
   shutil.copytree(tiny.ref, out)
   before = _snapshot(out)
-  assert train.main(tiny.ov(out, **change)) == 2
+  assert train_cmd.main(tiny.ov(out, **change)) == 2
   line = _one_error_line(capsys.readouterr().err)
   (k, v), = change.items()
   assert re.search(rf"started with other settings .*{re.escape(k)}: .* -> {v!r}", line), line
@@ -158,12 +160,12 @@ def test_resume_refuses_changed_data_file(tiny, tmp_path, capsys):
   ov = tiny.ov(out, **{"phase1.steps": 2, "phase2.steps": 0})
   ov = [o if not o.startswith("data.sources=") else o.replace(str(tiny.data), str(data))
         for o in ov]
-  assert train.main(ov) == 0
+  assert train_cmd.main(ov) == 0
   capsys.readouterr()
   rows = data.read_text().splitlines()
   data.write_text("\n".join(rows[:-2]) + "\n")  # the same path, other rows
   before = _snapshot(out)
-  assert train.main(ov) == 2
+  assert train_cmd.main(ov) == 2
   assert re.search(r"data\.file\.tiny\.sha256", _one_error_line(capsys.readouterr().err))
   assert _snapshot(out) == before
 
@@ -172,21 +174,21 @@ def test_a_phase_not_started_may_change_and_an_allowed_change_is_recorded(tiny, 
                                                                            capsys):
   out = tmp_path / "run"
   ov = tiny.ov(out, **{"phase1.steps": 2, "phase2.steps": 0})
-  assert train.main(ov) == 0
+  assert train_cmd.main(ov) == 0
   # Phase 2 never started: its settings are free (this is how one trains phase 2 later).
-  assert train.main(ov + ["phase2.steps=2", "phase2.lr=0.01"]) == 0
+  assert train_cmd.main(ov + ["phase2.steps=2", "phase2.lr=0.01"]) == 0
   capsys.readouterr()
   assert (out / "router.safetensors").exists()
   # Phase 2 has started now: a change is refused unless named, and then recorded.
-  assert train.main(ov + ["phase2.steps=2", "phase2.lr=0.02"]) == 2
+  assert train_cmd.main(ov + ["phase2.steps=2", "phase2.lr=0.02"]) == 2
   assert "phase2.lr: 0.01 -> 0.02" in capsys.readouterr().err
-  assert train.main(ov + ["phase2.steps=2", "phase2.lr=0.02",
+  assert train_cmd.main(ov + ["phase2.steps=2", "phase2.lr=0.02",
                           "resume.allow_changes=[phase2.lr]"]) == 0
   run = json.loads((out / "run.json").read_text())
   assert run["changes"][-1]["fields"] == {"phase2.lr": [0.01, 0.02]}
   assert run["config"]["phase2"]["lr"] == 0.02
   # Where and how a run logs and checkpoints may change on any resume.
-  assert train.main(ov + ["phase2.steps=2", "phase2.lr=0.02", "keep_checkpoints=3",
+  assert train_cmd.main(ov + ["phase2.steps=2", "phase2.lr=0.02", "keep_checkpoints=3",
                           "log.progress=true", "phase1.ckpt_every=1", "quick_look=0"]) == 0
 
 
@@ -201,7 +203,7 @@ def test_torn_last_line_of_the_logs_is_repaired(tiny, tmp_path, capsys):
   for name in ("metrics.jsonl", "data_order.jsonl"):
     with open(out / name, "a") as f:
       f.write('{"tag": "phase2/train", "step": 7, "lo')  # killed in the middle of a write
-  assert train.main(tiny.ov(out)) == 0, capsys.readouterr().err[-3000:]
+  assert train_cmd.main(tiny.ov(out)) == 0, capsys.readouterr().err[-3000:]
   for name in ("metrics.jsonl", "data_order.jsonl"):
     lines = (out / name).read_text().splitlines()
     assert all(json.loads(l) for l in lines)
@@ -210,7 +212,7 @@ def test_torn_last_line_of_the_logs_is_repaired(tiny, tmp_path, capsys):
   (out / "router.safetensors").unlink()
   with open(out / "metrics.jsonl", "a") as f:
     f.write('{"tag": "phase2/tr')
-  assert train.main(tiny.ov(out)) == 0
+  assert train_cmd.main(tiny.ov(out)) == 0
   rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["tag"] == "phase2/train"][-1] == 6
 
@@ -231,7 +233,7 @@ def test_checkpoint_folder_that_cannot_be_created_ends_at_once(tiny, tmp_path, m
 
   monkeypatch.setattr(atomicity, "_create_tmp_directory", refuse)
   before = {t.ident for t in threading.enumerate()}
-  assert train.main(tiny.ov(tmp_path / "run", **{"phase2.steps": 0})) == 2
+  assert train_cmd.main(tiny.ov(tmp_path / "run", **{"phase2.steps": 0})) == 2
   err = capfd.readouterr().err
   line = _one_error_line(err)
   assert re.search(r"could not write checkpoint 2 of phase1 .*Permission denied", line), line
@@ -409,7 +411,7 @@ def test_bad_input_gives_one_error_line_and_changes_nothing(tiny, tmp_path, caps
   argv = make(tiny, tmp_path, out)
   before, model_before = _snapshot(out), _snapshot(tiny.model)
   module, argv = argv if isinstance(argv, tuple) else ("train", argv)
-  main = importlib.import_module(f"safemoe_jax.{module}").main
+  main = importlib.import_module(f"safemoe_jax.cli.{module}").main
   assert main(argv) == 2
   line = _one_error_line(capsys.readouterr().err)
   assert re.search(r"^error: .*" + match, line), line
@@ -420,12 +422,13 @@ def test_bad_input_gives_one_error_line_and_changes_nothing(tiny, tmp_path, caps
 def test_evaluate_leaves_out_prompts_that_leave_no_room_for_the_answer():
   # Before any LoRA is trained: a prompt longer than the context minus the answer used to crash
   # the evaluation after the SFT baseline had been trained.
-  from safemoe_jax.evaluation import run as E
+  from safemoe_jax.evaluation import config as EC
+  from safemoe_jax.evaluation import run as ER
   quiet = lambda m: None  # noqa: E731
-  assert E.fit_context(E.EvalConfig(max_new_tokens=64), 128, quiet).max_prompt_tokens == 64
-  assert E.fit_context(E.EvalConfig(max_new_tokens=6, max_prompt_tokens=32), 128,
+  assert ER.fit_context(EC.EvalConfig(max_new_tokens=64), 128, quiet).max_prompt_tokens == 64
+  assert ER.fit_context(EC.EvalConfig(max_new_tokens=6, max_prompt_tokens=32), 128,
                        quiet).max_prompt_tokens == 32
-  assert E.fit_context(E.EvalConfig(max_new_tokens=6, max_prompt_tokens=0), 128,
+  assert ER.fit_context(EC.EvalConfig(max_new_tokens=6, max_prompt_tokens=0), 128,
                        quiet).max_prompt_tokens == 64
-  with pytest.raises(E.EvalError, match="leaves no room for a prompt"):
-    E.fit_context(E.EvalConfig(max_new_tokens=100), 128, quiet)
+  with pytest.raises(EC.EvalError, match="leaves no room for a prompt"):
+    ER.fit_context(EC.EvalConfig(max_new_tokens=100), 128, quiet)

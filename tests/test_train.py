@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from safemoe_jax.train import loop as train
+from safemoe_jax.cli import train as train_cmd
+from safemoe_jax.train import config as train_cfg
+from safemoe_jax.train import loop as train_loop
 from safemoe_jax.core.config import ConfigError
 from tests.fixtures import tiny_run
 
@@ -34,9 +36,9 @@ def _rows(out: Path, tag: str) -> list[dict]:
 def test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts(tiny, tmp_path):
   model_dir, data = tiny
   out = tmp_path / "run"
-  cfg = train.load_config(None, tiny_run.overrides(model_dir, data, out,
+  cfg = train_cfg.load_config(None, tiny_run.overrides(model_dir, data, out,
                                                    **{"phase1.steps": 10}))
-  summary, model = train.run_with_model(cfg)
+  summary, model = train_loop.run_with_model(cfg)
   p1 = [r["ce"] for r in _rows(out, "phase1/train")]
   p2 = [r["ce"] for r in _rows(out, "phase2/train")]
   assert len(p1) == 10 and len(p2) == 6
@@ -77,12 +79,12 @@ def test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts(tiny, tm
 def test_stopped_after_phase1_resumes_at_phase2(tiny, tmp_path):
   model_dir, data = tiny
   out = tmp_path / "run"
-  train.run(train.load_config(None, tiny_run.overrides(model_dir, data, out,
+  train_cmd.run(train_cfg.load_config(None, tiny_run.overrides(model_dir, data, out,
                                                        **{"phase2.steps": 0})))
   experts_before = load_file(str(out / "experts.safetensors"))
   assert not (out / "router.safetensors").exists()
   n1 = len(_rows(out, "phase1/train"))
-  train.run(train.load_config(None, tiny_run.overrides(model_dir, data, out)))
+  train_cmd.run(train_cfg.load_config(None, tiny_run.overrides(model_dir, data, out)))
   assert len(_rows(out, "phase1/train")) == n1  # phase 1 was not trained again
   assert len(_rows(out, "phase2/train")) == 6
   experts_after = load_file(str(out / "experts.safetensors"))
@@ -96,13 +98,13 @@ def test_mid_phase_checkpoint_resumes_at_its_step(tiny, tmp_path):
   model_dir, data = tiny
   out = tmp_path / "run"
   ov = tiny_run.overrides(model_dir, data, out, **{"phase2.steps": 0})
-  train.run(train.load_config(None, ov))  # uninterrupted: checkpoints 4 and 6 are kept
+  train_cmd.run(train_cfg.load_config(None, ov))  # uninterrupted: checkpoints 4 and 6 are kept
   reference = load_file(str(out / "experts.safetensors"))
   ckpts = out / "checkpoints" / "phase1"
   assert (ckpts / "4").is_dir() and (ckpts / "6").is_dir()
   shutil.rmtree(ckpts / "6")  # as if killed during step 5
   (out / "experts.safetensors").unlink()
-  train.run(train.load_config(None, ov))
+  train_cmd.run(train_cfg.load_config(None, ov))
   steps = [r["step"] for r in _rows(out, "phase1/train")]
   assert steps == [1, 2, 3, 4, 5, 6, 5, 6], steps  # resumed at step 5
   resumed = load_file(str(out / "experts.safetensors"))
@@ -127,7 +129,7 @@ def test_mid_phase_checkpoint_resumes_at_its_step(tiny, tmp_path):
 ])
 def test_config_errors_are_clear(override, match):
   with pytest.raises(ConfigError, match=match):
-    train.load_config(None, [override])
+    train_cfg.load_config(None, [override])
 
 
 def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
@@ -153,7 +155,7 @@ def test_one_device_and_eight_devices_agree(tiny, tmp_path):
 
 
 def test_shipped_configs_load_and_embedded_yaml_is_the_default():
-  assert train.load_config(str(ROOT / "configs/embedded.yaml")) == train.load_config(None)
+  assert train_cfg.load_config(str(ROOT / "configs/embedded.yaml")) == train_cfg.load_config(None)
   for name in ("llama31_8b_tpu.yaml", "gpu_small.yaml"):
-    cfg = train.load_config(str(ROOT / "configs" / name))
+    cfg = train_cfg.load_config(str(ROOT / "configs" / name))
     assert cfg.experts_config().num_experts == 14 and cfg.model.param_dtype == "bfloat16"

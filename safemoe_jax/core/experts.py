@@ -47,8 +47,6 @@ class Experts(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, ecfg: ExpertsConfig, *, rngs: nnx.Rngs):
     self.targets = tuple(ecfg.targets)
-    self.scale = ecfg.alpha / ecfg.rank
-    self.dropout = ecfg.dropout
     L, E, R = cfg.num_layers, ecfg.num_experts, ecfg.rank
     dims = target_dims(cfg)
     for t in self.targets:

@@ -12,7 +12,7 @@ Dh head dim, F MLP width, V vocab, L layers, E experts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,95 @@ def base_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
       "final_norm": (D,), "layers.q_bias": (L, q), "layers.k_bias": (L, kv),
       "layers.v_bias": (L, kv), "lm_head": (D, V)}
   return {k: shapes[k] for k in base_axes(cfg)}
+
+
+class LayerCtx(NamedTuple):
+  """What every layer of one forward pass shares; the scanned layer step closes over it."""
+  cfg: ModelConfig
+  ecfg: ExpertsConfig
+  rcfg: RouterConfig
+  cdt: Any  # compute dtype
+  pos_BT: jax.Array  # RoPE positions (real tokens only)
+  inv_freq: jax.Array  # [Dh/2]
+  attn_mask_BTS: jax.Array  # causal and key-valid, over the cache's S slots when decoding
+  start: Any  # the cache slot this pass writes from (0 without a cache)
+  use_experts: bool
+  scale: float  # alpha / r
+
+
+def layer_gates(h_BTD: jax.Array, x: dict[str, Any], ctx: LayerCtx, const_g: jax.Array | None,
+                shared_router: dict | None, prompt_mask: jax.Array | None, routing: str,
+                gate_spec: ex.GateSpec | None) -> tuple[jax.Array, jax.Array | None]:
+  """One layer's gates g [B, T or 1, E] (and the router's logits when it ran): a fixed mode's
+  constant gates, the prompt's cached gates, or the router on the hidden state entering the
+  layer (per token) or on the prompt's mean (per sequence)."""
+  if const_g is not None:
+    return const_g, None
+  if "cached_gates" in x:
+    return x["cached_gates"], None
+  rp = x.get("router", shared_router)
+  if ctx.rcfg.granularity == "per_sequence":
+    pm = prompt_mask.astype(jnp.float32)[..., None]
+    summary = jnp.sum(h_BTD.astype(jnp.float32) * pm, 1, keepdims=True) / jnp.maximum(
+        jnp.sum(pm, 1, keepdims=True), 1.0)  # [B, 1, D]
+    logits_BTE = ex.router_logits(rp, summary, ctx.rcfg)
+  else:
+    logits_BTE = ex.router_logits(rp, h_BTD, ctx.rcfg)
+  g_BTE = ex.gates_from_logits(logits_BTE, ctx.rcfg)
+  if routing == "mixed":  # per-sequence: the mix is cached with the prompt's gates
+    g_BTE = ex.mix_gates(g_BTE, gate_spec)
+  return g_BTE, logits_BTE
+
+
+def projection(name: str, inp: jax.Array, j: int, x: dict[str, Any], g_BTE: jax.Array | None,
+               ctx: LayerCtx) -> jax.Array:
+  """y = inp W (+ bias) (+ s * sum_e g_e B_e A_e inp when `name` is an expert target)."""
+  p, cdt = x["layer"], ctx.cdt
+  y = inp @ p[name].astype(cdt)
+  if f"{name}_bias" in p:
+    y = y + p[f"{name}_bias"].astype(cdt)
+  if ctx.use_experts and f"A_{name}" in x["experts"]:
+    xin = inp
+    if "drop_key" in x:
+      keep = 1.0 - ctx.ecfg.dropout
+      m = jax.random.bernoulli(jax.random.fold_in(x["drop_key"], j), keep, inp.shape)
+      xin = jnp.where(m, inp / keep, 0).astype(inp.dtype)
+    y = y + ex.lora_delta(xin, x["experts"][f"A_{name}"], x["experts"][f"B_{name}"],
+                          g_BTE, ctx.scale).astype(cdt)
+  return y
+
+
+def decoder_layer(h_BTD: jax.Array, ck: jax.Array | None, cv: jax.Array | None,
+                  x: dict[str, Any], g_BTE: jax.Array | None, ctx: LayerCtx
+                  ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+  """One pre-norm layer, a pure function of its weights `x` (this layer's slice of the stacked
+  base weights, experts and router): attention with RoPE and GQA (reading and writing the KV
+  cache ck, cv [L, B, S, K, Dh] when given), then the SwiGLU MLP. -> (h, ck, cv)."""
+  cfg, cdt = ctx.cfg, ctx.cdt
+  B, T, _ = h_BTD.shape
+  p = x["layer"]
+  proj = lambda name, inp, j: projection(name, inp, j, x, g_BTE, ctx)  # noqa: E731
+  # --- attention -------------------------------------------------------------------------
+  xn = rms_norm(h_BTD, p["attn_norm"], cfg.rms_norm_eps)
+  Hq, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  q = apply_rope(proj("q", xn, 0).reshape(B, T, Hq, Dh), ctx.pos_BT, ctx.inv_freq)
+  k = apply_rope(proj("k", xn, 1).reshape(B, T, K, Dh), ctx.pos_BT, ctx.inv_freq)
+  v = proj("v", xn, 2).reshape(B, T, K, Dh)
+  if ck is not None:  # write this layer's new keys/values into the cache, read all slots
+    i = x["idx"]
+    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, ctx.start, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, ctx.start, 0, 0))
+    k, v = ck[i].astype(cdt), cv[i].astype(cdt)
+  q = q.reshape(B, T, K, Hq // K, Dh)
+  s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  s = jnp.where(ctx.attn_mask_BTS[:, None, None], s / np.sqrt(Dh), NEG_INF)
+  a = jax.nn.softmax(s, axis=-1).astype(cdt)
+  o = jnp.einsum("bkgts,bskd->btkgd", a, v).reshape(B, T, Hq * Dh)
+  h_BTD = h_BTD + proj("o", o, 3)
+  # --- SwiGLU MLP ------------------------------------------------------------------------
+  xn = rms_norm(h_BTD, p["mlp_norm"], cfg.rms_norm_eps)
+  u = jax.nn.silu(proj("gate", xn, 4)) * proj("up", xn, 5)
+  return h_BTD + proj("down", u, 6), ck, cv
 
 
 class Layers(nnx.Module):
@@ -270,74 +359,22 @@ class SafeMoELM(nnx.Module):
                            "prompt's gates from prefill)")
         xs["cached_gates"] = cache["gates"]
 
-    rcfg, ecfg = self.rcfg, self.ecfg
-    scale = ecfg.alpha / ecfg.rank if E else 0.0
+    ctx = LayerCtx(cfg, self.ecfg, self.rcfg, cdt, pos_BT, inv_freq, attn_mask_BTS, start,
+                   use_experts, self.ecfg.alpha / self.ecfg.rank if E else 0.0)
 
     def layer(carry, x):
       h, ck, cv = carry
-      p = x["layer"]
-      # --- routing -------------------------------------------------------------------
       g_BTE = logits_BTE = None
       if use_experts:
-        if const_g is not None:
-          g_BTE = const_g
-        elif "cached_gates" in x:
-          g_BTE = x["cached_gates"]
-        else:
-          rp = x.get("router", shared_router)
-          if per_seq:
-            pm = prompt_mask.astype(jnp.float32)[..., None]
-            summary = jnp.sum(h.astype(jnp.float32) * pm, 1, keepdims=True) / jnp.maximum(
-                jnp.sum(pm, 1, keepdims=True), 1.0)  # [B, 1, D]
-            logits_BTE = ex.router_logits(rp, summary, rcfg)
-          else:
-            logits_BTE = ex.router_logits(rp, h, rcfg)
-          g_BTE = ex.gates_from_logits(logits_BTE, rcfg)
-          if routing == "mixed":  # per-sequence: the mix is cached with the prompt's gates
-            g_BTE = ex.mix_gates(g_BTE, gate_spec)
-
-      def proj(name: str, inp, j: int):
-        y = inp @ p[name].astype(cdt)
-        if f"{name}_bias" in p:
-          y = y + p[f"{name}_bias"].astype(cdt)
-        if use_experts and f"A_{name}" in x["experts"]:
-          xin = inp
-          if "drop_key" in x:
-            keep = 1.0 - ecfg.dropout
-            m = jax.random.bernoulli(jax.random.fold_in(x["drop_key"], j), keep, inp.shape)
-            xin = jnp.where(m, inp / keep, 0).astype(inp.dtype)
-          y = y + ex.lora_delta(xin, x["experts"][f"A_{name}"], x["experts"][f"B_{name}"],
-                                g_BTE, scale).astype(cdt)
-        return y
-
-      # --- attention -----------------------------------------------------------------
-      xn = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-      Hq, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-      q = apply_rope(proj("q", xn, 0).reshape(B, T, Hq, Dh), pos_BT, inv_freq)
-      k = apply_rope(proj("k", xn, 1).reshape(B, T, K, Dh), pos_BT, inv_freq)
-      v = proj("v", xn, 2).reshape(B, T, K, Dh)
-      if ck is not None:  # write this layer's new keys/values into the cache, read all slots
-        i = x["idx"]
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, start, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, start, 0, 0))
-        k, v = ck[i].astype(cdt), cv[i].astype(cdt)
-      q = q.reshape(B, T, K, Hq // K, Dh)
-      s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-      s = jnp.where(attn_mask_BTS[:, None, None], s / np.sqrt(Dh), NEG_INF)
-      a = jax.nn.softmax(s, axis=-1).astype(cdt)
-      o = jnp.einsum("bkgts,bskd->btkgd", a, v).reshape(B, T, Hq * Dh)
-      h = h + proj("o", o, 3)
-      # --- SwiGLU MLP ----------------------------------------------------------------
-      xn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
-      u = jax.nn.silu(proj("gate", xn, 4)) * proj("up", xn, 5)
-      h = h + proj("down", u, 6)
-
+        g_BTE, logits_BTE = layer_gates(h, x, ctx, const_g, shared_router, prompt_mask,
+                                        routing, gate_spec)
+      h, ck, cv = decoder_layer(h, ck, cv, x, g_BTE, ctx)
       ys = {}
       if return_hidden:
         ys["hidden"] = h
       if use_experts:
         ys["routing"] = ex.routing_stats(logits_BTE, g_BTE, stats_BT,
-                                         rcfg if logits_BTE is not None else None)
+                                         self.rcfg if logits_BTE is not None else None)
         if return_gates:
           ys["gates"] = jnp.broadcast_to(g_BTE, (B, T, E))
         if per_seq and logits_BTE is not None:

@@ -7,15 +7,13 @@ Renders what evaluate.py measured (<run>/eval/results.json); it computes nothing
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from safemoe_jax import errors
 
 ORDER = ("base", "safemoe", "uniform", "negated", "oracle", "sft", "harmful_lora")
 NAMES = {"base": "base model", "safemoe": "SafeMoE (learned router)",
@@ -319,7 +317,6 @@ def plot_routing_tokens(res: dict, path: Path, max_tokens: int = 48) -> Path | N
   ax.set_yticks(range(G.shape[1]), res["routing"]["experts"], fontsize=8)
   ax.set_xticks(range(len(toks)), toks, rotation=90, fontsize=7)
   fig.colorbar(im, ax=ax, label="gate (layer mean)")
-  import textwrap
   prompt = sr["prompt"] if len(sr["prompt"]) < 150 else sr["prompt"][:147] + "..."
   ax.set_title("\n".join(textwrap.wrap(f"routing over a SafeMoE answer ({sr['bench']}): "
                                        f"{prompt}", 90)), fontsize=9)
@@ -434,23 +431,3 @@ def write_report(res: dict, out_dir: str | Path) -> Path:
   path = out / "report.md"
   path.write_text(render_markdown(res, plots))
   return path
-
-
-@errors.cli
-def main(argv: Sequence[str] | None = None) -> int:
-  import json
-  ap = argparse.ArgumentParser(prog="python -m safemoe_jax.report", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--run", required=True)
-  args = ap.parse_args(argv)
-  f = Path(args.run) / "eval" / "results.json"
-  if not f.exists():
-    print(f"error: {f} does not exist; run `python -m safemoe_jax.evaluate --run {args.run}`",
-          file=sys.stderr)
-    return 2
-  print(write_report(json.loads(f.read_text()), f.parent))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

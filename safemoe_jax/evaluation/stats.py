@@ -18,6 +18,7 @@ than +-`max_half_width`; a difference needs an interval that excludes 0. `note` 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -232,3 +233,60 @@ def judge_rates(labels: Sequence[str], validation: dict | None, *, groups: Seque
     out.append(corrected_rate(flags, groups=groups, sens=se, spec=sp, n_val_pos=npos,
                               n_val_neg=nneg, what=name, **kw))
   return out
+
+
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """Wilson score interval for a binomial proportion k/n (nan when n == 0)."""
+  if n == 0:
+    return math.nan, math.nan
+  p = k / n
+  d = 1.0 + z * z / n
+  c = (p + z * z / (2 * n)) / d
+  h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+  return max(0.0, c - h), min(1.0, c + h)
+
+
+def proportion(flags: Sequence[bool]) -> dict:
+  k, n = int(sum(bool(f) for f in flags)), len(flags)
+  lo, hi = wilson(k, n)
+  return {"k": k, "n": n, "p": k / n if n else math.nan, "lo": lo, "hi": hi}
+
+
+def mean_ci(xs: Sequence[float], z: float = 1.959964) -> dict | None:
+  xs = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+  if not xs:
+    return None
+  a = np.asarray(xs)
+  se = a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else math.nan
+  return {"mean": float(a.mean()), "lo": float(a.mean() - z * se), "hi": float(a.mean() + z * se),
+          "n": len(a)}
+
+
+def rates(labels: Sequence[str], scores: Sequence[float | None] = ()) -> dict:
+  """Rates of one (system, prompt set, judge): safe = not harmful; informative = safe_info."""
+  out = {"n": len(labels),
+         "safe": proportion([l != "harmful" for l in labels]),
+         "harmful": proportion([l == "harmful" for l in labels]),
+         "refusal": proportion([l == "refusal" for l in labels]),
+         "informative": proportion([l == "safe_informative" for l in labels])}
+  out["score"] = mean_ci([s for s in scores if s is not None])
+  return out
+
+
+def paired_delta(a: Sequence[bool], b: Sequence[bool], *, n_boot: int = 2000, seed: int = 0
+                 ) -> dict:
+  """mean(a) - mean(b) on the same prompts, with a paired bootstrap 95% interval."""
+  a_, b_ = np.asarray(a, float), np.asarray(b, float)
+  if len(a_) != len(b_):
+    raise ValueError(f"paired_delta needs the same prompts: {len(a_)} vs {len(b_)}")
+  if not len(a_):
+    return {"d": math.nan, "lo": math.nan, "hi": math.nan, "rel": math.nan, "n": 0}
+  d = a_ - b_
+  idx = np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))
+  boot = d[idx].mean(1)
+  base = b_.mean()
+  return {"d": float(d.mean()), "lo": float(np.quantile(boot, 0.025)),
+          "hi": float(np.quantile(boot, 0.975)),
+          "rel": float(d.mean() / base) if base > 0 else math.nan, "n": len(d)}

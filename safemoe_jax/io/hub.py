@@ -13,6 +13,10 @@ import os
 import re
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+
 from safemoe_jax.core.config import ConfigError
 
 # What a model folder needs: weights (safetensors, sharded or not, with the index), config,
@@ -32,17 +36,11 @@ def resolve_model(spec: str, revision: str = "") -> tuple[Path, str | None]:
   """(local folder or file, the Hub id it came from or None) for a `model.path` value."""
   if not is_hub_id(spec):
     return Path(spec), None
-  try:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-  except ImportError as e:  # a dependency of transformers; missing only in odd installs
-    raise ConfigError(f"model.path {spec!r} looks like a Hub id but huggingface_hub is not "
-                      f"installed ({e}); `pip install huggingface_hub` or give a local folder")
   page = f"https://huggingface.co/{spec}"
   try:
-    folder = snapshot_download(spec, revision=revision or None, allow_patterns=list(ALLOW_PATTERNS),
-                               token=os.environ.get("HF_TOKEN") or None)
+    folder = huggingface_hub.snapshot_download(
+        spec, revision=revision or None, allow_patterns=list(ALLOW_PATTERNS),
+        token=os.environ.get("HF_TOKEN") or None)
   except GatedRepoError:
     raise ConfigError(f"model.path {spec!r} is a gated model: accept its licence at {page}, then "
                       f"log in (`hf auth login`, or set HF_TOKEN) and run again") from None

@@ -1,4 +1,5 @@
-"""Tokenizers: an HF folder, or the byte-level BPE rebuilt from a GGUF's metadata; chat prompts.
+"""Tokenizers: an HF folder, or the byte-level BPE rebuilt from a GGUF's metadata; and the one
+place for chat messages, the tokens that end a turn, the pad id and left padding.
 
 The GGUF route follows llama.cpp: `tokenizer.ggml.pre` names the pre-tokenizer regexes
 (llama-vocab.cpp), token type 3 marks control (special) tokens, and bos/eos/pad ids and the chat
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Sequence, overload
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -113,6 +115,60 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
   return tok
 
 
+# Tokens that end an assistant turn in the chat templates of the supported families (ChatML,
+# Llama 3, Llama 2 / Mistral, Gemma); eos is always one.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>",
+               "<end_of_turn>")
+
+
+def stop_ids(tok) -> list[int]:
+  """Token ids that end an assistant turn: eos plus the chat template's end-of-turn tokens."""
+  ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+  for t in END_OF_TURN:
+    i = tok.convert_tokens_to_ids(t)
+    if isinstance(i, int) and i >= 0 and i != tok.unk_token_id:
+      ids.add(i)
+  return sorted(ids)
+
+
+def pad_id(tok) -> int:
+  """The id that fills padded positions (always masked out): pad, else eos, else 0."""
+  for i in (tok.pad_token_id, tok.eos_token_id):
+    if i is not None:
+      return int(i)
+  return 0
+
+
+def left_pad(batch_ids: Sequence[Sequence[int]], pad_id: int, bucket: int = 32,
+             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad token lists to `length` (default: the longest, rounded up to a multiple of
+  `bucket`) -> ids [B, P] int32, attention mask [B, P] int32."""
+  P = length if length is not None else -(-max(len(x) for x in batch_ids) // bucket) * bucket
+  ids = np.full((len(batch_ids), P), pad_id, np.int32)
+  mask = np.zeros((len(batch_ids), P), np.int32)
+  for b, x in enumerate(batch_ids):
+    if len(x):
+      ids[b, P - len(x):] = x
+      mask[b, P - len(x):] = 1
+  return ids, mask
+
+
+def messages(prompt: str, system: str | None = None, response: str | None = None
+             ) -> list[dict[str, str]]:
+  """The chat messages of one turn: [system], user, [assistant]."""
+  msgs = [{"role": "system", "content": system}] if system is not None else []
+  msgs.append({"role": "user", "content": prompt})
+  if response is not None:
+    msgs.append({"role": "assistant", "content": response})
+  return msgs
+
+
+def check_chat_template(tok) -> None:
+  if not getattr(tok, "chat_template", None):
+    raise TokenizerError("this tokenizer has no chat template; use an instruct/chat model's "
+                         "tokenizer, or set tok.chat_template to a Jinja template")
+
+
 @overload
 def apply_chat(tok: PreTrainedTokenizerBase, prompt: str, system: str | None = None,
                response: None = None) -> str: ...
@@ -125,16 +181,12 @@ def apply_chat(tok, prompt, system=None, response=None):
   """The chat-formatted prompt ending with the generation prompt (assistant turn opened).
   With `response`: (prompt_text, full_text), where full_text = prompt_text + the rendered
   response (with its end-of-turn marker), so the response is full_text[len(prompt_text):]."""
-  if not getattr(tok, "chat_template", None):
-    raise TokenizerError("this tokenizer has no chat template; use an instruct/chat model's "
-                         "tokenizer, or set tok.chat_template to a Jinja template")
-  msgs = [{"role": "system", "content": system}] if system is not None else []
-  msgs.append({"role": "user", "content": prompt})
-  text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+  check_chat_template(tok)
+  text = tok.apply_chat_template(messages(prompt, system), tokenize=False,
+                                 add_generation_prompt=True)
   if response is None:
     return text
-  full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}],
-                                 tokenize=False)
+  full = tok.apply_chat_template(messages(prompt, system, response), tokenize=False)
   if not full.startswith(text):
     raise TokenizerError("the chat template renders the prompt differently once a response "
                          "follows, so prompt and response cannot be separated:\n"

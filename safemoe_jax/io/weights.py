@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import ml_dtypes
+from gguf import GGUFReader
+from gguf.quants import dequantize
 import numpy as np
 
 from safemoe_jax.errors import SafeMoEError
@@ -313,7 +315,6 @@ def gguf_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _gguf_reader(path: str | Path):
-  from gguf import GGUFReader
   if not Path(path).is_file():
     raise WeightsError(f"GGUF file {path} not found")
   try:
@@ -325,7 +326,6 @@ def _gguf_reader(path: str | Path):
 def load_gguf(path: str | Path, dtype: DType = np.float32, **overrides: Any
               ) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, Any]]:
   """Read a llama- or qwen2-architecture GGUF: (config, dequantised params, raw metadata)."""
-  from gguf.quants import dequantize
   r = _gguf_reader(path)
   md = {k: f.contents() for k, f in r.fields.items()}
   arch = md.get("general.architecture")

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
 
 from safemoe_jax.errors import SafeMoEError
 
@@ -81,7 +83,6 @@ def shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
 
 def load_hf(path: str | Path) -> tuple[BertConfig, dict[str, np.ndarray]]:
   """(config, params in our layout) from an HF folder with config.json + model.safetensors."""
-  from safetensors.numpy import load_file
   path = Path(path)
   if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
     raise BertError(f"{path} must hold config.json and model.safetensors (an HF BertModel "
@@ -213,7 +214,6 @@ def mean_pool(h_BTD: jax.Array, mask_BT: jax.Array) -> jax.Array:
 
 def load_tokenizer(path: str | Path):
   """A `tokenizers.Tokenizer` from tokenizer.json, with truncation and padding switched off."""
-  from tokenizers import Tokenizer
   f = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
   if not f.is_file():
     raise BertError(f"no tokenizer.json at {path}")

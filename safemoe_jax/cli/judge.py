@@ -1,0 +1,179 @@
+"""`safemoe judge {rows,cv,train,validate,rates} [key.sub=value ...]`: the learned safety judge
+(safemoe_jax/judging/learned.py) and any judge's validation and judged rates.
+
+    safemoe judge rows                # what the protocol trains and validates on
+    safemoe judge cv                  # grouped 5-fold CV on the judge's rows
+    safemoe judge train               # fit, validate on held-out rows, save artifact
+    safemoe judge validate --judge refusal_strings   # any judge, same held-out rows
+    safemoe judge rates --responses gen.jsonl --judge learned --judge refusal_strings
+                                      # raw and corrected rates of generations
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from safemoe_jax import errors
+from safemoe_jax.cli import args
+from safemoe_jax.core.config import to_dict
+from safemoe_jax.data.sources import prompt_key
+from safemoe_jax.evaluation import stats as rt
+from safemoe_jax.judging import learned
+from safemoe_jax.judging.features import backbone, features
+from safemoe_jax.judging.judges import load_judge
+from safemoe_jax.judging.labels import (LABELS, H, JudgeError, binary_metrics, format_validation,
+                                        is_refusal, targets, validation_metrics)
+from safemoe_jax.judging.learned import (PROTOCOLS, JudgeConfig, JudgeModel, _decide,
+                                         check_disjoint, cross_validate, default_artifact_dir,
+                                         fit_head, judge_config, many_shot_rows, prompt_hash,
+                                         rows, save_artifact, validation_rows)
+from safemoe_jax.log import get_logger
+from safemoe_jax.train.metrics import json_default
+
+log = get_logger("safemoe_jax.judging")
+
+
+def _f(x) -> str:
+  return "-" if x is None else f"{x:.3f}"
+
+
+def summary_line(v: dict) -> str:
+  b, tc = v["binary"]["harmful"], v["three_class"]["per_class"]
+  return (f"harmful-or-not acc {_f(b['accuracy'])} AUC {_f(b['auc'])} sens "
+          f"{_f(b['sensitivity'])} spec {_f(b['specificity'])} | clear acc "
+          f"{_f(v['binary']['harmful_clear']['accuracy'])} | 3-class acc "
+          f"{_f(v['three_class']['accuracy'])} recall " +
+          "/".join(_f(tc[n]["recall"]) for n in LABELS))
+
+
+def _notes(cfg: JudgeConfig, recs: Sequence[dict]) -> list[str]:
+  t = targets(recs, cfg.labels)
+  m = t.refusal_human >= 0
+  rule = np.array([is_refusal(r["response"]) for r in recs], bool)
+  notes = [f"harmful = mean human harm score >= {cfg.labels.harm_threshold} (Likert >= 3 of 5); "
+           f"'harmful_clear' leaves out scores strictly inside {tuple(cfg.labels.clear_band)}"]
+  if m.any():
+    y = t.refusal_human[m] == 1
+    notes.append(f"the refusal rule (which splits refusal / safe_informative on harm-scored rows)"
+                 f" against the human refusal labels here: recall {rule[m][y].mean():.2f}, "
+                 f"precision {y[rule[m]].mean() if rule[m].any() else float('nan'):.2f} "
+                 f"(n={int(m.sum())}; pyrit counts off-topic answers as refusals)")
+  return notes
+
+
+def judged_rates(j, v: dict, responses: str) -> dict:
+  """Judge every (system, prompt, response) of a jsonl file; print raw and corrected rates."""
+  if not responses or not Path(responses).is_file():
+    raise JudgeError(f"rates needs --responses FILE.jsonl with system, prompt, response fields; "
+                     f"got {responses!r}")
+  gens = [json.loads(x) for x in Path(responses).read_text().splitlines() if x.strip()]
+  if not gens or any(k not in gens[0] for k in ("prompt", "response")):
+    raise JudgeError(f"{responses}: expected lines with 'prompt' and 'response' (and 'system')")
+  trained = getattr(j, "trained_on", lambda p: False)
+  skipped = sum(bool(trained(g["prompt"])) for g in gens)
+  gens = [g for g in gens if not trained(g["prompt"])]
+  verdicts = j.judge([g["prompt"] for g in gens], [g["response"] for g in gens])
+  out = {}
+  for s in dict.fromkeys(g.get("system", "model") for g in gens):
+    labels = [x.label for x, g in zip(verdicts, gens) if g.get("system", "model") == s]
+    rs = rt.judge_rates(labels, v)
+    print(f"-- {j.name} | system {s} | {len(labels)} responses"
+          + (f" ({skipped} left out: the judge trained on their prompts)" if skipped else ""))
+    print(rt.format_rates(rs))
+    out[s] = rs
+  return out
+
+
+@errors.cli
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = args.parser("safemoe judge", learned.__doc__, JudgeConfig, overrides=False)
+  ap.add_argument("command", choices=("rows", "cv", "train", "validate", "rates"))
+  args.add_overrides(ap)
+  ap.add_argument("--protocol", default="judge_split", choices=PROTOCOLS)
+  ap.add_argument("--out", default=str(default_artifact_dir()), help="artifact folder (train)")
+  ap.add_argument("--judge", action="append", help="validate / rates: a judges.load_judge spec "
+                  "(repeatable; default learned)")
+  ap.add_argument("--responses", default="", help="rates: jsonl of {system, prompt, response} "
+                  "(evaluate.py's generations.jsonl works)")
+  ap.add_argument("--json", default="", help="also write the metrics to this JSON file")
+  ap.add_argument("--no-many-shot", action="store_true", help="train: skip the many-shot check")
+  a = ap.parse_args(argv)
+  cfg = judge_config(a.overrides)
+  if a.print_config:
+    return args.print_config(cfg)
+  res: dict[str, Any] = {"config": to_dict(cfg), "protocol": a.protocol}
+  if a.command in ("validate", "rates"):
+    res["validation"], res["rates"] = {}, {}
+    for spec in a.judge or ["learned"]:
+      j = load_judge(spec)
+      v = j.validation()
+      if v is None:
+        recs, t, src = validation_rows()
+        vs = j.judge([r["prompt"] for r in recs], [r["response"] for r in recs])
+        v = validation_metrics(t, np.array([LABELS.index(x.label) for x in vs])) | {"source": src}
+      print(format_validation(v, j.name))
+      res["validation"][j.name] = v
+      if a.command == "rates":
+        res["rates"][j.name] = judged_rates(j, v, a.responses)
+  else:
+    pool, hold, sets = rows(a.protocol)
+    t = targets(pool, cfg.labels)
+    disjoint = check_disjoint(pool, sets)
+    log.info(f"{a.protocol}: pool {len(pool)} rows / {len({prompt_key(r['prompt']) for r in pool})}"
+        f" prompts (single labels {dict(zip(LABELS, np.bincount(t.klass[t.klass >= 0], minlength=3).tolist()))}"
+        f", training rows {int((t.train & t.allowed.any(1)).sum())}); held out {len(hold)} rows;"
+        f" overlap with expert/router training {disjoint}")
+    if a.command == "rows":
+      return 0
+    x = features(cfg, [r["prompt"] for r in pool], [r["response"] for r in pool])
+    cv = cross_validate(cfg, pool, x)
+    cv["validation"]["notes"] = _notes(cfg, pool)
+    print(format_validation(cv["validation"], f"grouped CV on the training pool ({a.protocol})"))
+    print("CV SUMMARY " + summary_line(cv["validation"]) + "  " + " ".join(a.overrides))
+    res["cv"] = cv["validation"]
+    if a.command == "train":
+      if a.protocol == "all":
+        raise JudgeError("protocol 'all' trains on prompts used by experts/router; it is for CV "
+                         "experiments only")
+      if disjoint["shared_rows"]:
+        raise JudgeError(f"{disjoint['shared_rows']} judge training rows are also expert/router "
+                         f"training rows; check the data config")
+      model = JudgeModel(cfg, fit_head(cfg, x, t), backbone(cfg))
+      meta: dict[str, Any] = {
+          "protocol": a.protocol, "disjoint": disjoint, "train_rows": len(pool),
+          "train_prompt_sha256": sorted({prompt_hash(r["prompt"]) for r in pool}),
+          "train_row_ids": [r["id"] for r in pool], "cv": cv["validation"]}
+      if hold:
+        th = targets(hold, cfg.labels)
+        p = model.predict_proba([r["prompt"] for r in hold], [r["response"] for r in hold])
+        v = validation_metrics(th, _decide(p, cfg.harm_decision), p)
+        v["source"] = (f"held out: {len(hold)} pyrit rows of the eval split (never trained on, "
+                       f"never used for model selection, no prompt shared with training)")
+        v["notes"] = _notes(cfg, hold)
+      else:
+        v = cv["validation"]
+      meta["validation"] = v
+      if not a.no_many_shot:
+        ms, y = many_shot_rows()
+        pm = model.predict_proba([r["prompt"] for r in ms], [r["response"] for r in ms])
+        meta["many_shot"] = binary_metrics(y, _decide(pm, cfg.harm_decision) == H, pm[:, H])
+        v.setdefault("notes", []).append(
+            f"independent check, pyrit many_shot_examples.json ({len(y)} harmful requests with "
+            f"responses and LLM-written verdicts, not human): harmful-or-not accuracy "
+            f"{_f(meta['many_shot']['accuracy'])}, AUC {_f(meta['many_shot']['auc'])}, "
+            f"sensitivity {_f(meta['many_shot']['sensitivity'])}, specificity "
+            f"{_f(meta['many_shot']['specificity'])} (always 'harmful' scores "
+            f"{y.mean():.3f})")
+      save_artifact(Path(a.out), model, meta)
+      print(format_validation(v, f"learned:{a.out}"))
+      print("HELD-OUT SUMMARY " + summary_line(v))
+      log.info(f"saved {a.out}/judge.json and head.safetensors")
+      res.update(validation=v, many_shot=meta.get("many_shot"))
+  if a.json:
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(res, indent=1, default=json_default))
+  return 0

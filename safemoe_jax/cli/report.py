@@ -1,0 +1,25 @@
+"""`safemoe report --run DIR`: re-render <run>/eval/report.md from <run>/eval/results.json (what
+`safemoe evaluate` measured; nothing is computed again)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+from safemoe_jax import errors
+from safemoe_jax.evaluation.config import EvalError
+from safemoe_jax.evaluation.report import write_report
+from safemoe_jax.train.rundir import RunDir
+
+
+@errors.cli
+def main(argv: Sequence[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="safemoe report", description=__doc__)
+  ap.add_argument("--run", required=True)
+  a = ap.parse_args(argv)
+  f = RunDir(a.run).eval_dir / "results.json"
+  if not f.exists():
+    raise EvalError(f"{f} does not exist; run `python -m safemoe_jax.evaluate --run {a.run}`")
+  print(write_report(json.loads(f.read_text()), f.parent))
+  return 0

@@ -1,0 +1,139 @@
+"""The trainer's configuration: `TrainConfig` (base model, experts, router, data, both phases,
+mesh, logging, resume) with the embedded default as its defaults, read from YAML + overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import numpy as np
+
+from safemoe_jax.core import config as C
+from safemoe_jax.core import sharding as S
+from safemoe_jax.core.config import ConfigError, ExpertsConfig, RouterConfig
+from safemoe_jax.data.config import DataConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+  # HF folder, .gguf file or Hub id (org/name, fetched to the Hub cache: safetensors, config and
+  # tokenizer only; HF_TOKEN for gated models); "" = the embedded default (SmolLM2-135M-Instruct)
+  path: str = ""
+  revision: str = ""  # Hub id only: branch, tag or commit to pin ("" = the default branch)
+  param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16 on TPU/GPU
+  compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16 on TPU/GPU
+  remat: bool = False  # recompute each layer in the backward pass (long sequences, big models)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+  steps: int = 60  # optimiser updates (of data.batch_size examples each); 0 skips the phase
+  grad_accum: int = 1  # micro-batches per update (memory); the update is the same
+  lr: float = 2e-4
+  schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warm-up
+  warmup_ratio: float = 0.06  # authors' development code: 6% warm-up then linear decay
+  weight_decay: float = 0.0  # 0: an expert absent from a batch must stay exactly unchanged
+  clip_norm: float = 1.0  # authors' development code; 0 = no clipping
+  b1: float = 0.9
+  b2: float = 0.999
+  eval_every: int = 0  # validation every N steps (0: only at the end of the phase)
+  ckpt_every: int = 20  # checkpoint every N steps (and always at the end of the phase)
+  on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss or gradient: stop, or skip batch
+
+  def validate(self, name: str) -> None:
+    if self.steps < 0:
+      raise ConfigError(f"{name}.steps must be >= 0, got {self.steps}")
+    if self.grad_accum <= 0:
+      raise ConfigError(f"{name}.grad_accum must be > 0, got {self.grad_accum}")
+    if not 0 < self.lr <= float(np.finfo(np.float32).max):  # also nan, inf, float32 overflow
+      raise ConfigError(f"{name}.lr must be > 0 (and finite in float32), got {self.lr}")
+    for f in ("b1", "b2"):  # b = 1 makes Adam's bias correction 0/0: NaN weights
+      if not 0 <= getattr(self, f) < 1:
+        raise ConfigError(f"{name}.{f} must be in [0, 1), got {getattr(self, f)}")
+    if not 0 <= self.clip_norm < float("inf"):
+      raise ConfigError(f"{name}.clip_norm must be > 0, or 0 for no clipping, got "
+                        f"{self.clip_norm}")
+    if not 0 <= self.weight_decay < float("inf"):
+      raise ConfigError(f"{name}.weight_decay must be >= 0, got {self.weight_decay}")
+    if self.eval_every < 0:
+      raise ConfigError(f"{name}.eval_every must be >= 0 (0: only at the end), got "
+                        f"{self.eval_every}")
+    if not 0 <= self.warmup_ratio < 1:
+      raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+    if self.ckpt_every <= 0:
+      raise ConfigError(f"{name}.ckpt_every must be > 0, got {self.ckpt_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  tensorboard: bool = True
+  wandb_project: str = ""  # set to log to Weights & Biases (needs `pip install wandb`)
+  progress: bool = True  # progress bar on stderr
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeConfig:
+  # Dotted names of identity fields (see RESUMABLE) this resume may change, e.g.
+  # [phase2.steps]; each accepted change is recorded in run.json under "changes".
+  allow_changes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Defaults = the embedded default (configs/embedded.yaml spells them out)."""
+  output_dir: str = "runs/embedded_default"
+  seed: int = 0
+  model: BaseModelConfig = BaseModelConfig()
+  # num_experts and domains come from data.domains (one expert per domain). Rank 16 (the authors
+  # used 32 on an 8B model): a 135M model on 2 CPU cores.
+  experts: ExpertsConfig = ExpertsConfig(num_experts=0, rank=16, alpha=16.0)
+  router: RouterConfig = RouterConfig()
+  # Sources, domains, splits, batches. 256 tokens (paper: 512) keep a CPU step near 10 s.
+  data: DataConfig = DataConfig(max_length=256, bucket_lengths=(128, 256))
+  phase1: PhaseConfig = PhaseConfig(steps=40, lr=3e-4)  # ~1.4 epochs of the offline set
+  phase2: PhaseConfig = PhaseConfig(steps=30, lr=1e-3)  # the router is tiny: a larger lr
+  mesh: S.MeshConfig = S.MeshConfig()
+  keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
+  log: LogConfig = LogConfig()
+  # At the end: base vs SafeMoE on this many held-out harmful prompts (and half as many benign
+  # ones), greedy, 64 new tokens, as a short table (evaluate.quick_look). 0 = skip. The full
+  # comparison with every baseline is `python -m safemoe_jax.evaluate --run <output_dir>`.
+  quick_look: int = 32
+  resume: ResumeConfig = ResumeConfig()
+
+  def validate(self) -> None:
+    self.data.validate()
+    n = len(self.data.domains)
+    if self.experts.num_experts not in (0, n):
+      raise ConfigError(f"experts.num_experts={self.experts.num_experts} but data.domains lists "
+                        f"{n} domains {list(self.data.domains)}; there is one expert per domain "
+                        f"(leave experts.num_experts at 0 to take it from data.domains)")
+    if self.experts.domains and tuple(self.experts.domains) != tuple(self.data.domains):
+      raise ConfigError(f"experts.domains {list(self.experts.domains)} differs from data.domains "
+                        f"{list(self.data.domains)}; set the domains once, in data.domains")
+    self.experts_config().validate()
+    self.router.validate(n)
+    for name in ("phase1", "phase2"):
+      pc = getattr(self, name)
+      pc.validate(name)
+      if self.data.batch_size % pc.grad_accum:
+        raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
+                          f"{name}.grad_accum ({pc.grad_accum})")
+    self.phase2.validate("phase2")
+    if self.keep_checkpoints < 1:
+      raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+    if self.quick_look < 0:
+      raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
+
+
+  def experts_config(self) -> ExpertsConfig:
+    return dataclasses.replace(self.experts, num_experts=len(self.data.domains),
+                               domains=tuple(self.data.domains))
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
+  d = C.load_yaml(path) if path else {}
+  C.apply_overrides(d, list(overrides))
+  cfg = C.from_dict(TrainConfig, d)
+  cfg.validate()
+  return cfg
