@@ -2,8 +2,10 @@
 
 Every module logs through `get_logger(__name__)`. The package logger `safemoe_jax` gets one
 handler that prints `[<part>] message` to the stderr of the moment (so redirections and pytest's
-capture see it), at INFO by default (`SAFEMOE_LOG_LEVEL=WARNING` quiets it); records still
-propagate to the root logger, so an application's own logging configuration also receives them.
+capture see it), at INFO by default (`SAFEMOE_LOG_LEVEL=WARNING` quiets it). Records do not
+propagate to the root logger: libraries imported alongside (some call `logging.basicConfig`)
+would print every line a second time; add a handler to the `safemoe_jax` logger to route them
+elsewhere.
 <part> is the subpackage (`train`, `data`, `evaluation`, ...) or, under `tools`, the tool.
 In a multi-process run only process 0 prints INFO records (`set_process_index`).
 """
@@ -51,6 +53,7 @@ def setup() -> logging.Logger:
     h.setFormatter(_Formatter())
     logger.addHandler(h)
     logger.setLevel(os.environ.get("SAFEMOE_LOG_LEVEL", "INFO").upper())
+    logger.propagate = False
   return logger
 
 

@@ -42,6 +42,7 @@ def test_flop_count_equals_a_hand_count():
   assert p2 == {"base": base, "adapter": 1344, "router": 288, "total": base + 1344 + 288}
 
 
+@pytest.mark.slow
 def test_bench_runs_on_the_tiny_model_and_writes_json(tmp_path):
   s = bench.Settings(model="tiny", batch=2, seq=16, experts=(1, 2), repeats=1, warmup=1,
                      gen_repeats=1, new_tokens=4, prompt_len=8, matmul_n=256)
@@ -71,6 +72,7 @@ def test_bench_runs_on_the_tiny_model_and_writes_json(tmp_path):
   assert "p2_E2" in table and "load average" in table
 
 
+@pytest.mark.slow
 def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path, capsys):
   libtpu = bench_aot.find_libtpu(download=True)  # from PyPI on first use, then cached; no TPU needed
   if libtpu is None:

@@ -163,6 +163,7 @@ def _ecfg(benign: Path, **kw) -> EC.EvalConfig:
                        benign_file=str(benign), default_count=5, **kw)
 
 
+@pytest.mark.slow
 def test_tiny_run_evaluates_caches_and_reports(tiny_run):
   from safemoe_jax.data import config as data_cfg
   from safemoe_jax.data import encode as data_encode

@@ -30,6 +30,7 @@ def _greedy_reference(model, prompts, n, routing, **kw):
   return outs
 
 
+@pytest.mark.slow
 def test_cached_greedy_generation_equals_full_forward_with_live_routing():
   for granularity in ("per_token", "per_sequence"):
     m = make(E=3, targets=("q", "v", "up"), init_std=0.5, granularity=granularity)
@@ -59,6 +60,7 @@ def test_generation_stops_at_eos_and_pads_after():
   assert res["tokens"][0].tolist()[2:] == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_fixed_routing_modes_generate():
   m = make(E=2, targets=("q",))
   randomize(m, 2)
@@ -102,6 +104,7 @@ def _per_system(m, n, eos):
   return out
 
 
+@pytest.mark.slow
 def test_systems_mixed_in_one_batch_equal_per_system_generation(monkeypatch):
   """Every routing system in one loop, rows of all systems in shuffled, length-sorted batches
   with per-row gates, gives each system's own greedy generation token for token; rows stop at

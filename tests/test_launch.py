@@ -21,6 +21,7 @@ def _code_cells(nb: dict) -> list[tuple[list[str], str]]:
           for c in nb["cells"] if c["cell_type"] == "code"]
 
 
+@pytest.mark.slow
 def test_notebook_cells_run_on_cpu_with_a_tiny_config(tmp_path):
   nb = json.loads(NOTEBOOK.read_text())
   assert nb["nbformat"] == 4 and nb["metadata"]["accelerator"] == "TPU"

@@ -42,6 +42,7 @@ P1, P2 = 8, 6  # steps per phase; 26 phase-1 examples / 4 per batch: phase 1 cro
 # writes); dropout on, so the per-step RNG must be restored too.
 RUN = {"phase1.steps": P1, "phase2.steps": P2, "phase1.ckpt_every": 2, "phase2.ckpt_every": 1,
        "experts.dropout": 0.1, "keep_checkpoints": 2}
+pytestmark = pytest.mark.slow  # whole trained runs with injected faults: the slow tier
 
 
 @dataclasses.dataclass

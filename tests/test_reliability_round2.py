@@ -29,6 +29,8 @@ from tests.test_reliability import (BAD_INPUTS, ROOT, Tiny, _finish, _order, _sn
                                     _steps_on_disk, _train_rows)
 from tests.fixtures import tiny_run
 
+pytestmark = pytest.mark.slow  # whole trained runs with injected faults: the slow tier
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Tiny:

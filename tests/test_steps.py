@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from safemoe_jax.train.steps import make_train_step
 from tests.test_experts import batch, make, randomize
@@ -18,6 +19,7 @@ def _batch(B=4):
           "domains": jnp.asarray(np.eye(2, dtype=np.float32)[[0, 1, 1, 0][:B]])}
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
   m = make(E=2, init_std=0.2, entropy_coef=0.01)
   randomize(m, 0, groups=(type(m.experts.A_q),))

@@ -33,6 +33,7 @@ def _rows(out: Path, tag: str) -> list[dict]:
           if json.loads(l)["tag"] == tag]
 
 
+@pytest.mark.slow
 def test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts(tiny, tmp_path):
   model_dir, data = tiny
   out = tmp_path / "run"
@@ -76,6 +77,7 @@ def test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts(tiny, tm
   assert "ce" in summary_json["metrics"]["phase1"]["val"]
 
 
+@pytest.mark.slow
 def test_stopped_after_phase1_resumes_at_phase2(tiny, tmp_path):
   model_dir, data = tiny
   out = tmp_path / "run"
@@ -92,6 +94,7 @@ def test_stopped_after_phase1_resumes_at_phase2(tiny, tmp_path):
     np.testing.assert_array_equal(experts_before[k], experts_after[k])
 
 
+@pytest.mark.slow
 def test_mid_phase_checkpoint_resumes_at_its_step(tiny, tmp_path):
   """Killed after the step-4 checkpoint of 6: the resumed run continues with the saved
   parameters, optimiser state and data iterator, and ends bit-identical to an uninterrupted one."""
@@ -140,6 +143,7 @@ def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
   assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_agree(tiny, tmp_path):
   model_dir, data = tiny
   losses = {}
