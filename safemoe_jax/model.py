@@ -132,7 +132,7 @@ class SafeMoELM(nnx.Module):
     ecfg = ecfg or ExpertsConfig()
     rcfg = rcfg or RouterConfig()
     ecfg.validate()
-    rcfg.validate(ecfg.num_experts)
+    rcfg.validate(ecfg.num_experts, cfg.num_layers)
     self.cfg, self.ecfg, self.rcfg = cfg, ecfg, rcfg
     dt = jnp.dtype(cfg.param_dtype)
     axes = base_axes(cfg)
@@ -262,6 +262,9 @@ class SafeMoELM(nnx.Module):
           xs["router"] = self.router.arrays()
         else:
           shared_router = self.router.arrays()
+        if self.rcfg.layers:  # the router drives only these layers' experts
+          xs["router_on"] = jnp.zeros((cfg.num_layers,), bool).at[
+              jnp.asarray(self.rcfg.layers)].set(True)
       if dropout_rng is not None and self.ecfg.dropout > 0:
         xs["drop_key"] = jax.random.split(dropout_rng, cfg.num_layers)
       if per_seq and routed and prompt_mask is None:
@@ -293,6 +296,8 @@ class SafeMoELM(nnx.Module):
           else:
             logits_BTE = ex.router_logits(rp, h, rcfg)
           g_BTE = ex.gates_from_logits(logits_BTE, rcfg)
+          if "router_on" in x:
+            g_BTE = jnp.where(x["router_on"], g_BTE, 0.0)
           if routing == "mixed":  # per-sequence: the mix is cached with the prompt's gates
             g_BTE = ex.mix_gates(g_BTE, gate_spec)
 

