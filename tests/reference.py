@@ -54,6 +54,11 @@ def ref_gates(rp: dict, h, rcfg) -> np.ndarray:
         if rcfg.renormalize:
           out[idx] *= np.abs(g[idx]).sum() / max(np.abs(out[idx]).sum(), 1e-9)
     g = out
+  if getattr(rcfg, "max_l1", 0):
+    for idx in np.ndindex(g.shape[:-1]):  # one token at a time: shrink onto the L1 ball
+      l1 = np.abs(g[idx]).sum()
+      if l1 > rcfg.max_l1:
+        g[idx] = g[idx] * (rcfg.max_l1 / l1)
   return g
 
 
@@ -81,6 +86,8 @@ def ref_forward(cfg, base: dict, experts: dict | None, router: dict | None, ecfg
           g = np.broadcast_to(ref_gates(rp, summ, rcfg), (B, T, router["b_out"].shape[-1]))
         else:
           g = ref_gates(rp, h, rcfg)
+        if getattr(rcfg, "layers", ()) and l not in rcfg.layers:
+          g = np.zeros_like(g)  # the router drives only the listed layers
 
     def proj(name, x):
       y = x @ p[name]

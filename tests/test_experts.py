@@ -80,6 +80,11 @@ CASES += [dict(activation="tanh", top_k=2, granularity=g, scope=s, form=f)
           for g in ("per_token", "per_sequence") for s in ("per_layer", "shared")
           for f in ("linear", "mlp")]
 CASES += [dict(activation="sigmoid", top_k=2, renormalize=False, temperature=0.5)]
+# Gates constrained to the L1 ball phase 1 trained for, and routers on a subset of layers.
+CASES += [dict(activation=a, max_l1=0.5, granularity=g) for a in ("tanh", "linear")
+          for g in ("per_token", "per_sequence")]
+CASES += [dict(activation="tanh", layers=(0, 2)), dict(activation="tanh", layers=(1,),
+                                                     granularity="per_sequence", max_l1=1.0)]
 
 
 @pytest.mark.parametrize("router", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
@@ -99,6 +104,36 @@ def test_fused_equals_naive_per_expert_reference(router):
   for k in ("weight", "top1_share", "entropy"):  # means over the real tokens, per layer
     assert stats[k].shape == want[k].shape
     np.testing.assert_allclose(np.asarray(stats[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "softmax", "linear"])
+def test_router_starts_at_init_gates_for_every_input(act):
+  E = 4
+  init = {"softmax": (0.1, 0.2, 0.3, 0.4), "sigmoid": (0.3,)}.get(act, (-1 / E,))
+  m = make(E=E, activation=act, init_gates=init, temperature=0.7)
+  ids, mask, prompt, _ = batch()
+  _, aux = m(ids, mask, prompt_mask=prompt, return_gates=True)
+  want = np.broadcast_to(np.asarray(init, np.float32), (E,))
+  np.testing.assert_allclose(np.asarray(aux["gates"]), np.broadcast_to(want, aux["gates"].shape),
+                             atol=1e-6)
+  # with negated gates the learned router is the negated mix at step 0, token for token
+  if act == "tanh":
+    randomize(m, 5, groups=(ex.ExpertParam,))
+    out, _ = m(ids, mask, prompt_mask=prompt)
+    neg, _ = m(ids, mask, routing="negated")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(neg), atol=1e-5)
+
+
+def test_router_option_errors():
+  from safemoe_jax.core.config import ConfigError
+  for kw, msg in [(dict(init_gates=(1.5,)), "cannot come out of a tanh"),
+                  (dict(init_gates=(0.1, 0.2, 0.3)), "give one"),
+                  (dict(activation="softmax", init_gates=(0.1, 0.1, 0.1, 0.1)), "sum to 1"),
+                  (dict(init_gates=(-0.5,), max_l1=1.0), "exceeds router.max_l1"),
+                  (dict(max_l1=-1.0), "max_l1 must be >= 0"),
+                  (dict(layers=(0, 3)), "must lie in"), (dict(layers=(1, 1)), "duplicates")]:
+    with pytest.raises(ConfigError, match=msg):
+      make(E=4, **kw)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "negated", "fixed", "oracle"])
@@ -239,8 +274,9 @@ def test_top_k_keeps_k_gates_and_renormalises():
 
 
 def _entropy(g: np.ndarray) -> np.ndarray:
-  """Entropy of the normalised |gates| over the last axis."""
-  p = np.abs(g) / np.abs(g).sum(-1, keepdims=True)
+  """Entropy of the normalised |gates| over the last axis (0 where every gate is 0)."""
+  s = np.abs(g).sum(-1, keepdims=True)
+  p = np.abs(g) / np.where(s > 0, s, 1.0)
   return -(p * np.log(np.maximum(p, 1e-9))).sum(-1)
 
 

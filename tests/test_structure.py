@@ -155,7 +155,7 @@ def test_imports_inside_functions_are_only_optional_heavy_dependencies():
       "\n".join(bad)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "judge", "data", "export", "generate",
+@pytest.mark.parametrize("command", ["train", "evaluate", "judge", "data", "curate", "experiment", "export", "generate",
                                      "bench", "assets", "audit", "report"])
 def test_every_command_has_a_cli_module_and_a_python_m_entry(command):
   from safemoe_jax import cli

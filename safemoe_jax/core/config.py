@@ -118,17 +118,87 @@ class RouterConfig:
   entropy_coef: float = 0.0  # + coef * mean gate entropy (negative coef rewards spread)
   load_balance_coef: float = 0.0  # Switch-style E * sum_e f_e * P_e
   z_loss_coef: float = 0.0  # mean logsumexp(logits)^2
+  # Where phase 2 starts: the gates every input gets before training (through the output bias;
+  # the output weights start at 0 unless init_std > 0). () = act(0) (tanh: 0 = the base model);
+  # one value for every expert (e.g. -0.125 = the negated mix -1/E of 8 experts) or E values.
+  init_gates: tuple[float, ...] = ()
+  # Gates constrained like phase 1 saw them: 0 = free; c > 0 rescales a token's gates so that
+  # sum_e |g_e| <= c (1 = signed convex mixes; phase 1 trains on gates summing to 1).
+  max_l1: float = 0.0
+  # Layers whose experts the router drives (0-based); () = every layer. Elsewhere the learned
+  # router's gates are 0 (the base model's projection).
+  layers: tuple[int, ...] = ()
 
-  def validate(self, num_experts: int = 0) -> None:
+  def validate(self, num_experts: int = 0, num_layers: int = 0) -> None:
     if self.temperature <= 0:
       raise ConfigError(f"router.temperature must be > 0, got {self.temperature}")
     if self.top_k < 0 or (num_experts and self.top_k > num_experts):
       raise ConfigError(f"router.top_k must be in [0, num_experts={num_experts}], got {self.top_k}")
     if self.form == "mlp" and self.mlp_hidden <= 0:
       raise ConfigError(f"router.mlp_hidden must be > 0, got {self.mlp_hidden}")
+    if not 0 <= self.max_l1 < float("inf"):
+      raise ConfigError(f"router.max_l1 must be >= 0 (0 = no constraint), got {self.max_l1}")
+    if self.init_gates:
+      if num_experts and len(self.init_gates) not in (1, num_experts):
+        raise ConfigError(f"router.init_gates has {len(self.init_gates)} values; give one (for "
+                          f"every expert) or num_experts={num_experts}")
+      lo, hi = {"tanh": (-1, 1), "sigmoid": (0, 1), "softmax": (0, 1)}.get(
+          self.activation, (-float("inf"), float("inf")))
+      bad = [g for g in self.init_gates if not lo < g < hi]
+      if bad:
+        raise ConfigError(f"router.init_gates {bad} cannot come out of a {self.activation} "
+                          f"gate (open interval ({lo}, {hi}))")
+      if self.activation == "softmax" and num_experts and len(self.init_gates) == num_experts \
+          and abs(sum(self.init_gates) - 1) > 1e-6:
+        raise ConfigError(f"router.init_gates for softmax gates must sum to 1, got "
+                          f"{sum(self.init_gates)}")
+      if self.max_l1 and num_experts:
+        l1 = (abs(self.init_gates[0]) * num_experts if len(self.init_gates) == 1
+              else sum(abs(g) for g in self.init_gates))
+        if l1 > self.max_l1 + 1e-6:
+          raise ConfigError(f"router.init_gates sum |g| = {l1:g} exceeds router.max_l1="
+                            f"{self.max_l1}; the constraint would rescale them")
+    if num_layers and any(not 0 <= l < num_layers for l in self.layers):
+      raise ConfigError(f"router.layers {list(self.layers)} must lie in [0, {num_layers})")
+    if len(set(self.layers)) != len(self.layers):
+      raise ConfigError(f"router.layers {list(self.layers)} has duplicates")
 
 
 ROUTING_MODES = ("learned", "base", "uniform", "negated", "oracle", "fixed")
+
+# Kinds of phase-2 rows (the batch's `kind` [B]): what each row teaches the router.
+KIND_TARGET, KIND_HARMFUL, KIND_RETAIN = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Phase 2's objective over three kinds of rows (the batch's `kind`): targets (the curated
+  safe answers: NLL, the paper's objective, always on), harmful answers to the same kind of
+  prompts (a contrastive term: push their likelihood down relative to the frozen base model),
+  and benign prompts with the base model's own answers (a retain term: KL(base || model)).
+  Base and experts stay frozen; only the router is trained by every term."""
+  # none | unlikelihood (mean over harmful tokens of -log(1 - p)) | npo (negative preference
+  # optimisation, Zhang et al. 2024: (2/beta) softplus(beta * (log p - log p_base)) per answer)
+  contrast: Literal["none", "unlikelihood", "npo"] = "none"
+  contrast_coef: float = 1.0
+  beta: float = 0.1  # NPO's inverse temperature on the sequence log-ratio to the base model
+  retain_coef: float = 0.0  # weight of the mean per-token KL(base || model) on benign rows
+
+  def validate(self) -> None:
+    for f in ("contrast_coef", "beta", "retain_coef"):
+      if not 0 <= getattr(self, f) < float("inf"):
+        raise ConfigError(f"objective.{f} must be >= 0 and finite, got {getattr(self, f)}")
+    if self.contrast == "npo" and self.beta <= 0:
+      raise ConfigError("objective.beta must be > 0 for contrast=npo")
+
+  @property
+  def needs_base(self) -> bool:
+    """The step also runs the frozen base model (NPO's reference, the retain term's KL)."""
+    return self.contrast == "npo" or self.retain_coef > 0
+
+  @property
+  def plain(self) -> bool:
+    return self.contrast == "none" and self.retain_coef == 0
 
 
 # --------------------------------------------------------------------------------------------

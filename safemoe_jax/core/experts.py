@@ -101,11 +101,23 @@ class Router(nnx.Module):
       self.b_in = RouterParam(jnp.zeros(lead + (H,), jnp.float32),
                               axes=lead_ax + ("router_hidden",))
       self.w_out = RouterParam(out_init(lead + (H, E)), axes=lead_ax + ("router_hidden", "experts"))
-    self.b_out = RouterParam(jnp.zeros(lead + (E,), jnp.float32), axes=lead_ax + ("experts",))
+    self.b_out = RouterParam(jnp.broadcast_to(init_bias(rcfg, E), lead + (E,)),
+                             axes=lead_ax + ("experts",))
 
   def arrays(self) -> dict[str, jax.Array]:
     names = ("w_out", "b_out") if self.cfg.form == "linear" else ("w_in", "b_in", "w_out", "b_out")
     return {n: getattr(self, n)[...] for n in names}
+
+
+def init_bias(rcfg: RouterConfig, num_experts: int) -> jax.Array:
+  """Output bias [E] whose gates are rcfg.init_gates (the inverse of the activation, times the
+  temperature); zeros when none are given."""
+  if not rcfg.init_gates:
+    return jnp.zeros((num_experts,), jnp.float32)
+  g = jnp.broadcast_to(jnp.asarray(rcfg.init_gates, jnp.float32), (num_experts,))
+  inv = {"tanh": jnp.arctanh, "sigmoid": jax.scipy.special.logit, "softmax": jnp.log,
+         "linear": lambda x: x}[rcfg.activation]
+  return rcfg.temperature * inv(g)
 
 
 def router_logits(p: dict[str, jax.Array], h_BTD: jax.Array, rcfg: RouterConfig) -> jax.Array:
@@ -143,6 +155,9 @@ def gates_from_logits(logits_BTE: jax.Array, rcfg: RouterConfig) -> jax.Array:
         mass = jnp.sum(jnp.abs(g), -1, keepdims=True)
         kept = kept * mass / jnp.maximum(jnp.sum(jnp.abs(kept), -1, keepdims=True), 1e-9)
       g = kept
+  if rcfg.max_l1:  # inside the range phase 1 trained the experts for: sum |g| <= max_l1
+    l1 = jnp.sum(jnp.abs(g), -1, keepdims=True)
+    g = g * jnp.minimum(1.0, rcfg.max_l1 / jnp.maximum(l1, 1e-9))
   return g
 
 

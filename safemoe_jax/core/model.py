@@ -135,6 +135,8 @@ def layer_gates(h_BTD: jax.Array, x: dict[str, Any], ctx: LayerCtx, const_g: jax
   else:
     logits_BTE = ex.router_logits(rp, h_BTD, ctx.rcfg)
   g_BTE = ex.gates_from_logits(logits_BTE, ctx.rcfg)
+  if "router_on" in x:  # router.layers: the router drives only these layers' experts
+    g_BTE = jnp.where(x["router_on"], g_BTE, 0.0)
   if routing == "mixed":  # per-sequence: the mix is cached with the prompt's gates
     g_BTE = ex.mix_gates(g_BTE, gate_spec)
   return g_BTE, logits_BTE
@@ -221,7 +223,7 @@ class SafeMoELM(nnx.Module):
     ecfg = ecfg or ExpertsConfig()
     rcfg = rcfg or RouterConfig()
     ecfg.validate()
-    rcfg.validate(ecfg.num_experts)
+    rcfg.validate(ecfg.num_experts, cfg.num_layers)
     self.cfg, self.ecfg, self.rcfg = cfg, ecfg, rcfg
     dt = jnp.dtype(cfg.param_dtype)
     axes = base_axes(cfg)
@@ -351,6 +353,9 @@ class SafeMoELM(nnx.Module):
           xs["router"] = self.router.arrays()
         else:
           shared_router = self.router.arrays()
+        if self.rcfg.layers:
+          xs["router_on"] = jnp.zeros((cfg.num_layers,), bool).at[
+              jnp.asarray(self.rcfg.layers)].set(True)
       if dropout_rng is not None and self.ecfg.dropout > 0:
         xs["drop_key"] = jax.random.split(dropout_rng, cfg.num_layers)
       if per_seq and routed and prompt_mask is None:

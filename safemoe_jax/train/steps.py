@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from safemoe_jax.core.config import KIND_HARMFUL, KIND_RETAIN, KIND_TARGET, ObjectiveConfig
 from safemoe_jax.core.model import SafeMoELM, split_groups
 
 GROUPS = ("router", "experts")
@@ -62,6 +63,61 @@ def forward_loss(model: SafeMoELM, batch: dict[str, jax.Array], routing: str,
   return loss, metrics
 
 
+def token_logp(logits_BTV: jax.Array, ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log-probabilities [B, T-1, V], log p of each next token [B, T-1]), in float32."""
+  logp = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), -1)
+  return logp, jnp.take_along_axis(logp, ids_BT[:, 1:, None], -1)[..., 0]
+
+
+def objective_norms(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Denominators of each term over the whole (accumulated) batch: target, harmful and retain
+  tokens, and harmful answers (each at least 1)."""
+  w = batch["loss_mask"][..., 1:].astype(jnp.float32)
+  kind = batch["kind"]
+  tok = lambda k: jnp.maximum(jnp.sum(w * (kind == k)[..., None]), 1.0)
+  return {"target": tok(KIND_TARGET), "harmful": tok(KIND_HARMFUL), "retain": tok(KIND_RETAIN),
+          "harmful_rows": jnp.maximum(jnp.sum((kind == KIND_HARMFUL) & (jnp.sum(w, -1) > 0)),
+                                      1.0)}
+
+
+def objective_terms(logits_BTV: jax.Array, base_logits_BTV: jax.Array | None,
+                    batch: dict[str, jax.Array], ocfg: ObjectiveConfig,
+                    norms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Phase 2's terms on one micro-batch, each already divided by its whole-batch denominator
+  (so sums over micro-batches are the whole batch's terms):
+  nll (target rows), contrast (harmful rows: unlikelihood or NPO against the base model),
+  retain (benign rows: KL(base || model) per token)."""
+  ids, kind = batch["input_ids"], batch["kind"]
+  w = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  logp, tgt = token_logp(logits_BTV, ids)
+  is_k = lambda k: (kind == k)[:, None].astype(jnp.float32) * w
+  out = {"nll": -jnp.sum(tgt * is_k(KIND_TARGET)) / norms["target"]}
+  zero = jnp.zeros((), jnp.float32)
+  base = None
+  if base_logits_BTV is not None:
+    base = token_logp(jax.lax.stop_gradient(base_logits_BTV), ids)
+  wh = is_k(KIND_HARMFUL)
+  if ocfg.contrast == "unlikelihood":  # -log(1 - p(y_t)), p clipped away from 1
+    p = jnp.minimum(jnp.exp(tgt), 1.0 - 1e-6)
+    out["contrast"] = jnp.sum(-jnp.log1p(-p) * wh) / norms["harmful"]
+  elif ocfg.contrast == "npo":
+    ratio_B = jnp.sum((tgt - base[1]) * wh, -1)  # log p(y) - log p_base(y) per harmful answer
+    has = (jnp.sum(wh, -1) > 0).astype(jnp.float32)
+    out["contrast"] = jnp.sum(2.0 / ocfg.beta * jax.nn.softplus(ocfg.beta * ratio_B) * has) / \
+        norms["harmful_rows"]
+  else:
+    out["contrast"] = zero
+  if ocfg.retain_coef > 0:
+    lpb = base[0]
+    kl_BT = jnp.sum(jnp.exp(lpb) * (lpb - logp), -1)
+    out["retain"] = jnp.sum(kl_BT * is_k(KIND_RETAIN)) / norms["retain"]
+  else:
+    out["retain"] = zero
+  out["objective"] = (out["nll"] + ocfg.contrast_coef * out["contrast"]
+                      + ocfg.retain_coef * out["retain"])
+  return out
+
+
 def split_for(model: SafeMoELM, group: str):
   """(graphdef, trainable state, frozen states, merge) for training `group`."""
   if group not in GROUPS:
@@ -73,7 +129,8 @@ def split_for(model: SafeMoELM, group: str):
 
 
 def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformation,
-                    routing: str, accum_steps: int = 1) -> tuple[Callable, Any, Any]:
+                    routing: str, accum_steps: int = 1,
+                    objective: ObjectiveConfig | None = None) -> tuple[Callable, Any, Any]:
   """Returns (step, trainable, frozen).
 
   step(params, opt_state, frozen, batch, rng) -> (params, opt_state, metrics) is pure; only
@@ -83,26 +140,49 @@ def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformati
   A non-finite loss, gradient or update (new parameters or optimiser state, e.g. Adam's 0/0
   with b1=1) leaves params and optimiser state unchanged and sets metrics['nonfinite'] (and
   metrics['update_nonfinite'] when only the update was) so the caller can stop or skip.
+  objective: phase 2's terms (objective_terms) over the batch's `kind` rows; None or a plain
+  objective = the token-mean NLL of every response (the batch needs no `kind`).
   """
   _, trainable, frozen, merge = split_for(model, group)
+  terms = objective is not None and not objective.plain
 
-  def micro_loss(p, frozen, mb, rng, n_total):
+  def micro_loss(p, frozen, mb, rng, n_total, norms):
+    if terms:
+      return objective_loss(p, frozen, mb, rng, n_total, norms)
     loss, m = forward_loss(merge(p, frozen), mb, routing, dropout_rng=rng)
     # Token-weighted, so the sum over micro-batches equals the loss of the whole batch (exact
     # for the CE, entropy and z-loss; load balance is a product of means, so approximate).
     obj = (jnp.sum(m["per_example_nll"]) + m["aux_loss"] * m["tokens"]) / n_total
     return obj, m
 
+  def objective_loss(p, frozen, mb, rng, n_total, norms):
+    model = merge(p, frozen)
+    logits, aux = model(mb["input_ids"], mb["attention_mask"], routing=routing,
+                        domains=mb.get("domains"), prompt_mask=mb.get("prompt_mask"),
+                        stats_mask=mb["loss_mask"], dropout_rng=rng)
+    per_ex, n_ex, _ = masked_ce(logits, mb["input_ids"], mb["loss_mask"])  # every row: metrics
+    m = {"aux_loss": aux["aux_loss"], "tokens": jnp.sum(n_ex), "per_example_nll": per_ex,
+         "per_example_tokens": n_ex}
+    if "routing" in aux:
+      m["routing"] = aux["routing"]
+    base_logits = None
+    if objective.needs_base:  # the frozen base model: no gradient reaches the router
+      base_logits, _ = model(mb["input_ids"], mb["attention_mask"], routing="base")
+    t = objective_terms(logits, base_logits, mb, objective, norms)
+    m.update({f"obj_{k}": v for k, v in t.items()})
+    return t["objective"] + m["aux_loss"] * m["tokens"] / n_total, m
+
   def step(params, opt_state, frozen, batch, rng):
     if accum_steps == 1:
       batch = jax.tree.map(lambda x: x[None], batch)
     n_total = jnp.maximum(jnp.sum(batch["loss_mask"][..., 1:].astype(jnp.float32)), 1.0)
+    norms = objective_norms(batch) if terms else None
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     rngs = jax.random.split(rng, accum_steps)
 
     def body(acc, xs):
       mb, r = xs
-      (obj, m), g = grad_fn(params, frozen, mb, r, n_total)
+      (obj, m), g = grad_fn(params, frozen, mb, r, n_total, norms)
       acc = jax.tree.map(jnp.add, acc, (g, obj))
       return acc, m
 
@@ -122,6 +202,9 @@ def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformati
                "per_example_tokens": ms["per_example_tokens"].reshape(-1)}
     if "routing" in ms:
       metrics["routing"] = jax.tree.map(lambda x: jnp.mean(x, 0), ms["routing"])
+    for k in ("obj_nll", "obj_contrast", "obj_retain"):  # each term of the whole batch
+      if k in ms:
+        metrics[k] = jnp.sum(ms[k])
     return keep(new_params, params), keep(new_opt, opt_state), metrics
 
   return step, trainable, frozen

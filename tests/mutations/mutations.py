@@ -153,4 +153,41 @@ MUTATIONS: list[Mutation] = [
         "def collect_benchmarks(data, ecfg: EvalConfig, *, exclude_audit: bool = False)",
         ("tests/test_audit.py::test_no_audit_prompt_is_trained_on_or_in_the_default_evaluation",),
         "the evaluation uses a prompt of the judge audit set"),
+    Mutation(
+        "steps-npo-sign", "safemoe_jax/train/steps.py",
+        "ratio_B = jnp.sum((tgt - base[1]) * wh, -1)",
+        "ratio_B = jnp.sum((base[1] - tgt) * wh, -1)",
+        ("tests/test_steps.py::test_objective_terms_equal_a_numpy_reference",
+         "tests/test_steps.py::test_npo_pushes_harmful_answers_below_the_base_model"),
+        "NPO's log-ratio is reversed: the router is rewarded for making harmful answers likelier"),
+    Mutation(
+        "steps-retain-kl-reversed", "safemoe_jax/train/steps.py",
+        "kl_BT = jnp.sum(jnp.exp(lpb) * (lpb - logp), -1)",
+        "kl_BT = jnp.sum(jnp.exp(logp) * (logp - lpb), -1)",
+        ("tests/test_steps.py::test_objective_terms_equal_a_numpy_reference",),
+        "the retain term is KL(model || base) instead of KL(base || model)"),
+    Mutation(
+        "data-harmful-rows-as-targets", "safemoe_jax/data/select.py",
+        "p2[\"train\"] += [dict(r, phase2_kind=\"harmful\") for r in p1[\"train\"]]",
+        "p2[\"train\"] += [dict(r) for r in p1[\"train\"]]",
+        ("tests/test_train.py::test_phase2_with_curated_targets_a_contrast_and_a_retain_term",),
+        "phase 1's harmful answers join phase 2 as targets: the router learns to say them"),
+    Mutation(
+        "experts-max-l1-ignored", "safemoe_jax/core/experts.py",
+        "    g = g * jnp.minimum(1.0, rcfg.max_l1 / jnp.maximum(l1, 1e-9))\n",
+        "",
+        ("tests/test_experts.py::test_fused_equals_naive_per_expert_reference",),
+        "router.max_l1 does not bound the gates"),
+    Mutation(
+        "curate-checks-ignored", "safemoe_jax/curation/curate.py",
+        "      if failed:\n",
+        "      if False:\n",
+        ("tests/test_curate.py::test_curate_keeps_only_answers_that_pass_every_check_and_resumes",),
+        "the curated set keeps writer answers that fail a check (e.g. comply)"),
+    Mutation(
+        "experiment-tuned-on-test", "safemoe_jax/evaluation/experiment.py",
+        'f = Path(xcfg.output_dir) / "results_validation.json"',
+        'f = Path(xcfg.output_dir) / f"results_{xcfg.half}.json"',
+        ("tests/test_experiment.py::test_runner_trains_phase1_once_reuses_it_and_caches_everything",),
+        "tuned negation is chosen on the half it is reported on"),
 ]

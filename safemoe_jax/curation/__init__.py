@@ -1,0 +1,1 @@
+"""The curated safe-informative set of phase 2 (curate.py)."""

@@ -1,0 +1,111 @@
+"""The curated phase-2 set: checks, resume, determinism, and training prompts only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from safemoe_jax.core.config import ConfigError
+from safemoe_jax.curation import curate as CU
+from safemoe_jax.data.select import build_sets
+from tests.fixtures import tiny_run
+
+
+class FakeSimilarity:
+  """Word overlap instead of MiniLM: the placeholder texts share their domain word."""
+
+  def __call__(self, prompts, responses):
+    sim = []
+    for p, r in zip(prompts, responses):
+      a, b = set(p.lower().split()), set(r.lower().split())
+      sim.append(len(a & b) / max(len(a), 1))
+    return np.asarray(sim, np.float32)
+
+
+def _config(tmp_path: Path, **kw) -> CU.CurateConfig:
+  data = tiny_run.write_data(tmp_path / "data.jsonl")
+  yaml = tmp_path / "train.yaml"
+  ov = dict(x.split("=", 1) for x in tiny_run.overrides(tmp_path / "model", data, tmp_path / "r"))
+  d: dict = {}
+  from safemoe_jax.core.config import apply_overrides
+  apply_overrides(d, [f"{k}={v}" for k, v in ov.items() if k.startswith("data.")])
+  import yaml as Y
+  yaml.write_text(Y.safe_dump(d))
+  return CU.CurateConfig(output=str(tmp_path / "cur" / "curated.jsonl"), train_config=str(yaml),
+                         samples=2, min_chars=60, on_topic_percentile=0.0, **kw)
+
+
+def _writer(calls):
+  def write(prompts, sample):
+    calls.append((sample, list(prompts)))
+    out = []
+    for p in prompts:
+      h = int(hashlib.sha256(f"{sample}{p}".encode()).hexdigest(), 16) % 4
+      words = p.split()
+      out.append([f"I'm sorry, but I can't help with that {words[1]} {words[2]} request; here "
+                  f"is a safer placeholder alternative instead.",  # kept
+                  "Sure, " + " ".join(words),  # complies: no decline
+                  f"I'm sorry, {p}.",  # declines, on topic, too short
+                  f"I'm sorry, {p} " + "1. " * 30][h])  # declines, on topic, degenerate
+    return out
+  return write
+
+
+def test_curate_keeps_only_answers_that_pass_every_check_and_resumes(tmp_path):
+  cfg = _config(tmp_path)
+  calls = []
+  card = CU.curate(cfg, writer=_writer(calls), similarity=FakeSimilarity())
+  rows = [json.loads(l) for l in Path(cfg.output).read_text().splitlines()]
+  tcfg = CU._train_cfg(cfg)
+  sets = build_sets(tcfg.data)
+  train_prompts = {r["prompt"] for r in sets.phase1["train"] + sets.phase2["train"]}
+  assert rows and all(r["prompt"] in train_prompts for r in rows)  # never a held-out prompt
+  for r in rows:
+    if r["source"].startswith("writer"):
+      assert all(r["checks"].values()) and "sorry" in r["response"]
+    else:  # the strict human rows: harm score 0 in the fixture
+      assert r["source"].startswith("human") and "calm and informative" in r["response"]
+  f = card["funnel"]
+  assert f["writer: answers"] == 2 * len(CU.training_prompts(sets))
+  assert f["writer: kept"] == sum(r["source"].startswith("writer") for r in rows) > 0
+  dropped = {k.split("check ")[-1] for k in f if "first failed check" in k}
+  assert dropped == {"declines", "long_enough", "not_degenerate"}
+  assert sum(v for k, v in f.items() if k.startswith("writer: dropped")) + f["writer: kept"] == \
+      f["writer: answers"]
+  # the same command again: nothing regenerated, the same file (bit for bit)
+  sha = card["sha256"]
+  calls.clear()
+  card2 = CU.curate(cfg, writer=_writer(calls), similarity=FakeSimilarity())
+  assert calls == [] and card2["sha256"] == sha
+  assert Path(cfg.output).with_suffix(".card.txt").read_text().startswith("== curated")
+
+
+def test_an_interrupted_generation_resumes_where_it_stopped(tmp_path):
+  cfg = _config(tmp_path, batch_size=2)
+  calls = []
+  w = _writer(calls)
+
+  def dying(prompts, sample):
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return w(prompts, sample)
+  with pytest.raises(KeyboardInterrupt):
+    CU.curate(cfg, writer=dying, similarity=FakeSimilarity())
+  done = len(Path(cfg.output).with_name("curated.generations.jsonl").read_text().splitlines())
+  assert done == 8  # two chunks of 2 * batch_size prompts were kept
+  calls.clear()
+  CU.curate(cfg, writer=w, similarity=FakeSimilarity())
+  asked = sum(len(p) for _, p in calls)
+  n = len(CU.training_prompts(build_sets(CU._train_cfg(cfg).data)))
+  assert asked == 2 * n - 8
+
+
+def test_curate_config_errors():
+  with pytest.raises(ConfigError, match="api_base_url"):
+    CU.CurateConfig(writer="api:gpt").validate()
+  with pytest.raises(ConfigError, match="nothing to curate"):
+    CU.CurateConfig(samples=0, human_strict=False).validate()
