@@ -31,6 +31,7 @@ MUTATIONS: list[Mutation] = [
         "train-phase2-frozen-router", "safemoe_jax/train/loop.py",
         "    self.tx, self.sched = make_optimizer(pc)\n",
         "    self.tx, self.sched = make_optimizer(pc)\n"
+        "    import optax  # loop.py itself no longer imports optax (train/optim.py does)\n"
         "    self.tx = optax.chain(self.tx, optax.scale(0.0 if name == 'phase2' else 1.0))\n",
         ("tests/test_train.py::test_both_phases_run_loss_falls_and_phase2_freezes_base_and_experts",),
         "phase 2's updates are scaled to zero: the router never moves"),
