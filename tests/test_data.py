@@ -363,7 +363,7 @@ def test_loss_mask_covers_exactly_the_response_tokens(tok):
   assert batch["domains"].tolist() == [[1, 0], [0, 1], [1, 0]]
   assert {k: v.dtype.name for k, v in batch.items()} == {
       "input_ids": "int32", "attention_mask": "int32", "loss_mask": "int32",
-      "prompt_mask": "int32", "domains": "float32", "example_index": "int64"}
+      "prompt_mask": "int32", "domains": "float32", "kind": "int32", "example_index": "int64"}
 
 
 def test_template_that_is_not_a_prefix_is_an_error():
