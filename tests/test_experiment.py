@@ -56,6 +56,7 @@ def tiny(tmp_path_factory):
   return tiny_run.write_model(d / "model"), tiny_run.write_data(d / "data.jsonl")
 
 
+@pytest.mark.slow
 def test_runner_trains_phase1_once_reuses_it_and_caches_everything(tiny, tmp_path, monkeypatch):
   model_dir, data = tiny
   ov = [o for o in tiny_run.overrides(model_dir, data, tmp_path / "unused")

@@ -149,6 +149,7 @@ def test_plain_objective_is_the_paper_objective_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_npo_pushes_harmful_answers_below_the_base_model():
   """Trained on harmful rows only, NPO lowers their likelihood relative to the base model."""
   from safemoe_jax.core.config import ObjectiveConfig

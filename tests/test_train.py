@@ -178,6 +178,7 @@ def test_phase2_objective_and_its_rows_go_together(override, match):
     train_cfg.load_config(None, override)
 
 
+@pytest.mark.slow
 def test_phase2_with_curated_targets_a_contrast_and_a_retain_term(tiny, tmp_path):
   """The curated set replaces the selection (rows on held-out prompts dropped and counted);
   phase 1's harmful answers and benign retain rows join phase 2 with their kinds, and every term
