@@ -109,3 +109,20 @@ def test_curate_config_errors():
     CU.CurateConfig(writer="api:gpt").validate()
   with pytest.raises(ConfigError, match="nothing to curate"):
     CU.CurateConfig(samples=0, human_strict=False).validate()
+
+
+def test_a_torn_last_line_of_the_generation_cache_costs_one_answer_only(tmp_path):
+  """A kill in the middle of a write leaves half a line: the next run regenerates that answer and
+  appends on a line of its own, so its answers are read back on the run after."""
+  cfg = _config(tmp_path)
+  calls = []
+  CU.curate(cfg, writer=_writer(calls), similarity=FakeSimilarity())
+  f = Path(cfg.output).with_name("curated.generations.jsonl")
+  lines = f.read_text().splitlines()
+  f.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # torn
+  calls.clear()
+  CU.curate(cfg, writer=_writer(calls), similarity=FakeSimilarity())
+  assert sum(len(p) for _, p in calls) == 1  # only the torn answer again
+  calls.clear()
+  CU.curate(cfg, writer=_writer(calls), similarity=FakeSimilarity())
+  assert calls == []  # and it was kept this time

@@ -43,6 +43,7 @@ from safemoe_jax.data.card import write_safe_informative
 from safemoe_jax.data.select import DataSets, build_sets
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.errors import SafeMoEError
+from safemoe_jax.evaluation.cache import JsonlCache
 from safemoe_jax.infer.generate import chat_generate_many
 from safemoe_jax.io import base as B
 from safemoe_jax.judging import bert as bt
@@ -129,7 +130,7 @@ class Similarity:
     return np.sum(self.embed(prompts) * self.embed(responses), -1)
 
 
-def checks(prompt: str, response: str, sim: float, tau: float, min_chars: int) -> dict:
+def checks(response: str, sim: float, tau: float, min_chars: int) -> dict:
   t = response.strip()
   return {"declines": bool(is_refusal(t)), "on_topic": bool(sim >= tau),
           "long_enough": len(t) >= min_chars, "not_degenerate": not is_degenerate(t)}
@@ -201,33 +202,22 @@ def training_prompts(sets: DataSets, max_prompts: int = 0) -> dict[str, list[str
 
 def generate_cached(prompts: Sequence[str], write: Writer, ccfg: CurateConfig, cache: Path,
                     ) -> dict[tuple[int, str], str]:
-  """{(sample, prompt): answer}; what is already in `cache` is not generated again, and each
-  chunk is appended as soon as it is written (an interruption loses at most one chunk)."""
-  got: dict[tuple[int, str], str] = {}
-  if cache.exists():
-    for line in cache.read_text().splitlines():
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError:  # a line cut by an interruption
-        continue
-      if r.get("writer") == ccfg.writer and r.get("system") == ccfg.system_prompt:
-        got[(r["sample"], r["prompt"])] = r["response"]
-  cache.parent.mkdir(parents=True, exist_ok=True)
+  """{(sample, prompt): answer}; what is already in `cache` (for this writer and system prompt)
+  is not generated again, and each chunk is appended as soon as it is written (an interruption
+  loses at most one chunk; evaluation.cache.JsonlCache cuts a torn last line)."""
+  store = JsonlCache(cache)
+  key = lambda s, p: json.dumps([ccfg.writer, ccfg.system_prompt, s, p])
   chunk = max(ccfg.batch_size * 2, 1)
-  with open(cache, "a") as f:
-    for s in range(ccfg.samples):
-      todo = [p for p in prompts if (s, p) not in got]
-      for i in range(0, len(todo), chunk):
-        part = todo[i:i + chunk]
-        t0 = time.perf_counter()
-        for p, a in zip(part, write(part, s)):
-          got[(s, p)] = a
-          f.write(json.dumps({"writer": ccfg.writer, "system": ccfg.system_prompt, "sample": s,
-                              "prompt": p, "response": a}) + "\n")
-        f.flush()
-        log.info(f"sample {s + 1}/{ccfg.samples}: {min(i + chunk, len(todo))}/{len(todo)} "
-            f"prompts written ({time.perf_counter() - t0:.0f} s for {len(part)})")
-  return got
+  for s in range(ccfg.samples):
+    todo = [p for p in prompts if key(s, p) not in store]
+    for i in range(0, len(todo), chunk):
+      part = todo[i:i + chunk]
+      t0 = time.perf_counter()
+      store.add({"key": key(s, p), "writer": ccfg.writer, "sample": s, "prompt": p,
+                 "response": a} for p, a in zip(part, write(part, s)))
+      log.info(f"sample {s + 1}/{ccfg.samples}: {min(i + chunk, len(todo))}/{len(todo)} "
+               f"prompts written ({time.perf_counter() - t0:.0f} s for {len(part)})")
+  return {(s, p): store.get(key(s, p))["response"] for s in range(ccfg.samples) for p in prompts}
 
 
 def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
@@ -257,7 +247,7 @@ def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
     funnel["human: harm 0, objective not achieved, >= 40 chars"] = len(cand)
     s = sim([r["prompt"] for r in cand], [r["response"] for r in cand])
     for r, x in zip(cand, s):
-      c = checks(r["prompt"], r["response"], float(x), tau, 0)
+      c = checks(r["response"], float(x), tau, 0)
       if not (c["on_topic"] and c["not_degenerate"]):
         funnel["human: dropped (off topic or degenerate)"] += 1
         continue
@@ -283,7 +273,7 @@ def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
     for k, x in zip(keys, s):
       sample, p = k
       funnel["writer: answers"] += 1
-      c = checks(p, gens[k], float(x), tau, ccfg.min_chars)
+      c = checks(gens[k], float(x), tau, ccfg.min_chars)
       failed = [n for n, ok in c.items() if not ok]
       if failed:
         funnel[f"writer: dropped, first failed check {failed[0]}"] += 1

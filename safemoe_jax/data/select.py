@@ -13,7 +13,7 @@ from typing import Literal, Sequence
 
 from safemoe_jax.io import assets
 from safemoe_jax.data.config import DataConfig, DataError, Record
-from safemoe_jax.data.sources import HubLoader, prompt_key
+from safemoe_jax.data.sources import HubLoader, json_lines, prompt_key
 from safemoe_jax.data.records import _unit, assign_splits, load_records
 
 
@@ -85,16 +85,10 @@ def _jsonl_rows(path: str, what: str) -> list[dict]:
   if not f.is_file():
     raise DataError(f"{what} file {f} does not exist")
   rows = []
-  for i, line in enumerate(f.read_text().splitlines()):
-    if not line.strip():
-      continue
-    try:
-      r = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{f}:{i + 1}: not JSON ({e})") from None
+  for n, r in json_lines(str(f), f.read_text()):
     if not (isinstance(r, dict) and str(r.get("prompt", "")).strip()
             and str(r.get("response", "")).strip()):
-      raise DataError(f"{f}:{i + 1}: a {what} row needs non-empty 'prompt' and 'response'")
+      raise DataError(f"{f} line {n}: a {what} row needs non-empty 'prompt' and 'response'")
     rows.append(r)
   if not rows:
     raise DataError(f"{what} file {f} has no rows")

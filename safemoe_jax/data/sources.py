@@ -201,19 +201,23 @@ def _read_advbench(src: _Src) -> Iterator[tuple[str, dict]]:
              {"prompt": s.get("value", ""), "labels": {"categories": s.get("harm_categories", [])}})
 
 
+def json_lines(name: str, text: str) -> Iterator[tuple[int, Any]]:
+  """(line number, value) of each non-empty line of a JSON-lines text; a bad line is an error."""
+  for i, line in enumerate(text.splitlines()):
+    if line.strip():
+      try:
+        yield i + 1, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{name} line {i + 1}: not valid JSON ({e})") from None
+
+
 def _read_donotanswer(src: _Src) -> Iterator[tuple[str, dict]]:
   for name, text in _wheel_members(src):
     area = Path(name).stem
-    for i, line in enumerate(text.splitlines()):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{name} line {i + 1}: not valid JSON ({e})") from None
+    for n, row in json_lines(name, text):
       if "prompt" not in row:
-        raise DataError(f"{name} line {i + 1}: no 'prompt' field (fields: {sorted(row)})")
-      yield (f"{name} line {i + 1}",
+        raise DataError(f"{name} line {n}: no 'prompt' field (fields: {sorted(row)})")
+      yield (f"{name} line {n}",
              {"prompt": row["prompt"], "domains": [area],
               "labels": {"intents": row.get("intents", [])}})
 

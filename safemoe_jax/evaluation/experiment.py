@@ -42,6 +42,7 @@ from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.evaluation.baselines import train_single_lora
 from safemoe_jax.evaluation.benchmarks import collect_benchmarks
+from safemoe_jax.evaluation.cache import JsonlCache
 from safemoe_jax.evaluation.config import EvalConfig
 from safemoe_jax.infer.generate import chat_generate_many
 from safemoe_jax.io import base as B
@@ -189,34 +190,26 @@ def train_all(xcfg: ExperimentConfig) -> dict[int, dict[str, Path]]:
 # --------------------------------------------------------------------------------------------
 
 
-class Cache:
-  def __init__(self, path: Path):
-    self.path, self.rows = path, {}
-    if path.exists():
-      for line in path.read_text().splitlines():
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        self.rows[(r["system"], r["prompt"])] = r["text"]
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _gkey(system: str, prompt: str) -> str:
+  return json.dumps([system, prompt])
 
-  def add(self, system: str, prompt: str, text: str) -> None:
-    self.rows[(system, prompt)] = text
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"system": system, "prompt": prompt, "text": text}) + "\n")
+
+def _text(cache: JsonlCache, system: str, prompt: str) -> str | None:
+  r = cache.get(_gkey(system, prompt))
+  return None if r is None else r["text"]
 
 
 def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: Sequence[str],
-              cache: Cache, xcfg: ExperimentConfig) -> None:
-  todo = [(s, p) for s in systems for p in prompts if (s, p) not in cache.rows]
+              cache: JsonlCache, xcfg: ExperimentConfig) -> None:
+  todo = [(s, p) for s in systems for p in prompts if _gkey(s, p) not in cache]
   if not todo:
     return
   t0 = time.perf_counter()
 
   def on_batch(idx, seconds, res):
     for i in idx:
-      cache.add(todo[i][0], todo[i][1], res[i]["text"])
+      s, p = todo[i]
+      cache.add([{"key": _gkey(s, p), "system": s, "prompt": p, "text": res[i]["text"]}])
 
   chat_generate_many(model, tok, [p for _, p in todo], max_new_tokens=xcfg.max_new_tokens,
                        gates=[systems[s] for s, _ in todo], batch_size=xcfg.batch_size,
@@ -231,12 +224,12 @@ def _load_run(d: Path):
 
 
 def generate_all(xcfg: ExperimentConfig, runs) -> tuple[dict, list, list]:
-  """-> ({seed: Cache}, harmful [(bench, prompt)], benign [(bench, prompt)])."""
+  """-> ({seed: JsonlCache}, harmful [(bench, prompt)], benign [(bench, prompt)])."""
   root = Path(xcfg.output_dir)
   caches, harm, ben = {}, None, None
   tuned = tuned_lambda(xcfg) if xcfg.half == "test" else None  # chosen on validation only
   for s in xcfg.seeds:
-    cache = caches[s] = Cache(root / f"seed{s}" / f"generations_{xcfg.half}.jsonl")
+    cache = caches[s] = JsonlCache(root / f"seed{s}" / f"generations_{xcfg.half}.jsonl")
     cfg, mcfg, params, tok, model = _load_phase1(runs[s]["phase1"])
     if harm is None:
       data = build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
@@ -320,20 +313,20 @@ def nested_bootstrap(a_SP: np.ndarray, b_SP: np.ndarray, n_boot: int, seed: int 
 
 
 def summarize(xcfg: ExperimentConfig, caches: dict, harm, ben) -> dict[str, Any]:
-  systems = sorted({s for c in caches.values() for s, _ in c.rows})
+  systems = sorted({r["system"] for c in caches.values() for r in c.rows.values()})
   out: dict[str, Any] = {"half": xcfg.half, "seeds": list(xcfg.seeds), "n_harmful": len(harm),
                          "n_benign": len(ben), "systems": {}, "tuned_lambda": tuned_lambda(xcfg)
                          if xcfg.half == "test" else None}
   mats: dict[str, dict[str, np.ndarray]] = {}
   for sname in systems:
-    if not all(all((sname, p) in caches[s].rows for _, p in harm) for s in xcfg.seeds):
+    if not all(all(_gkey(sname, p) in caches[s] for _, p in harm) for s in xcfg.seeds):
       continue  # not generated for every seed (e.g. tuned negation before validation)
     m = {}
     for kind, ps in (("harmful", harm), ("benign", ben)):
-      sc = [[score(caches[s].rows[(sname, p)], kind) for _, p in ps] for s in xcfg.seeds]
+      sc = [[score(_text(caches[s], sname, p), kind) for _, p in ps] for s in xcfg.seeds]
       for key in (sc[0][0] if sc and sc[0] else {}):
         m[f"{kind}.{key}"] = np.array([[x[key] for x in row] for row in sc], float)
-      m[f"{kind}.len"] = np.array([[len(caches[s].rows[(sname, p)]) for _, p in ps]
+      m[f"{kind}.len"] = np.array([[len(_text(caches[s], sname, p)) for _, p in ps]
                                    for s in xcfg.seeds], float)
     mats[sname] = m
   for sname, m in mats.items():

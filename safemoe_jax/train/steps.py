@@ -47,13 +47,20 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def forward(model: SafeMoELM, batch: dict[str, jax.Array], routing: str,
+            dropout_rng: jax.Array | None = None, fixed_weights=None
+            ) -> tuple[jax.Array, dict[str, Any]]:
+  """The model on a training batch: (logits, aux), routing statistics over the response tokens."""
+  return model(batch["input_ids"], batch["attention_mask"], routing=routing,
+               domains=batch.get("domains"), fixed_weights=fixed_weights,
+               prompt_mask=batch.get("prompt_mask"), stats_mask=batch["loss_mask"],
+               dropout_rng=dropout_rng)
+
+
 def forward_loss(model: SafeMoELM, batch: dict[str, jax.Array], routing: str,
                  dropout_rng: jax.Array | None = None, fixed_weights=None
                  ) -> tuple[jax.Array, dict[str, Any]]:
-  logits, aux = model(batch["input_ids"], batch["attention_mask"], routing=routing,
-                      domains=batch.get("domains"), fixed_weights=fixed_weights,
-                      prompt_mask=batch.get("prompt_mask"), stats_mask=batch["loss_mask"],
-                      dropout_rng=dropout_rng)
+  logits, aux = forward(model, batch, routing, dropout_rng, fixed_weights)
   per_ex, n_ex, ce = masked_ce(logits, batch["input_ids"], batch["loss_mask"])
   loss = ce + aux["aux_loss"]
   metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"], "tokens": jnp.sum(n_ex),
@@ -157,9 +164,7 @@ def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformati
 
   def objective_loss(p, frozen, mb, rng, n_total, norms):
     model = merge(p, frozen)
-    logits, aux = model(mb["input_ids"], mb["attention_mask"], routing=routing,
-                        domains=mb.get("domains"), prompt_mask=mb.get("prompt_mask"),
-                        stats_mask=mb["loss_mask"], dropout_rng=rng)
+    logits, aux = forward(model, mb, routing, rng)
     per_ex, n_ex, _ = masked_ce(logits, mb["input_ids"], mb["loss_mask"])  # every row: metrics
     m = {"aux_loss": aux["aux_loss"], "tokens": jnp.sum(n_ex), "per_example_nll": per_ex,
          "per_example_tokens": n_ex}
