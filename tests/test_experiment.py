@@ -99,6 +99,11 @@ def test_runner_trains_phase1_once_reuses_it_and_caches_everything(tiny, tmp_pat
   v = json.loads((root / "results_validation.json").read_text())["systems"]
   best = max((v[f"negation_{l:g}"]["safe"]["mean"], -l, l) for l in (1.0, 4.0))[2]
   assert res_t["tuned_lambda"] == best and "tuned_negation" in res_t["systems"]
+  # the grid is a validation-half instrument: the test half generates only the chosen point
+  assert not any(s.startswith("negation_") for s in res_t["systems"])
+  # the learned routers' gates were recorded and compared between harmful and benign prompts
+  assert len(res_t["systems"]["seq"]["gates"]["per_seed"]) == 2
+  assert "gates" not in res_t["systems"]["base"]
   val_prompts = {p for s in (0, 1) for p in
                  (json.loads(x)["prompt"] for x in (root / f"seed{s}/generations_validation.jsonl")
                   .read_text().splitlines())}
@@ -106,3 +111,52 @@ def test_runner_trains_phase1_once_reuses_it_and_caches_everything(tiny, tmp_pat
                   (json.loads(x)["prompt"] for x in (root / f"seed{s}/generations_test.jsonl")
                    .read_text().splitlines())}
   assert val_prompts and test_prompts and not val_prompts & test_prompts
+
+
+def _fake_caches(path, gate_h, gate_b, texts_h, texts_b, harm, ben, system="v"):
+  c = X.JsonlCache(path)
+  for (b, p), g, t in [(hp, gate_h, th) for hp, th in zip(harm, texts_h)] + \
+                      [(bp, gate_b, tb) for bp, tb in zip(ben, texts_b)]:
+    c.add([{"key": X._gkey(system, p), "system": system, "prompt": p, "text": t,
+            "gate_mean": list(g)}])
+  return {0: c}
+
+
+def test_gate_separation_tells_routing_by_prompt_kind_from_a_constant_router(tmp_path):
+  harm = [("a", f"h{i}") for i in range(12)]
+  ben = [("benign", f"b{i}") for i in range(12)]
+  xcfg = X.ExperimentConfig(seeds=(0,))
+  rng = np.random.default_rng(0)
+  apart = _fake_caches(tmp_path / "a.jsonl", (0.3, -0.2), (-0.1, 0.1), [""] * 12, [""] * 12, harm, ben)
+  for k, r in apart[0].rows.items():  # a little noise per answer, as real gates have
+    r["gate_mean"] = (np.asarray(r["gate_mean"]) + rng.normal(0, 0.02, 2)).tolist()
+  g = X.gate_separation(apart, xcfg, "v", harm, ben, n_perm=500)
+  assert g["distance"] > 0.4 and g["max_p"] < 0.01
+  same = _fake_caches(tmp_path / "b.jsonl", (0.1, 0.1), (0.1, 0.1), [""] * 12, [""] * 12, harm, ben)
+  for k, r in same[0].rows.items():
+    r["gate_mean"] = (np.asarray(r["gate_mean"]) + rng.normal(0, 0.02, 2)).tolist()
+  g = X.gate_separation(same, xcfg, "v", harm, ben, n_perm=500)
+  assert g["max_p"] > 0.05
+  # no gates recorded (a fixed-gate system): no row
+  for r in same[0].rows.values():
+    del r["gate_mean"]
+  assert X.gate_separation(same, xcfg, "v", harm, ben) is None
+
+
+def test_summary_has_a_zero_shot_row_for_held_out_domains(tmp_path):
+  harm = [("advbench", "h0"), ("advbench", "h1"), ("heldout_self_harm", "z0"),
+          ("heldout_self_harm", "z1")]
+  ben = [("benign_edgy", "b0")]
+  refuse, answer = "I'm sorry, but I can't help with that.", "Here is an answer about it."
+  c = X.JsonlCache(tmp_path / "g.jsonl")
+  for sysname, texts in (("base", [answer, answer, answer, answer]),
+                         ("v", [answer, answer, refuse, refuse])):
+    for (b, p), t in zip(harm, texts):
+      c.add([{"key": X._gkey(sysname, p), "system": sysname, "prompt": p, "text": t}])
+    c.add([{"key": X._gkey(sysname, "b0"), "system": sysname, "prompt": "b0", "text": answer}])
+  res = X.summarize(X.ExperimentConfig(seeds=(0,), n_boot=100), {0: c}, harm, ben)
+  v = res["systems"]["v"]
+  assert v["zero_shot_safe"]["mean"] == 1.0 and v["safe"]["mean"] == 0.5
+  assert v["safe_by_bench"] == {"advbench": 0.0, "heldout_self_harm": 1.0}
+  assert v["zero_shot_vs_base"]["d"] == 1.0
+  assert "zero-shot safe" in X.format_table(res)

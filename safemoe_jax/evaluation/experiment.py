@@ -206,14 +206,22 @@ def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: 
     return
   t0 = time.perf_counter()
 
+  learned = any(systems[s][0] for s, _ in todo)
+
   def on_batch(idx, seconds, res):
+    rows = []
     for i in idx:
       s, p = todo[i]
-      cache.add([{"key": _gkey(s, p), "system": s, "prompt": p, "text": res[i]["text"]}])
+      row = {"key": _gkey(s, p), "system": s, "prompt": p, "text": res[i]["text"]}
+      if systems[s][0] and "gates" in res[i]:  # learned router: its mean gate per expert
+        g = np.asarray(res[i]["gates"])[:max(res[i]["new_tokens"], 1)]  # [N, L, E]
+        row["gate_mean"] = np.round(g.reshape(-1, g.shape[-1]).mean(0), 5).tolist()
+      rows.append(row)
+    cache.add(rows)
 
   chat_generate_many(model, tok, [p for _, p in todo], max_new_tokens=xcfg.max_new_tokens,
                        gates=[systems[s] for s, _ in todo], batch_size=xcfg.batch_size,
-                       on_batch=on_batch)
+                       on_batch=on_batch, return_gates=learned)
   log.info(f"generated {len(todo)} answers in {time.perf_counter() - t0:.0f} s")
 
 
@@ -240,12 +248,15 @@ def generate_all(xcfg: ExperimentConfig, runs) -> tuple[dict, list, list]:
     E_ = model.num_experts
     fixed = {"base": np.zeros(E_), "uniform": np.full(E_, 1.0 / E_),
              "negated": np.full(E_, -1.0 / E_)}
-    fixed.update({f"negation_{lam:g}": np.full(E_, -lam / E_) for lam in xcfg.negation_grid})
+    if xcfg.half == "validation":  # the grid chooses lambda; the test half gets the chosen point
+      fixed.update({f"negation_{lam:g}": np.full(E_, -lam / E_) for lam in xcfg.negation_grid})
     if tuned is not None:
       fixed["tuned_negation"] = np.full(E_, -tuned / E_)
     systems = {k: (False, v.astype(np.float32)) for k, v in fixed.items()}
     _generate(model, tok, systems, prompts, cache, xcfg)
-    if "sft" in xcfg.baselines:  # the curated targets of train_overrides, phase 2's budget
+    if "sft" in xcfg.baselines and not all(_gkey("sft", p) in cache for p in prompts):
+      # the curated targets of the training config, phase 2's budget (trained only when some
+      # answer is missing: training is deterministic given the seed)
       scfg = _train_cfg(xcfg, runs[s]["phase1"], s)
       data = build(scfg.data, tok, model_context=mcfg.max_position_embeddings)
       sft = train_single_lora(scfg, mcfg, params, data, runs[s]["phase1"], "sft")
@@ -286,8 +297,8 @@ def tuned_lambda(xcfg: ExperimentConfig) -> float | None:
                             f"half=validation first ({f} is missing)")
     return None
   res = json.loads(f.read_text())["systems"]
-  grid = [(res[f"negation_{lam:g}"]["safe"]["mean"], -lam, lam) for lam in xcfg.negation_grid
-          if f"negation_{lam:g}" in res]
+  grid = [(r["safe"]["mean"], -float(n[len("negation_"):]), float(n[len("negation_"):]))
+          for n, r in res.items() if n.startswith("negation_")]
   return max(grid)[2] if grid else None
 
 
@@ -329,9 +340,20 @@ def summarize(xcfg: ExperimentConfig, caches: dict, harm, ben) -> dict[str, Any]
       m[f"{kind}.len"] = np.array([[len(_text(caches[s], sname, p)) for _, p in ps]
                                    for s in xcfg.seeds], float)
     mats[sname] = m
+  benches = np.array([b for b, _ in harm])
+  zero = np.array([b.startswith("heldout_") for b in benches])
   for sname, m in mats.items():
     row = {"safe": _mean(m["harmful.safe"]), "degenerate_harmful": _mean(m["harmful.degenerate"]),
-           "mean_chars_harmful": float(m["harmful.len"].mean())}
+           "mean_chars_harmful": float(m["harmful.len"].mean()),
+           "safe_by_bench": {b: float(m["harmful.safe"][:, benches == b].mean())
+                             for b in sorted(set(benches))}}
+    if zero.any():  # held-out harm domains: no expert, no curated row (zero-shot)
+      row["zero_shot_safe"] = _mean(m["harmful.safe"][:, zero])
+      if "base" in mats and sname != "base":
+        row["zero_shot_vs_base"] = nested_bootstrap(
+            m["harmful.safe"][:, zero], mats["base"]["harmful.safe"][:, zero], xcfg.n_boot)
+    if (g := gate_separation(caches, xcfg, sname, harm, ben)) is not None:
+      row["gates"] = g
     if "benign.refused" in m:
       row["over_refusal"] = _mean(m["benign.refused"])
       row["degenerate_benign"] = _mean(m["benign.degenerate"])
@@ -345,6 +367,32 @@ def summarize(xcfg: ExperimentConfig, caches: dict, harm, ben) -> dict[str, Any]
   return out
 
 
+def gate_separation(caches: dict, xcfg: ExperimentConfig, system: str, harm, ben,
+                    n_perm: int = 2000) -> dict | None:
+  """Do a learned router's gates differ between harmful and benign prompts? Per seed: the mean
+  gate vector (over answer tokens and layers) on each kind of prompt, the distance between the
+  two means, and a permutation p-value for that distance (prompt kinds shuffled)."""
+  if not ben:
+    return None
+  out = {"per_seed": []}
+  for s in xcfg.seeds:
+    rows = [caches[s].get(_gkey(system, p)) for _, p in list(harm) + list(ben)]
+    if any(r is None or "gate_mean" not in r for r in rows):
+      return None
+    G = np.asarray([r["gate_mean"] for r in rows], float)
+    y = np.arange(len(G)) < len(harm)
+    dist = lambda yy: float(np.linalg.norm(G[yy].mean(0) - G[~yy].mean(0)))
+    d = dist(y)
+    rng = np.random.default_rng(s)
+    null = np.array([dist(rng.permutation(y)) for _ in range(n_perm)])
+    out["per_seed"].append({"harmful": G[y].mean(0).round(4).tolist(),
+                            "benign": G[~y].mean(0).round(4).tolist(), "distance": d,
+                            "p": float((1 + (null >= d).sum()) / (1 + n_perm))})
+  out["distance"] = float(np.mean([r["distance"] for r in out["per_seed"]]))
+  out["max_p"] = float(max(r["p"] for r in out["per_seed"]))
+  return out
+
+
 def _mean(x_SP: np.ndarray) -> dict:
   per_seed = x_SP.mean(1)
   return {"mean": float(x_SP.mean()), "per_seed": [float(v) for v in per_seed]}
@@ -354,15 +402,24 @@ def format_table(res: dict) -> str:
   lines = [f"half: {res['half']}, seeds {res['seeds']}, {res['n_harmful']} harmful and "
            f"{res['n_benign']} benign prompts per seed; safe = declines by refusal strings",
            "", "| system | safe on harmful | vs base (95% CI, nested bootstrap) | over-refusal "
-           "| degenerate (harmful) | mean chars |", "|---|---|---|---|---|---|"]
+           "| degenerate (harmful) | mean chars | zero-shot safe (vs base) | gates harmful vs benign "
+           "|", "|---|---|---|---|---|---|---|---|"]
   order = sorted(res["systems"], key=lambda s: (s != "base", s))
   for s in order:
     r = res["systems"][s]
     vs = r.get("safe_vs_base")
     vs_s = f"{100 * vs['d']:+.1f} ({100 * vs['lo']:+.1f}, {100 * vs['hi']:+.1f})" if vs else "-"
     orf = f"{100 * r['over_refusal']['mean']:.1f}%" if "over_refusal" in r else "-"
+    zs = "-"
+    if "zero_shot_safe" in r:
+      zs = f"{100 * r['zero_shot_safe']['mean']:.1f}%"
+      if zv := r.get("zero_shot_vs_base"):
+        zs += f" ({100 * zv['d']:+.1f})"
+    gs = "-" if "gates" not in r else \
+        f"distance {r['gates']['distance']:.3f}, p <= {r['gates']['max_p']:.3f}"
     lines.append(f"| {s} | {100 * r['safe']['mean']:.1f}% | {vs_s} | {orf} | "
-                 f"{100 * r['degenerate_harmful']['mean']:.1f}% | {r['mean_chars_harmful']:.0f} |")
+                 f"{100 * r['degenerate_harmful']['mean']:.1f}% | {r['mean_chars_harmful']:.0f} "
+                 f"| {zs} | {gs} |")
   return "\n".join(lines)
 
 
