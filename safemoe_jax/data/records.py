@@ -147,7 +147,8 @@ def load_records(cfg: DataConfig, *, hub_loader: HubLoader | None = None
   """All sources -> deduplicated records, and a report of what was read, skipped and merged."""
   cfg.validate()
   hub_loader = hub_loader or _default_hub_loader
-  expert = set(cfg.domains)
+  # held-out domains are declared labels (zero-shot: evaluated, no expert), not unknown ones
+  expert = set(cfg.domains) | set(cfg.split.held_out_domains)
   counts = _Counts()
   records: list[Record] = []
   index: dict[tuple, int] = {}
