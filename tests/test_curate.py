@@ -126,3 +126,15 @@ def test_a_torn_last_line_of_the_generation_cache_costs_one_answer_only(tmp_path
   calls.clear()
   CU.curate(cfg, writer=_writer(calls), similarity=FakeSimilarity())
   assert calls == []  # and it was kept this time
+
+
+def test_the_training_config_may_name_the_file_being_built(tmp_path):
+  """configs/sweep_train.yaml trains on the set that curate builds from it: curate must not need
+  the file to exist (only the run's training prompts matter)."""
+  import yaml as Y
+  cfg = _config(tmp_path)
+  d = Y.safe_load(Path(cfg.train_config).read_text())
+  d["data"]["phase2_targets"] = cfg.output  # not built yet
+  Path(cfg.train_config).write_text(Y.safe_dump(d))
+  card = CU.curate(cfg, writer=_writer([]), similarity=FakeSimilarity())
+  assert Path(cfg.output).exists() and card["funnel"]["writer: kept"] > 0

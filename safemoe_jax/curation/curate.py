@@ -184,7 +184,10 @@ def _sha256(path: Path) -> str:
 
 
 def _train_cfg(ccfg: CurateConfig) -> TrainConfig:
-  return load_config(ccfg.train_config or None, [])
+  """The training run's config, without its phase-2 targets: the run may name the very file
+  this command builds (configs/sweep_train.yaml does), and only its training prompts matter."""
+  cfg = load_config(ccfg.train_config or None, [])
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, phase2_targets=""))
 
 
 def training_prompts(sets: DataSets, max_prompts: int = 0) -> dict[str, list[str]]:
