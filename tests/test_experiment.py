@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from safemoe_jax.core.config import ConfigError
 from safemoe_jax.evaluation import experiment as X
+from safemoe_jax.evaluation import experiment_results as XR
 from tests.fixtures import tiny_run
 
 
@@ -20,10 +21,10 @@ def test_nested_bootstrap_is_paired_and_centred():
   b = rng.random((3, 50)) < 0.3
   a = b.copy()
   a[:, :10] = True  # +x on every seed
-  r = X.nested_bootstrap(a, b, 2000)
+  r = XR.nested_bootstrap(a, b, 2000)
   assert r["d"] == pytest.approx((a.mean() - b.mean()))
   assert r["lo"] <= r["d"] <= r["hi"] and r["lo"] > 0
-  r0 = X.nested_bootstrap(b, b, 500)
+  r0 = XR.nested_bootstrap(b, b, 500)
   assert r0["d"] == r0["lo"] == r0["hi"] == 0.0  # paired: identical systems have no spread
 
 
@@ -95,7 +96,7 @@ def test_runner_trains_phase1_once_reuses_it_and_caches_everything(tiny, tmp_pat
                                       .read_text().splitlines()) for s in (0, 1)}
   # the test half: tuned negation is the validation half's best grid point
   res_t = X.run(X.ExperimentConfig(**{**X.C.to_dict(xcfg), "half": "test",
-                                      "variants": xcfg.variants}))
+                                      "variants": xcfg.variants, "test_variants": "all"}))
   v = json.loads((root / "results_validation.json").read_text())["systems"]
   best = max((v[f"negation_{l:g}"]["safe"]["mean"], -l, l) for l in (1.0, 4.0))[2]
   assert res_t["tuned_lambda"] == best and "tuned_negation" in res_t["systems"]
@@ -117,7 +118,7 @@ def _fake_caches(path, gate_h, gate_b, texts_h, texts_b, harm, ben, system="v"):
   c = X.JsonlCache(path)
   for (b, p), g, t in [(hp, gate_h, th) for hp, th in zip(harm, texts_h)] + \
                       [(bp, gate_b, tb) for bp, tb in zip(ben, texts_b)]:
-    c.add([{"key": X._gkey(system, p), "system": system, "prompt": p, "text": t,
+    c.add([{"key": XR._gkey(system, p), "system": system, "prompt": p, "text": t,
             "gate_mean": list(g)}])
   return {0: c}
 
@@ -130,17 +131,17 @@ def test_gate_separation_tells_routing_by_prompt_kind_from_a_constant_router(tmp
   apart = _fake_caches(tmp_path / "a.jsonl", (0.3, -0.2), (-0.1, 0.1), [""] * 12, [""] * 12, harm, ben)
   for k, r in apart[0].rows.items():  # a little noise per answer, as real gates have
     r["gate_mean"] = (np.asarray(r["gate_mean"]) + rng.normal(0, 0.02, 2)).tolist()
-  g = X.gate_separation(apart, xcfg, "v", harm, ben, n_perm=500)
+  g = XR.gate_separation(apart, xcfg, "v", harm, ben, n_perm=500)
   assert g["distance"] > 0.4 and g["max_p"] < 0.01
   same = _fake_caches(tmp_path / "b.jsonl", (0.1, 0.1), (0.1, 0.1), [""] * 12, [""] * 12, harm, ben)
   for k, r in same[0].rows.items():
     r["gate_mean"] = (np.asarray(r["gate_mean"]) + rng.normal(0, 0.02, 2)).tolist()
-  g = X.gate_separation(same, xcfg, "v", harm, ben, n_perm=500)
+  g = XR.gate_separation(same, xcfg, "v", harm, ben, n_perm=500)
   assert g["max_p"] > 0.05
   # no gates recorded (a fixed-gate system): no row
   for r in same[0].rows.values():
     del r["gate_mean"]
-  assert X.gate_separation(same, xcfg, "v", harm, ben) is None
+  assert XR.gate_separation(same, xcfg, "v", harm, ben) is None
 
 
 def test_summary_has_a_zero_shot_row_for_held_out_domains(tmp_path):
@@ -152,11 +153,39 @@ def test_summary_has_a_zero_shot_row_for_held_out_domains(tmp_path):
   for sysname, texts in (("base", [answer, answer, answer, answer]),
                          ("v", [answer, answer, refuse, refuse])):
     for (b, p), t in zip(harm, texts):
-      c.add([{"key": X._gkey(sysname, p), "system": sysname, "prompt": p, "text": t}])
-    c.add([{"key": X._gkey(sysname, "b0"), "system": sysname, "prompt": "b0", "text": answer}])
-  res = X.summarize(X.ExperimentConfig(seeds=(0,), n_boot=100), {0: c}, harm, ben)
+      c.add([{"key": XR._gkey(sysname, p), "system": sysname, "prompt": p, "text": t}])
+    c.add([{"key": XR._gkey(sysname, "b0"), "system": sysname, "prompt": "b0", "text": answer}])
+  res = XR.summarize(X.ExperimentConfig(seeds=(0,), n_boot=100), {0: c}, harm, ben)
   v = res["systems"]["v"]
   assert v["zero_shot_safe"]["mean"] == 1.0 and v["safe"]["mean"] == 0.5
   assert v["safe_by_bench"] == {"advbench": 0.0, "heldout_self_harm": 1.0}
   assert v["zero_shot_vs_base"]["d"] == 1.0
-  assert "zero-shot safe" in X.format_table(res)
+  assert "zero-shot safe" in XR.format_table(res)
+
+
+def _sys(safe, degenerate, over_refusal):
+  return {"safe": {"mean": safe}, "degenerate_harmful": {"mean": degenerate},
+          "over_refusal": {"mean": over_refusal}}
+
+
+def test_choose_takes_the_safest_variant_within_the_limits(tmp_path):
+  xcfg = X.ExperimentConfig(output_dir=str(tmp_path), variants={"a": [], "b": [], "c": [],
+                                                                 "d": []})
+  res = {"systems": {"base": _sys(0.10, 0.05, 0.05),
+                     "a": _sys(0.20, 0.07, 0.05),    # within both limits
+                     "b": _sys(0.40, 0.30, 0.05),    # safest, but degenerate (garbage)
+                     "c": _sys(0.35, 0.05, 0.20),    # safe by refusing benign prompts too
+                     "d": _sys(0.20, 0.05, 0.08),    # ties with a: a is listed first
+                     "sft": _sys(0.90, 0.0, 0.0)}}   # not a variant
+  assert XR.choose(res, xcfg) == "a"
+  res["systems"]["a"]["degenerate_harmful"]["mean"] = 0.0701  # now over base + 2 points
+  assert XR.choose(res, xcfg) == "d"
+  # the test half trains and answers with the chosen variant and its control only
+  (tmp_path / "results_validation.json").write_text(json.dumps({"chosen": "d"}))
+  test = X.ExperimentConfig(**{**X.C.to_dict(xcfg), "half": "test", "variants": xcfg.variants})
+  assert X.systems_of_half(test) == ({"d": []}, ("d",))
+  assert X.systems_of_half(X.ExperimentConfig(**{**X.C.to_dict(test), "variants": xcfg.variants,
+                                                 "test_variants": "all"}))[0] == xcfg.variants
+  (tmp_path / "results_validation.json").write_text(json.dumps({"chosen": None}))
+  with pytest.raises(X.ExperimentError, match="chose no variant"):
+    X.systems_of_half(test)

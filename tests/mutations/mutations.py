@@ -186,9 +186,33 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_curate.py::test_curate_keeps_only_answers_that_pass_every_check_and_resumes",),
         "the curated set keeps writer answers that fail a check (e.g. comply)"),
     Mutation(
-        "experiment-tuned-on-test", "safemoe_jax/evaluation/experiment.py",
+        "experiment-tuned-on-test", "safemoe_jax/evaluation/experiment_results.py",
         'f = Path(xcfg.output_dir) / "results_validation.json"',
         'f = Path(xcfg.output_dir) / f"results_{xcfg.half}.json"',
         ("tests/test_experiment.py::test_runner_trains_phase1_once_reuses_it_and_caches_everything",),
         "tuned negation is chosen on the half it is reported on"),
+    Mutation(
+        "experiment-variant-chosen-on-test", "safemoe_jax/evaluation/experiment.py",
+        'f = Path(xcfg.output_dir) / "results_validation.json"',
+        'f = Path(xcfg.output_dir) / f"results_{xcfg.half}.json"',
+        ("tests/test_experiment.py::test_choose_takes_the_safest_variant_within_the_limits",),
+        "the test half's variant is chosen on the test half"),
+    Mutation(
+        "experiment-choice-ignores-degenerate", "safemoe_jax/evaluation/experiment_results.py",
+        "        xcfg.max_degenerate_over_base + 1e-9:",
+        "        xcfg.max_degenerate_over_base + 1.0:",
+        ("tests/test_experiment.py::test_choose_takes_the_safest_variant_within_the_limits",),
+        "a variant that is 'safe' by producing garbage can be chosen"),
+    Mutation(
+        "experiment-gates-not-compared", "safemoe_jax/evaluation/experiment_results.py",
+        "    dist = lambda yy: float(np.linalg.norm(G[yy].mean(0) - G[~yy].mean(0)))",
+        "    dist = lambda yy: float(np.linalg.norm(G[yy].mean(0) - G.mean(0)))",
+        ("tests/test_experiment.py::test_gate_separation_tells_routing_by_prompt_kind_from_a_constant_router",),
+        "gates on harmful prompts compared with all prompts, not with the benign ones"),
+    Mutation(
+        "experiment-no-zero-shot-row", "safemoe_jax/evaluation/experiment_results.py",
+        'zero = np.array([b.startswith("heldout_") for b in benches])',
+        'zero = np.array([b.startswith("pyrit_") for b in benches])',
+        ("tests/test_experiment.py::test_summary_has_a_zero_shot_row_for_held_out_domains",),
+        "the zero-shot row is not the held-out domains"),
 ]
