@@ -65,6 +65,7 @@ class ExperimentConfig:
   # name -> overrides of phase 2 (router.*, objective.*, data.phase2_*, phase2.*)
   variants: dict = dataclasses.field(default_factory=dict)
   controls: tuple[str, ...] = ()  # variants also trained over random experts of matched norm
+  only_variants: tuple[str, ...] = ()  # run just these of `variants` (() = all of them)
   baselines: tuple[str, ...] = ("base", "uniform", "negated", "tuned_negation", "sft")
   negation_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # lambda: gates -lambda/E
   half: Literal["validation", "test"] = "validation"
@@ -90,6 +91,8 @@ class ExperimentConfig:
     if bad:
       raise C.ConfigError(f"variant names {bad}: use letters, digits and _ (not a baseline name "
                           f"or control_*)")
+    if unknown := [c for c in self.only_variants if c not in self.variants]:
+      raise C.ConfigError(f"only_variants {unknown} are not variants {sorted(self.variants)}")
     if unknown := [c for c in self.controls if c not in self.variants]:
       raise C.ConfigError(f"controls {unknown} are not variants {sorted(self.variants)}")
     if unknown := [b for b in self.baselines if b not in
@@ -164,7 +167,9 @@ def systems_of_half(xcfg: ExperimentConfig) -> tuple[dict, tuple[str, ...]]:
   """(variants, controls) this half trains and answers with: the test half, by default, only
   the variant chosen on the validation half and its control."""
   if xcfg.half == "validation" or xcfg.test_variants == "all":
-    return dict(xcfg.variants), tuple(xcfg.controls)
+    keep = set(xcfg.only_variants or xcfg.variants)
+    return ({k: v for k, v in xcfg.variants.items() if k in keep},
+            tuple(c for c in xcfg.controls if c in keep))
   f = Path(xcfg.output_dir) / "results_validation.json"
   if not f.exists():
     raise ExperimentError(f"the test half reports the variant chosen on the validation half: "

@@ -28,7 +28,8 @@ def choose(res: dict, xcfg) -> str | None:
   if base is None:
     return None
   ok = []
-  for i, v in enumerate(xcfg.variants):
+  for i, v in enumerate(v for v in xcfg.variants
+                       if not xcfg.only_variants or v in xcfg.only_variants):
     r = sy.get(v)
     if r is None:
       continue
