@@ -23,6 +23,7 @@ import numpy as np
 from safemoe_jax.infer.generate import generate
 from safemoe_jax.io.base import load_pretrained
 from safemoe_jax.io.tokenizer import apply_chat, left_pad, pad_id, stop_ids
+from safemoe_jax.judging import audit as AU
 from safemoe_jax.judging import learned as jt
 from safemoe_jax.judging.api import APIJudge
 from safemoe_jax.judging.labels import (LABELS, Judge, JudgeError, Verdict, check_pairs,
@@ -53,6 +54,12 @@ class RefusalStringJudge:
       self._val = validation_metrics(t, pred) | {"source": src}
     return self._val
 
+  def audit_validation(self) -> dict | None:
+    """Its figures on the audit set's test half (cheap: measured on demand)."""
+    if getattr(self, "_audit", None) is None:
+      self._audit = AU.validation(self, AU.load().half("test"))
+    return self._audit
+
 
 class LearnedJudge:
   """The cross-encoder artifact written by `python -m safemoe_jax.judge train` (learned.py)."""
@@ -79,6 +86,10 @@ class LearnedJudge:
 
   def validation(self) -> dict | None:
     return self.meta.get("validation")
+
+  def audit_validation(self) -> dict | None:
+    """Its figures on the audit set's test half, measured by `judge train` (judge.json)."""
+    return self.meta.get("audit")
 
 
 # -- Llama-Guard-style LM classifier ---------------------------------------------------------
@@ -197,6 +208,9 @@ class LMJudge:
 
   def validation(self) -> dict | None:
     return None  # measured by `python -m safemoe_jax.judge validate --judge lm:...`
+
+  def audit_validation(self) -> dict | None:
+    return None  # measured by `python -m safemoe_jax.audit measure --judge lm:...`
 
 
 # -- OpenAI-compatible API judge: Qi et al. (2023) 1-5 harmfulness rubric ----------------------
