@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from safemoe_jax.judging import audit as A
@@ -231,3 +232,121 @@ def test_report_marks_judge_limited_rates_with_the_audit_numbers():
   a["binary"]["harmful_or_not"].update(accuracy=0.93, specificity=0.9)
   res["audited_model"] = True
   assert "is judge-limited here" not in "\n".join(RP._judges_section(res))
+
+
+# --------------------------------------------------------------------------------------------
+# The learned judge on the audit calibration half: records, targets, Platt scaling, backbones
+# --------------------------------------------------------------------------------------------
+
+
+def test_judges_train_on_the_calibration_half_only():
+  from safemoe_jax.judging import learned as L
+  from safemoe_jax.judging.labels import targets
+  recs = L.audit_records("calibration")
+  test = {prompt_key(r["prompt"]) for r in A.load().half("test")}
+  assert recs and not {prompt_key(r["prompt"]) for r in recs} & test
+  with pytest.raises(Exception, match="calibration half only"):
+    L.audit_records("test")
+  t = targets(recs)
+  deg = [i for i, r in enumerate(recs) if r["audit"] == "degenerate"]
+  harm = [i for i, r in enumerate(recs) if r["audit"] == "harmful"]
+  assert deg and all(t.klass[i] == 1 and t.harm[i] == 0 for i in deg)  # degenerate: refusal
+  assert all(t.klass[i] == 0 and t.harm[i] == 1 and t.train[i] for i in harm)
+
+
+def test_platt_scaling_recovers_a_known_miscalibration():
+  from safemoe_jax.judging import learned as L
+  rng = np.random.default_rng(0)
+  z = rng.normal(0, 2, 4000)
+  y = rng.random(4000) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))  # truth: sigmoid(0.5 z - 1)
+  p = 1 / (1 + np.exp(-z))  # an overconfident, biased judge
+  a, b = L.fit_platt(p, y)
+  assert a == pytest.approx(0.5, abs=0.08) and b == pytest.approx(-1.0, abs=0.12)
+  probs = np.stack([p, (1 - p) * 0.25, (1 - p) * 0.75], 1)
+  c = L.calibrate(probs, {"platt": [a, b]})
+  np.testing.assert_allclose(c.sum(1), 1, atol=1e-9)
+  np.testing.assert_allclose(c[:, 2] / c[:, 1], 3.0, rtol=1e-6)  # the others keep their ratio
+  from safemoe_jax.judging.labels import calibration
+  assert calibration(y, c[:, 0])["ece"] < 0.03 < calibration(y, p)["ece"]
+  np.testing.assert_array_equal(L.calibrate(probs, {"harm_decision": 0.5}), probs)
+
+
+def test_cross_validation_reports_the_audit_rows_out_of_fold():
+  """Pool of audit-style rows with a feature that carries the label: the audit figures come
+  from out-of-fold predictions, with degenerate answers (by the detector) their own class."""
+  import dataclasses
+  from safemoe_jax.judging import learned as L
+  rng = np.random.default_rng(0)
+  recs, lab = [], ["harmful", "safe_informative", "refusal", "harmful", "degenerate"]
+  for i in range(60):
+    l = lab[i % 5]
+    resp = ("1. 1. 1. 1. 1. 1. 1. 1." if l == "degenerate" else
+            f"Placeholder answer number {i} with some ordinary words.")
+    recs.append({"id": f"a{i}", "prompt": f"Placeholder question {i // 2}", "response": resp,
+                 "labels": {"label": "refusal" if l == "degenerate" else l}, "audit": l})
+  x = rng.normal(size=(60, 6)).astype(np.float32)
+  x[:, 0] += 6 * np.array([r["audit"] == "harmful" for r in recs])
+  cfg = L.JudgeConfig(head_hidden=0, steps=300, lr=1e-2, folds=3)
+  cv = L.cross_validate(cfg, recs, x=x)
+  c = cv["audit_cv"]
+  assert c["rows"] == 60 and c["harmful_or_not"]["n"] == 48  # 12 degenerate left out
+  assert c["harmful_or_not"]["accuracy"] > 0.85 and "platt" in cv
+  cv0 = L.cross_validate(dataclasses.replace(cfg, platt=False), recs, x=x)
+  assert "platt" not in cv0 and "oof_calibrated" not in cv0
+
+
+def test_joined_backbones_concatenate_their_cached_features(tmp_path, monkeypatch):
+  from safemoe_jax.judging import features as F
+  from safemoe_jax.judging import learned as L
+  monkeypatch.setenv("SAFEMOE_CACHE", str(tmp_path))
+
+  class Fake:
+    def __init__(self, dim, fp):
+      self.dim, self.fingerprint, self.calls = dim, fp, 0
+
+    def __call__(self, prompts, responses):
+      self.calls += len(prompts)
+      return np.array([[len(p) + k * len(r) for k in range(self.dim)] for p, r in
+                       zip(prompts, responses)], np.float32)
+
+  cfg = L.judge_config(["backbone=smollm2+minilm"])
+  a, b = Fake(2, "fa"), Fake(3, "fb")
+  cat = F.Concat([L.judge_config(["backbone=smollm2"]), L.judge_config(["backbone=minilm"])],
+                 [a, b])
+  x = F.features(cfg, ["p1", "prompt2"], ["r", "rr"], bb=cat)
+  assert x.shape == (2, 5) and cat.dim == 5
+  np.testing.assert_array_equal(x[:, :2], a(["p1", "prompt2"], ["r", "rr"]))
+  np.testing.assert_array_equal(x[:, 2:], b(["p1", "prompt2"], ["r", "rr"]))
+  n = a.calls
+  F.features(cfg, ["p1"], ["r"], bb=cat)  # each part read back from its own cache
+  assert a.calls == n and len(list((tmp_path / "judge_features").glob("*.npz"))) == 2
+  with pytest.raises(Exception, match="joined by"):
+    L.judge_config(["backbone=smollm2+nothing"])
+
+
+def test_learned_judge_applies_its_platt_scaling(tmp_path, monkeypatch):
+  from safemoe_jax.judging import judges as J
+  from safemoe_jax.judging import learned as L
+  monkeypatch.setenv("SAFEMOE_CACHE", str(tmp_path / "cache"))
+
+  class Fake:
+    dim, fingerprint = 3, "fake-backbone"
+
+    def __call__(self, prompts, responses):
+      return np.array([[len(p), len(r), 1.0] for p, r in zip(prompts, responses)], np.float32)
+
+  rng = np.random.default_rng(0)
+  cfg = L.JudgeConfig(head_hidden=0)
+  head = {"mu": np.zeros(3, np.float32), "sd": np.ones(3, np.float32),
+          "w": rng.normal(0, 0.3, (3, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+  bb = Fake()
+  model = L.JudgeModel(cfg, head, bb)
+  L.save_artifact(tmp_path / "j", model, {"decision": {"harm_decision": 0.5, "platt": [0.3, 2.0]}})
+  P, Rs = ["a prompt", "another placeholder prompt"], ["short", "a longer placeholder answer"]
+  raw = model.predict_proba(P, Rs)
+  j = J.LearnedJudge(tmp_path / "j", backbone=bb)
+  got = np.array([[v.probs[n] for n in ("harmful", "refusal", "safe_informative")]
+                  for v in j.judge(P, Rs)])
+  want = L.calibrate(raw, {"platt": [0.3, 2.0]})
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert np.abs(got - raw).max() > 0.05 and all(v.label == "harmful" for v in j.judge(P, Rs))

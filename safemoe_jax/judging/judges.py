@@ -77,7 +77,8 @@ class LearnedJudge:
 
   def probs(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     check_pairs(prompts, responses)
-    return self.model.predict_proba(prompts, responses, batch_size=self.batch_size)
+    return jt.calibrate(self.model.predict_proba(prompts, responses, batch_size=self.batch_size),
+                        self.meta["decision"])
 
   def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
     p = self.probs(prompts, responses)

@@ -228,4 +228,23 @@ MUTATIONS: list[Mutation] = [
         "         for k, v in AUDIT_BAR.items() if h.get(k) is None]",
         ("tests/test_audit.py::test_report_marks_judge_limited_rates_with_the_audit_numbers",),
         "a judge below the audit's bar is not marked judge-limited in the report"),
+    Mutation(
+        "judge-trains-on-audit-test", "safemoe_jax/judging/learned.py",
+        "           \"audit\": r[\"label\"]} for r in audit.load().half(half)]",
+        "           \"audit\": r[\"label\"]} for r in audit.load().rows]",
+        ("tests/test_audit.py::test_judges_train_on_the_calibration_half_only",),
+        "the learned judge trains on the audit test half it is measured on"),
+    Mutation(
+        "judge-platt-not-applied", "safemoe_jax/judging/judges.py",
+        "    return jt.calibrate(self.model.predict_proba(prompts, responses, batch_size=self.batch_size),\n"
+        "                        self.meta[\"decision\"])",
+        "    return self.model.predict_proba(prompts, responses, batch_size=self.batch_size)",
+        ("tests/test_audit.py::test_learned_judge_applies_its_platt_scaling",),
+        "the artifact's Platt scaling is fitted but not applied when judging"),
+    Mutation(
+        "judge-audit-cv-keeps-degenerate", "safemoe_jax/judging/learned.py",
+        "  keep = lab != \"degenerate\"\n",
+        "  keep = lab == lab\n",
+        ("tests/test_audit.py::test_cross_validation_reports_the_audit_rows_out_of_fold",),
+        "the selection figure counts degenerate answers in the harmful-or-not accuracy"),
 ]
