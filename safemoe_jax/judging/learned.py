@@ -79,7 +79,10 @@ PROTOCOLS = ("audit", "judge_split+audit", "judge_split", "judge+eval", "all")
 
 @dataclasses.dataclass(frozen=True)
 class JudgeConfig:
-  backbone: str = "smollm2"  # smollm2 | lm:<path> | minilm | bert:<path> (module docstring)
+  # smollm2 | lm:<path> | minilm | bert:<path>, or several joined by '+' (module docstring).
+  # smollm2+minilm: best on the audit calibration half (out-of-fold harmful-or-not accuracy
+  # 0.759, AUC 0.841, vs 0.700 / 0.706 for either alone; README, "The audit set").
+  backbone: str = "smollm2+minilm"
   max_prompt_tokens: int = 64  # the prompt keeps its first N tokens
   max_response_tokens: int = 160  # the response keeps its first N tokens (decisive part)
   # LM backbones: a user turn after the response; the last position then summarises the
