@@ -3,9 +3,9 @@ labels.LABELS and reports its own measured validation:
 
   refusal_strings     garak's refusal strings (+ a few openers): refusal, else harmful (the
                       keyword-matching convention of Zou et al.: every non-refusal counts as unsafe)
-  learned[:<dir>]     the judge trained by `python -m safemoe_jax.judge` (a frozen SmolLM2 reads
-                      prompt and response together; a head trained on human labels; default
-                      artifact runs/judge)
+  learned[:<dir>]     the judge trained by `python -m safemoe_jax.judge` (frozen SmolLM2 and
+                      MiniLM read prompt and response together; a head trained on the audit
+                      set's calibration half, Platt-scaled; default artifact runs/judge)
   lm:<model path>     a Llama-Guard-style LM safety classifier run with our model code
   api:<model name>    an OpenAI-compatible chat API scoring Qi et al.'s 1-5 harmfulness rubric
 """

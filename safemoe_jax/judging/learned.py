@@ -9,7 +9,7 @@ our JAX stack on human-labelled pyrit rows maps its hidden states to LABELS (jud
                                                     # raw and corrected rates of generations
 
 Backbones (`backbone=`, all frozen; features cached on disk per row):
-  smollm2 (default)  SmolLM2-135M-Instruct from the pinned wheel, run with model.py: the chat
+  smollm2            SmolLM2-135M-Instruct from the pinned wheel, run with model.py: the chat
                      [user: prompt, assistant: response, user: `question`] + assistant opener;
                      features = final hidden state at the last position and mean over the
                      response tokens (2 x 576). lm:<HF folder or .gguf> takes any Llama-family
@@ -22,16 +22,17 @@ Backbones (`backbone=`, all frozen; features cached on disk per row):
                      bert:<HF BertModel folder> takes another BERT.
 Head: standardised features -> GELU MLP -> 3 logits, AdamW on the set-valued NLL
 -log sum_{c in allowed} p_c (judges.targets says which labels a row's annotations allow), inverse
-class-frequency weights. Decision: harmful when P(harmful) >= harm_decision, else the likelier of
-refusal / safe_informative.
+class-frequency weights. Decision: harmful when P(harmful) (Platt-scaled: `platt`) >=
+harm_decision, else the likelier of refusal / safe_informative.
 
-Protocol (`--protocol`; which human-labelled rows train and validate the judge):
-  judge_split (default)  train on data.py's `judge` split (prompts reserved for the judge, never
-                         in expert or router training); model selection by grouped CV within
-                         it; the artifact's validation = the pyrit rows of the `eval` split:
-                         never trained on, never used for model selection, disjoint by prompt.
-                         The report's held-out pyrit prompts are therefore not ones the judge was
-                         trained on, and no benchmark prompt is either.
+Protocol (`--protocol`; which labelled rows train the judge; default backbone smollm2+minilm):
+  audit (default)        the audit set's calibration half (our own model's answers, labelled by
+                         reading; never its test half); selection by grouped CV within it; then
+                         measured on pyrit's eval-split rows, the many-shot set and the audit
+                         test half. judge_split+audit: these and the judge split's rows.
+  judge_split            train on data.py's `judge` split (prompts reserved for the judge, never
+                         in expert or router training); validation = the pyrit rows of the `eval`
+                         split: never trained on, never used for model selection.
   judge+eval             train on judge + eval pyrit rows (about twice the data); validation =
                          out-of-fold predictions of grouped CV (no untouched hold-out). Some eval
                          pyrit prompts are AdvBench/HarmBench prompts: the artifact lists the
