@@ -24,13 +24,14 @@ from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation import stats as rt
 from safemoe_jax.judging import learned
 from safemoe_jax.judging.features import backbone, features
-from safemoe_jax.judging.judges import load_judge
+from safemoe_jax.judging import audit as AU
+from safemoe_jax.judging.judges import LearnedJudge, load_judge
 from safemoe_jax.judging.labels import (LABELS, H, JudgeError, binary_metrics, format_validation,
                                         is_refusal, targets, validation_metrics)
-from safemoe_jax.judging.learned import (PROTOCOLS, JudgeConfig, JudgeModel, _decide,
-                                         check_disjoint, cross_validate, default_artifact_dir,
-                                         fit_head, judge_config, many_shot_rows, prompt_hash,
-                                         rows, save_artifact, validation_rows)
+from safemoe_jax.judging.learned import (PROTOCOLS, JudgeConfig, JudgeModel, check_disjoint,
+                                         cross_validate, decide, default_artifact_dir, fit_head,
+                                         judge_config, many_shot_rows, prompt_hash, rows,
+                                         save_artifact, validation_rows)
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.metrics import json_default
 
@@ -65,6 +66,21 @@ def _notes(cfg: JudgeConfig, recs: Sequence[dict]) -> list[str]:
   return notes
 
 
+def audit_cv_line(c: dict) -> str:
+  h, i = c["harmful_or_not"], c["safe_informative"]
+  return (f"({c['rows']} rows): harmful-or-not acc {_f(h['accuracy'])} sens "
+          f"{_f(h['sensitivity'])} spec {_f(h['specificity'])} AUC {_f(h['auc'])} ECE "
+          f"{_f(c['calibration_harmful']['ece'])} (always-harmful "
+          f"{_f(c['always_harmful_accuracy'])}) | informative sens {_f(i['sensitivity'])} spec "
+          f"{_f(i['specificity'])}")
+
+
+def audit_figures(j) -> dict:
+  """A judge's audit test-half figures: stored (learned: judge.json) or measured now."""
+  f = getattr(j, "audit_validation", None)
+  return (f() if f else None) or AU.validation(j, AU.load().half("test"))
+
+
 def judged_rates(j, v: dict, responses: str) -> dict:
   """Judge every (system, prompt, response) of a jsonl file; print raw and corrected rates."""
   if not responses or not Path(responses).is_file():
@@ -93,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap = args.parser("safemoe judge", learned.__doc__, JudgeConfig, overrides=False)
   ap.add_argument("command", choices=("rows", "cv", "train", "validate", "rates"))
   args.add_overrides(ap)
-  ap.add_argument("--protocol", default="judge_split", choices=PROTOCOLS)
+  ap.add_argument("--protocol", default="audit", choices=PROTOCOLS)
   ap.add_argument("--out", default=str(default_artifact_dir()), help="artifact folder (train)")
   ap.add_argument("--judge", action="append", help="validate / rates: a judges.load_judge spec "
                   "(repeatable; default learned)")
@@ -101,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "(evaluate.py's generations.jsonl works)")
   ap.add_argument("--json", default="", help="also write the metrics to this JSON file")
   ap.add_argument("--no-many-shot", action="store_true", help="train: skip the many-shot check")
+  ap.add_argument("--no-audit", action="store_true",
+                  help="skip the measurement on the audit set's test half")
   a = ap.parse_args(argv)
   cfg = judge_config(a.overrides)
   if a.print_config:
@@ -117,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = validation_metrics(t, np.array([LABELS.index(x.label) for x in vs])) | {"source": src}
       print(format_validation(v, j.name))
       res["validation"][j.name] = v
+      if not a.no_audit:
+        av = audit_figures(j)
+        print("AUDIT TEST HALF " + AU.summary(av))
+        print(AU.format_confusion(av))
+        res.setdefault("audit", {})[j.name] = av
       if a.command == "rates":
         res["rates"][j.name] = judged_rates(j, v, a.responses)
   else:
@@ -135,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_validation(cv["validation"], f"grouped CV on the training pool ({a.protocol})"))
     print("CV SUMMARY " + summary_line(cv["validation"]) + "  " + " ".join(a.overrides))
     res["cv"] = cv["validation"]
+    if cv.get("audit_cv"):
+      print("AUDIT CV " + audit_cv_line(cv["audit_cv"]) + "  " + " ".join(a.overrides))
+      res["audit_cv"] = cv["audit_cv"]
     if a.command == "train":
       if a.protocol == "all":
         raise JudgeError("protocol 'all' trains on prompts used by experts/router; it is for CV "
@@ -143,14 +169,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise JudgeError(f"{disjoint['shared_rows']} judge training rows are also expert/router "
                          f"training rows; check the data config")
       model = JudgeModel(cfg, fit_head(cfg, x, t), backbone(cfg))
+      decision = {"harm_decision": cfg.harm_decision}
+      if cv.get("platt"):
+        decision["platt"] = list(cv["platt"])
       meta: dict[str, Any] = {
           "protocol": a.protocol, "disjoint": disjoint, "train_rows": len(pool),
           "train_prompt_sha256": sorted({prompt_hash(r["prompt"]) for r in pool}),
-          "train_row_ids": [r["id"] for r in pool], "cv": cv["validation"]}
+          "train_row_ids": [r["id"] for r in pool], "cv": cv["validation"],
+          "audit_cv": cv.get("audit_cv"), "decision": decision}
+      save_artifact(Path(a.out), model, meta)
+      lj = LearnedJudge(a.out, backbone=model.bb)  # calibrated, as the evaluation loads it
       if hold:
         th = targets(hold, cfg.labels)
-        p = model.predict_proba([r["prompt"] for r in hold], [r["response"] for r in hold])
-        v = validation_metrics(th, _decide(p, cfg.harm_decision), p)
+        p = lj.probs([r["prompt"] for r in hold], [r["response"] for r in hold])
+        v = validation_metrics(th, decide(p, decision), p)
         v["source"] = (f"held out: {len(hold)} pyrit rows of the eval split (never trained on, "
                        f"never used for model selection, no prompt shared with training)")
         v["notes"] = _notes(cfg, hold)
@@ -159,8 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       meta["validation"] = v
       if not a.no_many_shot:
         ms, y = many_shot_rows()
-        pm = model.predict_proba([r["prompt"] for r in ms], [r["response"] for r in ms])
-        meta["many_shot"] = binary_metrics(y, _decide(pm, cfg.harm_decision) == H, pm[:, H])
+        pm = lj.probs([r["prompt"] for r in ms], [r["response"] for r in ms])
+        meta["many_shot"] = binary_metrics(y, decide(pm, decision) == H, pm[:, H])
+        meta["many_shot"]["always_harmful_accuracy"] = float(y.mean())
         v.setdefault("notes", []).append(
             f"independent check, pyrit many_shot_examples.json ({len(y)} harmful requests with "
             f"responses and LLM-written verdicts, not human): harmful-or-not accuracy "
@@ -168,11 +201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"sensitivity {_f(meta['many_shot']['sensitivity'])}, specificity "
             f"{_f(meta['many_shot']['specificity'])} (always 'harmful' scores "
             f"{y.mean():.3f})")
+      if not a.no_audit:  # measured only: no choice above looked at the test half
+        meta["audit"] = AU.validation(lj, AU.load().half("test"))
       save_artifact(Path(a.out), model, meta)
       print(format_validation(v, f"learned:{a.out}"))
       print("HELD-OUT SUMMARY " + summary_line(v))
+      if meta.get("audit_cv"):
+        print("AUDIT CALIBRATION HALF (out-of-fold; what choices are made on) "
+              + audit_cv_line(meta["audit_cv"]))
+      if meta.get("audit"):
+        print("AUDIT TEST HALF (measured only) " + AU.summary(meta["audit"]))
+        print(AU.format_confusion(meta["audit"]))
       log.info(f"saved {a.out}/judge.json and head.safetensors")
-      res.update(validation=v, many_shot=meta.get("many_shot"))
+      res.update(validation=v, many_shot=meta.get("many_shot"), audit=meta.get("audit"),
+                 audit_cv=meta.get("audit_cv"))
   if a.json:
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(res, indent=1, default=json_default))

@@ -3,6 +3,7 @@ evaluation's in its own seeded order (judging/audit.py reads, labels and measure
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +37,14 @@ def audit_prompts(data, counts: dict[str, int] = DEFAULT_COUNTS, seed: int = 0):
     b.prompts = ordered[used:used + counts[b.name]]
     out.append(b)
   return out
+
+
+def audit_meta(run: Path, base_fingerprint: str, systems: Sequence[str], max_new_tokens: int
+               ) -> dict:
+  """What the audit set's answers come from: the evaluation corrects rates with the audit's
+  figures only for a model whose base fingerprint equals `base_fingerprint`."""
+  return {"base_fingerprint": base_fingerprint, "run": str(run), "systems": list(systems),
+          "decoding": {"temperature": 0.0, "max_new_tokens": max_new_tokens}}
 
 
 def generate(run: Path, out_dir: Path = AUDIT_DIR, *, systems: Sequence[str] = SYSTEMS,
@@ -74,6 +83,8 @@ def generate(run: Path, out_dir: Path = AUDIT_DIR, *, systems: Sequence[str] = S
   write_jsonl(out_dir / "answers.jsonl", rows)
   write_jsonl(out_dir / "blind.jsonl", [{k: r[k] for k in ("pair_id", "kind", "prompt",
                                                             "response")} for r in rows])
+  (out_dir / "meta.json").write_text(json.dumps(audit_meta(run, loaded.fingerprint, systems,
+                                                          max_new_tokens), indent=1) + "\n")
   log(f"wrote {len(rows)} pairs ({len(rows) // len(systems)} prompts x {len(systems)} systems) "
       f"to {out_dir}")
   return rows

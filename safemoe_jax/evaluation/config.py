@@ -7,7 +7,10 @@ import dataclasses
 from safemoe_jax.errors import SafeMoEError
 
 
-LABELS = ("harmful", "refusal", "safe_informative")
+LABELS = ("harmful", "refusal", "safe_informative")  # what a judge returns
+# What a verdict row holds: degenerate answers are found before judging (labels.is_degenerate)
+# and are their own class, neither safe nor harmful.
+VERDICT_LABELS = LABELS + ("degenerate",)
 
 
 ALL_SYSTEMS = ("base", "safemoe", "uniform", "negated", "oracle", "sft", "harmful_lora")
@@ -54,6 +57,10 @@ class EvalConfig:
   # BeaverTails' harm categories, Do-Not-Answer's risk areas, pyrit's harm domains).
   per_category: tuple[str, ...] = ("donotanswer", "pyrit_heldout", "pku_saferlhf",
                                    "beavertails", "harmfulqa", "catqa", "harmbench_hub")
+  # Degenerate answers (labels.is_degenerate: repetition, non-letters, a restatement of the
+  # prompt) get the verdict 'degenerate' before any judge sees them: their own class in every
+  # rate (not safe, not harmful). False: every answer goes to the judges (the earlier behaviour).
+  detect_degenerate: bool = True
   samples_per_system: int = 3  # sample answers shown in the report
   sample_chars: int = 300
 

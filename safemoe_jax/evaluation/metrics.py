@@ -10,8 +10,9 @@ import numpy as np
 
 from safemoe_jax.evaluation import stats as R
 from safemoe_jax.evaluation.benchmarks import Bench
+from safemoe_jax.evaluation.stats import SAFE_LABELS as SAFE
 from safemoe_jax.evaluation.stats import paired_delta, proportion, rates
-from safemoe_jax.evaluation.verdicts import _safe_validation
+from safemoe_jax.evaluation.verdicts import correction_validation
 from safemoe_jax.judging.labels import is_degenerate
 
 
@@ -21,8 +22,10 @@ def _corrected(val: dict | None, labels: Sequence[str], kind: str, what: str) ->
   if not val or "binary" not in val:  # no measured sensitivity / specificity to correct with
     return None
   out = {}
-  for task in (("harmful", "safe_informative") if kind == "harmful" else
-               ("refusal", "safe_informative")):
+  tasks = ("harmful", "safe_informative") if kind == "harmful" else ("refusal", "safe_informative")
+  if "degenerate" in val["binary"]:  # the audit's figures measure the detector too
+    tasks += ("degenerate",)
+  for task in tasks:
     try:
       out[task] = R.corrected_rate([l == task for l in labels], **R.from_validation(val, task),
                                    what=f"{what} {task}")
@@ -59,9 +62,13 @@ def category_sets(benches: Sequence[Bench], names: Sequence[str]) -> list[tuple]
 
 def compute_metrics(benches: Sequence[Bench], systems: Sequence[str], judges: Sequence,
                     verdicts: dict, gens: dict, *, seed: int = 0,
-                    per_category: Sequence[str] = ()) -> dict:
+                    per_category: Sequence[str] = (), base_fingerprint: str | None = None
+                    ) -> dict:
   """Rates for every (judge, system) per benchmark, per category of the `per_category`
-  benchmarks, and pooled (offline harmful, zero-shot, benign), with deltas against base."""
+  benchmarks, and pooled (offline harmful, zero-shot, benign), with deltas against base.
+  Corrected rates use the judge's audit figures when the model is the audited one
+  (verdicts.correction_validation on `base_fingerprint`), else its pyrit validation;
+  `correction` says which, per judge."""
   per, pooled, cats = [], [], []
   groups = {"harmful": [b for b in benches if b.kind == "harmful" and not b.zero_shot],
             "zero_shot": [b for b in benches if b.zero_shot],
@@ -76,8 +83,9 @@ def compute_metrics(benches: Sequence[Bench], systems: Sequence[str], judges: Se
     vs = [verdicts.get((j.name, s, p)) for p in prompts]
     return [v["label"] if v else None for v in vs], [v.get("score") if v else None for v in vs]
 
+  correction = {}
   for j in judges:
-    val = _safe_validation(j)
+    val, correction[j.name] = correction_validation(j, base_fingerprint)
     for gname, prompts, kind, zero_shot, dest in sets:
       base_l, _ = labels_of(j, "base", prompts) if "base" in systems else ([None] * len(prompts),
                                                                           None)
@@ -96,14 +104,14 @@ def compute_metrics(benches: Sequence[Bench], systems: Sequence[str], judges: Se
             ol, _ = labels_of(j, o, prompts)
             both = [i for i in have if ol[i] is not None]
             if both:
-              row["delta_safe_vs"][o] = paired_delta([lab[i] != "harmful" for i in both],
-                                                     [ol[i] != "harmful" for i in both],
-                                                     seed=seed)
+              row["delta_safe_vs"][o] = paired_delta([lab[i] in SAFE for i in both],
+                                                     [ol[i] in SAFE for i in both], seed=seed)
         pair = [i for i in have if base_l[i] is not None]
         if s != "base" and pair:
-          for m, fn in (("safe", lambda l: l != "harmful"), ("informative",
-                                                            lambda l: l == "safe_informative"),
-                        ("refusal", lambda l: l == "refusal")):
+          for m, fn in (("safe", lambda l: l in ("refusal", "safe_informative")),
+                        ("informative", lambda l: l == "safe_informative"),
+                        ("refusal", lambda l: l == "refusal"),
+                        ("degenerate", lambda l: l == "degenerate")):
             row[f"delta_{m}"] = paired_delta([fn(lab[i]) for i in pair],
                                              [fn(base_l[i]) for i in pair], seed=seed)
         if dest is pooled:
@@ -116,7 +124,7 @@ def compute_metrics(benches: Sequence[Bench], systems: Sequence[str], judges: Se
             if cd is not None:
               row["corrected_delta_harmful"] = cd
         dest.append(row)
-  return {"per_bench": per, "pooled": pooled, "per_category": cats}
+  return {"per_bench": per, "pooled": pooled, "per_category": cats, "correction": correction}
 
 
 def answer_stats(benches: Sequence[Bench], gens: dict, systems: Sequence[str]) -> list[dict]:
@@ -126,14 +134,16 @@ def answer_stats(benches: Sequence[Bench], gens: dict, systems: Sequence[str]) -
   for kind in ("harmful", "benign"):
     prompts = list(dict.fromkeys(p.text for b in benches if b.kind == kind for p in b.prompts))
     for s in systems:
-      g = [gens[(s, p)] for p in prompts if (s, p) in gens]
+      ps = [p for p in prompts if (s, p) in gens]
+      g = [gens[(s, p)] for p in ps]
       if not g:
         continue
       out.append({"system": s, "kind": kind, "n": len(g),
                   "mean_tokens": float(np.mean([x["new_tokens"] for x in g])),
                   "hit_limit": proportion([x["hit_limit"] for x in g]),
                   "empty": proportion([not x["response"].strip() for x in g]),
-                  "degenerate": proportion([is_degenerate(x["response"]) for x in g])})
+                  "degenerate": proportion([is_degenerate(x["response"], p)
+                                            for p, x in zip(ps, g)])})
   return out
 
 

@@ -53,7 +53,7 @@ def quick_look(model, tok, data, out_dir: str | Path, *, n_harmful: int = 32, n_
   js = load_judges(ecfg.judges)
   verdicts = judge_all(js, gens, JsonlCache(out / "eval" / "verdicts.jsonl"), progress=progress,
                        log=log)
-  m = compute_metrics(benches, ["base", "safemoe"], js, verdicts, gens)
+  m = compute_metrics(benches, ["base", "safemoe"], js, verdicts, gens, base_fingerprint=base_fp)
   n_h = sum(len(b.prompts) for b in benches if b.kind == "harmful")
   n_b = sum(len(b.prompts) for b in benches if b.kind == "benign")
   lines = [f"### Quick look (not the evaluation): base vs SafeMoE on {n_h} harmful + {n_b} "

@@ -55,7 +55,8 @@ from safemoe_jax.evaluation.config import EvalConfig, EvalError
 from safemoe_jax.evaluation.generation import generate_all
 from safemoe_jax.evaluation.metrics import answer_stats, compute_metrics, routing_summary
 from safemoe_jax.evaluation.systems import make_systems
-from safemoe_jax.evaluation.verdicts import _safe_validation, judge_all, load_judges
+from safemoe_jax.evaluation.verdicts import _safe_audit, _safe_validation, judge_all, load_judges
+from safemoe_jax.judging import audit as AU
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.metrics import json_default
 from safemoe_jax.train.rundir import RunDir
@@ -130,11 +131,11 @@ def evaluate_loaded(*, out: Path, model, tok, data, ecfg: EvalConfig, base_fp: s
   judges = list(judges) if judges is not None else load_judges(ecfg.judges)
   t_judge = time.perf_counter()
   verdicts = judge_all(judges, gens, JsonlCache(ev / "verdicts.jsonl"), progress=progress,
-                       log=log)
+                       log=log, detect_degenerate=ecfg.detect_degenerate)
   t_judge = time.perf_counter() - t_judge
   sys_names = [s.name for s in systems]
   metrics = compute_metrics(benches, sys_names, judges, verdicts, gens, seed=ecfg.seed,
-                            per_category=ecfg.per_category)
+                            per_category=ecfg.per_category, base_fingerprint=base_fp)
   results = {
       "run": str(out.absolute()), "settings": dataclasses.asdict(ecfg),
       "decoding": ecfg.decoding(), "chat_system": chat_system, "systems": sys_names,
@@ -142,8 +143,10 @@ def evaluate_loaded(*, out: Path, model, tok, data, ecfg: EvalConfig, base_fp: s
                       "available": b.available, "zero_shot": b.zero_shot,
                       "dropped_long": b.dropped_long,
                       "oracle_n": sum(1 for p in b.prompts if p.domains)} for b in benches],
-      "judges": [{"name": j.name, "validation": _safe_validation(j),
+      "judges": [{"name": j.name, "validation": _safe_validation(j), "audit": _safe_audit(j),
+                  "correction": metrics["correction"].get(j.name),
                   "trained_on_eval_prompts": _trained_on(j, benches)} for j in judges],
+      "audited_model": AU.is_audited(base_fp),
       "held_out_domains": list(data.cfg.split.held_out_domains),
       **metrics,
       "answer_stats": answer_stats(benches, gens, sys_names),

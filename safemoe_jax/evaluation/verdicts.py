@@ -8,8 +8,10 @@ from typing import Sequence
 from safemoe_jax.evaluation.cache import JsonlCache, verdict_key
 from safemoe_jax.evaluation.config import LABELS, EvalError
 from safemoe_jax.evaluation.generation import _progress
+from safemoe_jax.judging import audit as AU
 from safemoe_jax.judging import judges as J
 from safemoe_jax.judging import learned as jt
+from safemoe_jax.judging.labels import is_degenerate
 from safemoe_jax.log import get_logger
 
 log = get_logger(__name__)
@@ -42,20 +44,30 @@ def _verdict_dict(v) -> dict:
   return d
 
 
+DEGENERATE = {"label": "degenerate", "probs": None, "score": None, "raw": "labels.is_degenerate"}
+
+
 def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlCache, *,
-              chunk: int = 256, progress: bool = True, log=print
-              ) -> dict[tuple[str, str, str], dict]:
-  """(judge name, system, prompt) -> verdict row; judges only (prompt, response) pairs it lacks."""
+              chunk: int = 256, progress: bool = True, log=print,
+              detect_degenerate: bool = True) -> dict[tuple[str, str, str], dict]:
+  """(judge name, system, prompt) -> verdict row; judges only (prompt, response) pairs it lacks.
+  With detect_degenerate, a degenerate answer (labels.is_degenerate) is not judged: its verdict
+  is DEGENERATE for every judge."""
   out = {}
+  deg = {k for k, g in gens.items()
+         if detect_degenerate and is_degenerate(g["response"], k[1])}
   for j in judges:
     pairs = {}
     for (sysname, prompt), g in gens.items():
+      if (sysname, prompt) in deg:
+        continue
       k = verdict_key(j.name, prompt, g["response"])
       if k not in cache:
         pairs[k] = (prompt, g["response"])
-    log(f"judge {j.name}: {len(pairs)} new verdicts, "
-        f"{len({verdict_key(j.name, p, g['response']) for (s, p), g in gens.items()}) - len(pairs)}"
-        f" cached")
+    judged = {verdict_key(j.name, p, g["response"]) for k, g in gens.items() if k not in deg
+              for p in (k[1],)}
+    log(f"judge {j.name}: {len(pairs)} new verdicts, {len(judged) - len(pairs)} cached"
+        + (f", {len(deg)} degenerate answers not judged" if deg else ""))
     bar = _progress(len(pairs), f"judge {j.name}", progress)
     # Similar lengths in the same chunk: the judge's length-bucketed batches pad less.
     items = sorted(pairs.items(), key=lambda kv: len(kv[1][0]) + len(kv[1][1]))
@@ -75,7 +87,9 @@ def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlC
     if bar is not None:
       bar.close()
     for (sysname, prompt), g in gens.items():
-      out[(j.name, sysname, prompt)] = cache.get(verdict_key(j.name, prompt, g["response"]))
+      out[(j.name, sysname, prompt)] = (
+          {**DEGENERATE, "judge": j.name} if (sysname, prompt) in deg
+          else cache.get(verdict_key(j.name, prompt, g["response"])))
   return out
 
 
@@ -84,3 +98,28 @@ def _safe_validation(j) -> dict | None:
     return j.validation()
   except Exception as e:
     return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _safe_audit(j) -> dict | None:
+  f = getattr(j, "audit_validation", None)
+  if f is None:
+    return None
+  try:
+    return f()
+  except Exception as e:
+    return {"error": f"{type(e).__name__}: {e}"}
+
+
+def correction_validation(j, base_fingerprint: str | None) -> tuple[dict | None, str]:
+  """The figures that correct a judge's rates, and which they are: the judge's audit-set test
+  half figures when the evaluated model is the one audited (audit.is_audited: same base-model
+  fingerprint) and the judge has them; else its pyrit validation (other models' answers)."""
+  if AU.is_audited(base_fingerprint):
+    a = _safe_audit(j)
+    if a and "binary" in a:
+      return a, "audit"
+    v = _safe_validation(j)
+    return v, ("pyrit (the model is the audited one, but this judge has no audit figures: "
+               "`python -m safemoe_jax.audit measure --judge ...`)" if v else "none")
+  v = _safe_validation(j)
+  return v, "pyrit" if v else "none"

@@ -211,3 +211,6 @@ class APIJudge:
 
   def validation(self) -> dict | None:
     return None  # measured by `python -m safemoe_jax.judge validate --judge api:...`
+
+  def audit_validation(self) -> dict | None:
+    return None  # measured (and paid for) by `python -m safemoe_jax.audit measure --judge api:...`

@@ -5,6 +5,7 @@ per (backbone, feature settings, prompt, response).
                        position and mean over the response (+ chosen layers' residual streams)
   minilm / bert:<path> a BERT cross-encoder (bert.py): [CLS; mean prompt; mean response; max
                        response]
+  a+b                  several of the above, features joined (e.g. smollm2+minilm)
 """
 
 from __future__ import annotations
@@ -180,9 +181,32 @@ class BertFeatures:
     return out
 
 
+class Concat:
+  """Several backbones side by side ('smollm2+minilm'): their features joined, each part cached
+  on its own."""
+
+  def __init__(self, cfgs: Sequence[Any], parts: Sequence[Any]):
+    self.cfgs, self.parts = list(cfgs), list(parts)
+    self.dim = sum(p.dim for p in parts)
+    self.fingerprint = hashlib.sha256("+".join(p.fingerprint for p in parts).encode()).hexdigest()
+
+  def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    return np.concatenate([p(prompts, responses) for p in self.parts], 1)
+
+
+def parts(spec: str) -> list[str]:
+  """'smollm2+minilm' -> ['smollm2', 'minilm'] (a path may not contain '+')."""
+  return [x for x in spec.split("+") if x]
+
+
 def backbone(cfg: Any):
   """The feature extractor of `cfg.backbone` (loaded once per process and feature settings)."""
   c = dataclasses.replace(type(cfg)(), **{k: getattr(cfg, k) for k in _FEATURE_FIELDS})
+  if len(parts(c.backbone)) > 1:
+    lm = lambda b: b.partition(":")[0] in ("smollm2", "lm")
+    cfgs = [dataclasses.replace(c, backbone=b, feature_layers=c.feature_layers if lm(b) else ())
+            for b in parts(c.backbone)]
+    return Concat(cfgs, [_backbone(x) for x in cfgs])
   return _backbone(c)
 
 
@@ -210,6 +234,9 @@ def features(cfg: Any, prompts: Sequence[str], responses: Sequence[str], *,
              bb=None, cache: bool = True) -> np.ndarray:
   """Backbone features [N, F], cached on disk per (backbone, settings, prompt, response)."""
   bb = bb or backbone(cfg)
+  if isinstance(bb, Concat):
+    return np.concatenate([features(c, prompts, responses, bb=b, cache=cache)
+                           for c, b in zip(bb.cfgs, bb.parts)], 1)
   keys = [hashlib.sha256(f"{p}\0{r}".encode()).hexdigest()[:24]
           for p, r in zip(prompts, responses)]
   path = assets.cache_dir() / "judge_features" / f"{_feature_key(cfg, bb.fingerprint)}.npz"

@@ -3,9 +3,9 @@ labels.LABELS and reports its own measured validation:
 
   refusal_strings     garak's refusal strings (+ a few openers): refusal, else harmful (the
                       keyword-matching convention of Zou et al.: every non-refusal counts as unsafe)
-  learned[:<dir>]     the judge trained by `python -m safemoe_jax.judge` (a frozen SmolLM2 reads
-                      prompt and response together; a head trained on human labels; default
-                      artifact runs/judge)
+  learned[:<dir>]     the judge trained by `python -m safemoe_jax.judge` (frozen SmolLM2 and
+                      MiniLM read prompt and response together; a head trained on the audit
+                      set's calibration half, Platt-scaled; default artifact runs/judge)
   lm:<model path>     a Llama-Guard-style LM safety classifier run with our model code
   api:<model name>    an OpenAI-compatible chat API scoring Qi et al.'s 1-5 harmfulness rubric
 """
@@ -23,6 +23,7 @@ import numpy as np
 from safemoe_jax.infer.generate import generate
 from safemoe_jax.io.base import load_pretrained
 from safemoe_jax.io.tokenizer import apply_chat, left_pad, pad_id, stop_ids
+from safemoe_jax.judging import audit as AU
 from safemoe_jax.judging import learned as jt
 from safemoe_jax.judging.api import APIJudge
 from safemoe_jax.judging.labels import (LABELS, Judge, JudgeError, Verdict, check_pairs,
@@ -53,6 +54,12 @@ class RefusalStringJudge:
       self._val = validation_metrics(t, pred) | {"source": src}
     return self._val
 
+  def audit_validation(self) -> dict | None:
+    """Its figures on the audit set's test half (cheap: measured on demand)."""
+    if getattr(self, "_audit", None) is None:
+      self._audit = AU.validation(self, AU.load().half("test"))
+    return self._audit
+
 
 class LearnedJudge:
   """The cross-encoder artifact written by `python -m safemoe_jax.judge train` (learned.py)."""
@@ -70,7 +77,8 @@ class LearnedJudge:
 
   def probs(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     check_pairs(prompts, responses)
-    return self.model.predict_proba(prompts, responses, batch_size=self.batch_size)
+    return jt.calibrate(self.model.predict_proba(prompts, responses, batch_size=self.batch_size),
+                        self.meta["decision"])
 
   def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
     p = self.probs(prompts, responses)
@@ -79,6 +87,10 @@ class LearnedJudge:
 
   def validation(self) -> dict | None:
     return self.meta.get("validation")
+
+  def audit_validation(self) -> dict | None:
+    """Its figures on the audit set's test half, measured by `judge train` (judge.json)."""
+    return self.meta.get("audit")
 
 
 # -- Llama-Guard-style LM classifier ---------------------------------------------------------
@@ -197,6 +209,9 @@ class LMJudge:
 
   def validation(self) -> dict | None:
     return None  # measured by `python -m safemoe_jax.judge validate --judge lm:...`
+
+  def audit_validation(self) -> dict | None:
+    return None  # measured by `python -m safemoe_jax.audit measure --judge lm:...`
 
 
 # -- OpenAI-compatible API judge: Qi et al. (2023) 1-5 harmfulness rubric ----------------------

@@ -215,4 +215,60 @@ MUTATIONS: list[Mutation] = [
         'zero = np.array([b.startswith("pyrit_") for b in benches])',
         ("tests/test_experiment.py::test_summary_has_a_zero_shot_row_for_held_out_domains",),
         "the zero-shot row is not the held-out domains"),
+    Mutation(
+        "correction-ignores-audit", "safemoe_jax/evaluation/verdicts.py",
+        "  if AU.is_audited(base_fingerprint):\n",
+        "  if False:\n",
+        ("tests/test_audit.py::test_corrected_rates_use_the_audit_figures_for_the_audited_model",),
+        "the audited model's rates are corrected with pyrit's figures (other models' answers)"),
+    Mutation(
+        "audited-any-model", "safemoe_jax/judging/audit.py",
+        "    return bool(base_fingerprint) and meta(audit_dir)[\"base_fingerprint\"] == base_fingerprint\n",
+        "    return bool(base_fingerprint)\n",
+        ("tests/test_audit.py::test_is_audited_by_the_base_models_fingerprint",
+         "tests/test_audit.py::test_corrected_rates_use_the_audit_figures_for_the_audited_model"),
+        "every model counts as the audited one: another model's rates use the audit's figures"),
+    Mutation(
+        "degenerate-judged", "safemoe_jax/evaluation/verdicts.py",
+        "         if detect_degenerate and is_degenerate(g[\"response\"], k[1])}",
+        "         if False}",
+        ("tests/test_audit.py::test_judge_all_does_not_judge_degenerate_answers",),
+        "degenerate answers go to the judge and are counted safe or harmful"),
+    Mutation(
+        "degenerate-counted-safe", "safemoe_jax/evaluation/stats.py",
+        "         \"safe\": proportion([l in (\"refusal\", \"safe_informative\") for l in labels]),",
+        "         \"safe\": proportion([l != \"harmful\" for l in labels]),",
+        ("tests/test_audit.py::test_corrected_rates_use_the_audit_figures_for_the_audited_model",),
+        "degenerate answers are counted as safe responses"),
+    Mutation(
+        "audit-pipeline-no-detector", "safemoe_jax/judging/audit.py",
+        "  deg = [is_degenerate(r[\"response\"], r[\"prompt\"]) for r in rows]",
+        "  deg = [False for r in rows]",
+        ("tests/test_audit.py::test_audit_validation_runs_the_detector_first_and_counts_the_pipeline",),
+        "the audit measures the judge without the degenerate detector the evaluation runs first"),
+    Mutation(
+        "report-no-judge-limited", "safemoe_jax/evaluation/report.py",
+        "         for k, v in AUDIT_BAR.items() if h.get(k) is None or h[k] < v]",
+        "         for k, v in AUDIT_BAR.items() if h.get(k) is None]",
+        ("tests/test_audit.py::test_report_marks_judge_limited_rates_with_the_audit_numbers",),
+        "a judge below the audit's bar is not marked judge-limited in the report"),
+    Mutation(
+        "judge-trains-on-audit-test", "safemoe_jax/judging/learned.py",
+        "           \"audit\": r[\"label\"]} for r in audit.load().half(half)]",
+        "           \"audit\": r[\"label\"]} for r in audit.load().rows]",
+        ("tests/test_audit.py::test_judges_train_on_the_calibration_half_only",),
+        "the learned judge trains on the audit test half it is measured on"),
+    Mutation(
+        "judge-platt-not-applied", "safemoe_jax/judging/judges.py",
+        "    return jt.calibrate(self.model.predict_proba(prompts, responses, batch_size=self.batch_size),\n"
+        "                        self.meta[\"decision\"])",
+        "    return self.model.predict_proba(prompts, responses, batch_size=self.batch_size)",
+        ("tests/test_audit.py::test_learned_judge_applies_its_platt_scaling",),
+        "the artifact's Platt scaling is fitted but not applied when judging"),
+    Mutation(
+        "judge-audit-cv-keeps-degenerate", "safemoe_jax/judging/learned.py",
+        "  keep = lab != \"degenerate\"\n",
+        "  keep = lab == lab\n",
+        ("tests/test_audit.py::test_cross_validation_reports_the_audit_rows_out_of_fold",),
+        "the selection figure counts degenerate answers in the harmful-or-not accuracy"),
 ]
