@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -19,6 +20,7 @@ from jax.experimental import multihost_utils
 from safetensors import numpy as st  # st.save_file: looked up per call (tests stub it)
 
 from safemoe_jax.core.config import ConfigError
+from safemoe_jax.io import paths
 from safemoe_jax.errors import SafeMoEError
 
 
@@ -69,6 +71,16 @@ def save_group(path: Path, state, meta: dict, write: bool = True) -> None:
   if not write:
     return
   check_finite(arrays, str(path))
+  if not paths.is_local(path):  # written locally, then copied whole (an atomic object write)
+    try:
+      with tempfile.TemporaryDirectory() as d:
+        st.save_file(arrays, f"{d}/a", metadata={"safemoe": json.dumps(meta)})
+        paths.as_path(path).write_bytes(Path(f"{d}/a").read_bytes())
+    except Exception as e:
+      raise StorageError(f"could not write {path} ({type(e).__name__}: {e}); the phase's last "
+                         f"checkpoint is intact. Fix the storage, then run the same command "
+                         f"again") from e
+    return
   tmp = path.with_suffix(".tmp")
   try:
     st.save_file(arrays, str(tmp), metadata={"safemoe": json.dumps(meta)})
@@ -82,7 +94,10 @@ def save_group(path: Path, state, meta: dict, write: bool = True) -> None:
 
 def load_group(path: Path, state) -> None:
   """Load a safetensors artifact into a group's state in place, with shape checks."""
-  assign(state, st.load_file(str(path)), path)
+  if paths.is_local(path):
+    assign(state, st.load_file(str(path)), path)
+  else:
+    assign(state, st.load(paths.as_path(path).read_bytes()), path)
 
 
 def assign(state, arrays: dict[str, np.ndarray], path) -> None:

@@ -9,7 +9,6 @@ The command is `safemoe train` (safemoe_jax/cli/train.py).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -31,6 +30,7 @@ from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.data.card import format_card
 from safemoe_jax.data.encode import build
 from safemoe_jax.io import base as B
+from safemoe_jax.io import paths
 from safemoe_jax.log import get_logger, set_process_index
 from safemoe_jax.train.checkpoint import (NonFiniteError, StorageError, check_finite, checksums,
                                           flat_arrays, host, load_group, save_group, to_host)
@@ -53,14 +53,15 @@ class SignalGuard:
   several processes `stop()` agrees on it: one process signalled stops them all at one step."""
 
   def __init__(self):
-    self.flag = False
+    self.flag = False  # agreed by stop() across processes
+    self.own = False  # this process got the signal
 
   def __enter__(self):
     self.prev = signal.signal(signal.SIGTERM, self._handler)
     return self
 
   def _handler(self, *_):
-    self.flag = True
+    self.flag = self.own = True
     log.info("SIGTERM: writing a checkpoint and exiting")
 
   def __exit__(self, *exc):
@@ -105,7 +106,7 @@ class Phase:
                              donate_argnums=(0, 1))
       self._copy = jax.jit(lambda t: t, out_shardings=self.p_sh)
     self.run_dir = RunDir(out)
-    self.ckpt_dir = self.run_dir.checkpoints(name).absolute()
+    self.ckpt_dir = paths.absolute(self.run_dir.checkpoints(name))  # local or gs://
     self.mgr = ocp.CheckpointManager(
         self.ckpt_dir, options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_checkpoints, create=True,
@@ -176,7 +177,7 @@ class Phase:
     if jax.process_index() == 0:
       for s in steps:
         dst = self.ckpt_dir / f"{s}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(self.ckpt_dir / str(s), dst)
+        (self.ckpt_dir / str(s)).rename(dst)
         log.warning(f"moved unreadable checkpoint {s} aside to {dst}")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"{self.name}: unreadable checkpoints moved aside")
@@ -203,9 +204,9 @@ class Phase:
       example_index = batch.pop("example_index", None)
       rows = None  # the global batch's example indices, by process (for the audit trail)
       if example_index is not None:
-        rows = np.asarray(example_index).ravel()[None]
-        if jax.process_count() > 1:
-          rows = np.asarray(multihost_utils.process_allgather(rows))  # [processes, rows]
+        rows = np.asarray(example_index).ravel()
+        rows = (np.asarray(multihost_utils.process_allgather(rows)) if jax.process_count() > 1
+                else rows[None])  # [processes, rows]
       n_in = float(batch["attention_mask"].sum()) * jax.process_count()  # tokens processed
       if pc.grad_accum > 1:
         batch = {k: v.reshape((pc.grad_accum, -1) + v.shape[1:]) for k, v in batch.items()}
@@ -257,6 +258,8 @@ class Phase:
       if (step + 1) % pc.ckpt_every == 0 or done or stop:
         self.save(step + 1, train_iter.get_state())
       if stop:  # also on the last step: stop before validation and the next phase
+        log.warning(f"{self.name}: process {jax.process_index()} stops at step {step + 1} "
+                    f"(SIGTERM {'here' if guard.own else 'on another process'})")
         raise Preempted(f"{self.name} stopped at step {step + 1}; checkpoint saved")
       if val_fn is not None and (done or (pc.eval_every and (step + 1) % pc.eval_every == 0)):
         val = val_fn(self.merged())
@@ -387,7 +390,8 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
 
   writer = MetricsWriter(out, tensorboard=cfg.log.tensorboard and jax.process_index() == 0,
                          wandb_project=cfg.log.wandb_project if jax.process_index() == 0 else "",
-                         run_name=out.name, config=C.to_dict(cfg))
+                         run_name=out.name, config=C.to_dict(cfg),
+                         enabled=jax.process_index() == 0)
   pi, pc_ = jax.process_index(), jax.process_count()
   domains = list(cfg.data.domains)
   results: dict[str, Any] = {}
@@ -430,7 +434,7 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
     raise
   writer.close()
 
-  summary = {"output_dir": str(out.absolute()), "base_model": info["base_model"],
+  summary = {"output_dir": str(paths.absolute(out)), "base_model": info["base_model"],
              "domains": domains, "experts": C.to_dict(ecfg), "router": C.to_dict(cfg.router),
              "data_card": card, "metrics": results,
              "artifacts": {"experts": str(rd.experts), "router": str(rd.router)},
