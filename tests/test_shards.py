@@ -65,3 +65,18 @@ def test_reader_refuses_a_checkpoint_that_does_not_match(tiny_llama, tmp_path):
   (d / "config.json").write_text(cfg)
   with pytest.raises(weights.WeightsError, match="model.layers.2.*missing"):
     shards.open_reader(d)
+
+
+def test_bench_load_writes_a_sharded_checkpoint_the_reader_loads(tmp_path):
+  from safemoe_jax.tools import bench_load
+  hf = {**bench_load.LLAMA32_1B, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+  n = bench_load.write_random_checkpoint(tmp_path, hf, "bfloat16", shard_bytes=8192)
+  files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+  assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+  assert n == sum(p.stat().st_size for p in tmp_path.glob("*.safetensors")) - sum(
+      8 + int.from_bytes((tmp_path / f).read_bytes()[:8], "little") for f in files)
+  _, full = weights.load_hf_checkpoint(tmp_path, dtype="bfloat16")
+  reader = shards.open_reader(tmp_path, "bfloat16")
+  for k, v in full.items():
+    np.testing.assert_array_equal(reader.read(k), v, err_msg=k)

@@ -162,6 +162,17 @@ def _trainable_groups(cfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig,
   return (ex.Experts(cfg, ecfg, rngs=rngs), ex.Router(cfg, rcfg, ecfg.num_experts, rngs=rngs))
 
 
+def abstract_sharded(cfg: ModelConfig, ecfg: ExpertsConfig | None, rcfg: RouterConfig | None,
+                     mesh, rules: Sequence[tuple[str, Any]]):
+  """(graphdef, abstract state, {path: NamedSharding}) of the model: shapes and placement, no
+  array. sharded_model fills it; tools/aot.py sizes it per chip for a TPU topology."""
+  ecfg, rcfg = ecfg or ExpertsConfig(), rcfg or RouterConfig()
+  abstract = nnx.eval_shape(lambda: SafeMoELM(cfg, ecfg, rcfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  shardings = S.state_shardings(state, mesh, rules)
+  return graphdef, state, {p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
+
+
 def sharded_model(reader: BaseReader, ecfg: ExpertsConfig | None, rcfg: RouterConfig | None,
                   seed: int, mesh, rules: Sequence[tuple[str, Any]],
                   cfg: ModelConfig | None = None) -> SafeMoELM:
@@ -169,21 +180,22 @@ def sharded_model(reader: BaseReader, ecfg: ExpertsConfig | None, rcfg: RouterCo
   shard by shard from `reader`. `cfg` (default: the reader's) may change dtypes and remat."""
   cfg = cfg or reader.cfg
   ecfg, rcfg = ecfg or ExpertsConfig(), rcfg or RouterConfig()
-  abstract = nnx.eval_shape(lambda: SafeMoELM(cfg, ecfg, rcfg, rngs=nnx.Rngs(seed)))
-  graphdef, state = nnx.split(abstract)
-  shardings = S.state_shardings(state, mesh, rules)
+  graphdef, state, flat_sh = abstract_sharded(cfg, ecfg, rcfg, mesh, rules)
   trained = {}
   if ecfg.num_experts:
-    experts, router = _trainable_groups(cfg, ecfg, rcfg, seed)
+    # Made whole on the host's CPU (on an accelerator they would sit whole on its first chip),
+    # then sent shard by shard to their devices.
+    cpu = jax.devices("cpu")[0] if jax.default_backend() != "cpu" else None
+    with jax.default_device(cpu):
+      experts, router = _trainable_groups(cfg, ecfg, rcfg, seed)
     trained = {("experts",) + p: v for p, v in nnx.to_flat_state(nnx.state(experts))}
     trained |= {("router",) + p: v for p, v in nnx.to_flat_state(nnx.state(router))}
   dt = np.dtype(jax.numpy.dtype(cfg.param_dtype))
   if dt != reader.dtype:
     raise WeightsError(f"the reader reads {reader.dtype}, the model wants {dt}: open it with "
                        f"param_dtype={cfg.param_dtype!r}")
-  flat_sh = dict(nnx.to_flat_state(shardings))
   for path, var in nnx.to_flat_state(state):
-    sh = flat_sh[path].get_value()
+    sh = flat_sh[path]
     key = ".".join(str(p) for p in path)
     if path in trained:
       var.set_value(jax.device_put(trained[path].get_value(), sh))

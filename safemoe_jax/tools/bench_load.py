@@ -20,8 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
+from safemoe_jax.core import sharding as S
+from safemoe_jax.io import base as B
 from safemoe_jax.io import weights as W
 from safemoe_jax.log import get_logger
 
@@ -96,10 +100,6 @@ def _rss_mb() -> float:
 
 def measure_child(folder: str, dtype: str, fsdp: int) -> dict[str, Any]:
   """In a process of its own: load the folder sharded over every device; memory figures."""
-  import jax
-  from flax import nnx
-  from safemoe_jax.core import sharding as S
-  from safemoe_jax.io import base as B
   jax.numpy.zeros(1).block_until_ready()  # the runtime's own memory belongs to the baseline
   before = _rss_mb()
   t0 = time.perf_counter()
