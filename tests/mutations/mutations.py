@@ -191,4 +191,22 @@ MUTATIONS: list[Mutation] = [
         'f = Path(xcfg.output_dir) / f"results_{xcfg.half}.json"',
         ("tests/test_experiment.py::test_runner_trains_phase1_once_reuses_it_and_caches_everything",),
         "tuned negation is chosen on the half it is reported on"),
+    Mutation(
+        "shards-rng-not-advanced", "safemoe_jax/io/shards.py",
+        "  for _ in range(count.n):\n",
+        "  for _ in range(0):\n",
+        ("tests/test_shards.py::test_sharded_model_equals_the_eager_model_bit_for_bit",),
+        "the sharded model's experts and router start from the base's random draws"),
+    Mutation(
+        "shards-chunk-offset", "safemoe_jax/io/weights.py",
+        "        fh.seek(self.offset + a * row_bytes)\n",
+        "        fh.seek(self.offset + (a - r0) * row_bytes)\n",
+        ("tests/test_shards.py::test_reader_slices_equal_slices_of_the_whole_tensor",),
+        "a row slice of a safetensors tensor is read from the tensor's first row"),
+    Mutation(
+        "remote-log-never-flushed", "safemoe_jax/io/paths.py",
+        "  def close(self) -> None:\n    self.flush()\n",
+        "  def close(self) -> None:\n    pass\n",
+        ("tests/test_paths.py::test_remote_log_drops_a_torn_line_and_is_written_whole",),
+        "a gs:// metrics log loses the lines written since its last periodic rewrite"),
 ]
