@@ -209,4 +209,10 @@ MUTATIONS: list[Mutation] = [
         "  def close(self) -> None:\n    pass\n",
         ("tests/test_paths.py::test_remote_log_drops_a_torn_line_and_is_written_whole",),
         "a gs:// metrics log loses the lines written since its last periodic rewrite"),
+    Mutation(
+        "multihost-stop-not-agreed", "safemoe_jax/train/loop.py",
+        "    if jax.process_count() > 1:\n      self.flag = bool(np.max(",
+        "    if False:\n      self.flag = bool(np.max(",
+        ("tests/test_multihost.py::test_two_processes_train_stop_and_resume_like_one",),
+        "SIGTERM to one of several processes stops only that one: the others wait on it forever"),
 ]
