@@ -48,6 +48,13 @@ class Preempted(Exception):
   pass
 
 
+# One program, not one eager op per leaf: with several processes each eager reduction of a global
+# array is a program of its own with cross-process collectives, and CPU backends run dispatched
+# programs concurrently, so two processes could pair their collectives in different orders and
+# wait on each other forever (seen: a 2-process run hung in its first checkpoint).
+_all_finite = jax.jit(all_finite)
+
+
 class SignalGuard:
   """Turns SIGTERM (schedulers, TPU maintenance) into a flag the loop checks every step. With
   several processes `stop()` agrees on it: one process signalled stops them all at one step."""
@@ -117,7 +124,7 @@ class Phase:
 
   # --- checkpoints ---------------------------------------------------------------------
   def save(self, step: int, data_state: Any) -> None:
-    if not bool(host(all_finite((self.params, self.opt)))):
+    if not bool(host(_all_finite((self.params, self.opt)))):
       check_finite({**{f"params.{k}": v for k, v in flat_arrays(self.params).items()},
                     **{f"opt.{i}": x for i, x in enumerate(to_host(jax.tree.leaves(self.opt)))}},
                    f"checkpoint {step} of {self.name} to {self.ckpt_dir}")
