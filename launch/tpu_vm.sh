@@ -22,8 +22,9 @@
 #   PYTHON_VERSION  3.11 (TPU VM images ship an older system Python; uv installs this one)
 #   SPOT=1          a Spot slice through a queued resource (Spot VMs cannot be restarted, only
 #                   recreated: `create` again after a preemption, then `copy install train`)
-#   OUTPUT_DIR      where checkpoints and artifacts go (default: the config's output_dir on the
-#                   workers' disks, which a Spot preemption deletes; see below)
+#   OUTPUT_DIR      where checkpoints and artifacts go: a gs://bucket/path (recommended), or a
+#                   disk mounted on every worker (default: the config's output_dir on the
+#                   workers' own disks, which a Spot preemption deletes; see below)
 #   HF_TOKEN        passed to the workers for gated Hub models (Llama) and datasets
 #
 # Multi-host: every worker runs the same command with SAFEMOE_DISTRIBUTED=1, so safemoe_jax calls
@@ -31,9 +32,10 @@
 # VM's metadata; each process reads its own rows of every global batch. Logs come from worker 0.
 # Check memory first, without a TPU:
 #   python -m safemoe_jax.bench aot --config "$CONFIG" --topology v5e:2x4
-# Resuming after a preemption needs checkpoints that outlive the VM: the worker disks do not. Until
-# output_dir accepts gs:// buckets, give OUTPUT_DIR a persistent disk or Filestore path mounted on
-# every worker; `train` again then resumes from its latest checkpoint.
+# Resuming after a preemption needs checkpoints that outlive the VM: the worker disks do not. Give
+# OUTPUT_DIR a gs:// bucket path (Orbax writes the checkpoints there; no lock guards a bucket, so
+# run one trainer per OUTPUT_DIR) or a persistent disk / Filestore path mounted on every worker;
+# `train` again then resumes from its latest checkpoint.
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:-safemoe}
@@ -121,7 +123,7 @@ train() {
   [[ -n "${OUTPUT_DIR:-}" ]] && overrides+=" $(printf '%q' "output_dir=$OUTPUT_DIR")"
   if [[ "${SPOT:-0}" == 1 && -z "${OUTPUT_DIR:-}" ]]; then
     echo "warning: SPOT=1 without OUTPUT_DIR: checkpoints on the workers' disks are lost with a" \
-      "preemption" >&2
+      "preemption; set OUTPUT_DIR=gs://BUCKET/PATH" >&2
   fi
   local env="export SAFEMOE_DISTRIBUTED=1; "
   [[ -n "${HF_TOKEN:-}" ]] && env+="export HF_TOKEN=$HF_TOKEN; "

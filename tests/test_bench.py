@@ -99,6 +99,15 @@ def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path, capsys):
     assert r["state_bytes_per_chip"] <= r["bytes_per_chip"]["argument"]
     assert r["bytes_per_chip"]["argument"] < 2 * r["state_bytes_per_chip"] + 2**20
   assert p2["state_bytes_per_chip"] < p1["state_bytes_per_chip"]  # no expert optimiser state
+  # Loading as the trainer loads (io/shards): a chip holds its shards of the model (a quarter of
+  # the FSDP-sharded weights; the experts' B, whose axes map to tensor=1, whole), never all of it;
+  # the validation pass is compiled too, and the peak of the three decides "fits".
+  for r in (p1, p2):
+    assert r["model_bytes_unsharded"] / 4 <= r["load_bytes_per_chip"] < \
+        0.6 * r["model_bytes_unsharded"], r
+    assert r["load_bytes_per_chip"] <= r["state_bytes_per_chip"], r  # + optimiser state
+    assert r["val_total_bytes_per_chip"] > 0 and r["peak_bytes_per_chip"] == max(
+        r["total_bytes_per_chip"], r["load_bytes_per_chip"], r["val_total_bytes_per_chip"])
   assert p1["flops_per_step"] == 8 * 64 * p1["flops_per_token"]["total"]
   assert "v5e:2x2" in "\n".join(doc["table"])
 

@@ -1,5 +1,5 @@
-"""`safemoe bench [eval|aot] ...`: speed and memory, as ratios measured in one run
-(safemoe_jax/tools/bench.py, bench_eval.py, aot.py)."""
+"""`safemoe bench [eval|aot|load] ...`: speed and memory, as ratios measured in one run
+(safemoe_jax/tools/bench.py, bench_eval.py, aot.py, bench_load.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 
 from safemoe_jax import errors
 from safemoe_jax.evaluation.config import DEFAULT_SYSTEMS
-from safemoe_jax.tools import aot, bench, bench_eval
+from safemoe_jax.tools import aot, bench, bench_eval, bench_load
 
 
 def main_eval(argv: Sequence[str]) -> int:
@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return main_aot(argv[1:])
   if argv[:1] == ["eval"]:
     return main_eval(argv[1:])
+  if argv[:1] == ["load"]:
+    return main_load(argv[1:])
   ap = argparse.ArgumentParser(prog="safemoe bench", description=bench.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default="tiny", help="tiny | smollm2 | a .gguf file / HF folder")
@@ -127,6 +129,19 @@ def main_aot(argv: Sequence[str]) -> int:
   doc = aot.run_aot(a.config, a.overrides, a.topology or aot.DEFAULT_TOPOLOGIES, a.model_config,
                 find_max_batch=not a.no_max_batch, tiny=a.tiny, partial=Path(a.out))
   return _write_results(doc, a.out, "aot", argv)
+
+
+def main_load(argv: Sequence[str]) -> int:
+  ap = argparse.ArgumentParser(prog="safemoe bench load", description=bench_load.__doc__)
+  ap.add_argument("--dir", default="runs/bench/llama32_1b_random",
+                  help="where the random checkpoint is written (about 2.5 GB in bfloat16)")
+  ap.add_argument("--devices", type=int, default=8, help="CPU devices; the mesh is fsdp over all")
+  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  ap.add_argument("--reuse", action="store_true", help="load the checkpoint already in --dir")
+  ap.add_argument("--out", default="runs/bench/load.json")
+  a = ap.parse_args(argv)
+  doc = bench_load.run_load_bench(Path(a.dir), a.devices, a.dtype, write=not a.reuse)
+  return _write_results(doc, a.out, "load", argv)
 
 
 def _write_results(doc: dict, out: str, sub: str, argv: Sequence[str]) -> int:

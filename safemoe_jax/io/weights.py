@@ -199,8 +199,39 @@ def _replace(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 
-def _safetensors_tensors(files: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
-  """name -> zero-argument reader returning a memory-mapped (read-only) array."""
+@dataclasses.dataclass(frozen=True)
+class StTensor:
+  """One tensor of a safetensors file: where its bytes are, without reading them."""
+  file: Path
+  offset: int  # of its first byte in the file
+  dtype: np.dtype
+  shape: tuple[int, ...]
+
+  def rows(self, rows: slice = slice(None), cols: slice = slice(None),
+           chunk_bytes: int = 32 << 20) -> np.ndarray:
+    """x[rows, cols] of a 1-D or 2-D tensor, read with plain reads (no mapping), at most
+    `chunk_bytes` of source rows at a time: memory holds the result and one chunk."""
+    n = self.shape[0] if self.shape else 1
+    r0, r1, step = rows.indices(n)
+    if step != 1:
+      raise ValueError("row slices must be contiguous")
+    row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+    per = max(1, chunk_bytes // max(row_bytes, 1))
+    parts = []
+    with open(self.file, "rb") as fh:
+      for a in range(r0, r1, per):
+        b = min(a + per, r1)
+        fh.seek(self.offset + a * row_bytes)
+        x = np.frombuffer(fh.read((b - a) * row_bytes), self.dtype).reshape((b - a,) + self.shape[1:])
+        parts.append(x[:, cols].copy() if x.ndim == 2 else x)
+    if not parts:
+      empty = np.zeros((0,) + self.shape[1:], self.dtype)
+      return empty[:, cols] if empty.ndim == 2 else empty
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def safetensors_index(files: list[Path]) -> dict[str, StTensor]:
+  """name -> StTensor for every tensor of the files, headers checked."""
   out = {}
   for f in files:
     size = f.stat().st_size
@@ -216,7 +247,7 @@ def _safetensors_tensors(files: list[Path]) -> dict[str, Callable[[], np.ndarray
                            f"corrupt, download it again") from None
     if not isinstance(header, dict):
       raise WeightsError(f"{f}: the safetensors header is not a mapping; the file is corrupt")
-    buf = np.memmap(f, np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    data_size = max(size - 8 - n, 0)
     for name, info in header.items():
       if name == "__metadata__":
         continue
@@ -231,9 +262,22 @@ def _safetensors_tensors(files: list[Path]) -> dict[str, Callable[[], np.ndarray
         raise WeightsError(f"{f.name}: tensor {name} has dtype {dtype_name}; supported: "
                            f"{list(_ST_DTYPES)}")
       dt = np.dtype(_ST_DTYPES[dtype_name])
-      if b - a != math.prod(shape) * dt.itemsize or b > buf.size:
+      if b - a != math.prod(shape) * dt.itemsize or b > data_size:
         raise WeightsError(f"{f}: tensor {name} has a corrupt header entry {str(info)[:200]}")
-      out[name] = lambda buf=buf, a=a, b=b, dt=dt, shape=shape: buf[a:b].view(dt).reshape(shape)
+      out[name] = StTensor(f, 8 + n + a, dt, shape)
+  return out
+
+
+def _safetensors_tensors(index: dict[str, StTensor]) -> dict[str, Callable[[], np.ndarray]]:
+  """name -> zero-argument reader returning a memory-mapped (read-only) array."""
+  maps: dict[Path, np.memmap] = {}
+  out = {}
+  for name, t in index.items():
+    if t.file not in maps:
+      maps[t.file] = np.memmap(t.file, np.uint8, mode="r")
+    nbytes = math.prod(t.shape) * t.dtype.itemsize
+    out[name] = (lambda buf=maps[t.file], t=t, nbytes=nbytes:
+                 buf[t.offset:t.offset + nbytes].view(t.dtype).reshape(t.shape))
   return out
 
 
@@ -252,21 +296,32 @@ def _hf_files(d: Path) -> list[Path]:
                      f"{sorted(p.name for p in d.iterdir())[:20]}")
 
 
-def load_hf_checkpoint(path: str | Path, dtype: DType = np.float32, **overrides: Any
-                       ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-  """Read an HF folder (config.json + model.safetensors, or sharded with its index)."""
+def hf_open(path: str | Path, **overrides: Any) -> tuple[ModelConfig, dict[str, StTensor]]:
+  """An HF folder's config and the index of its safetensors (no tensor is read)."""
   d = Path(path)
   if not (d / "config.json").is_file():
     raise WeightsError(f"{d} is not an HF model folder: config.json not found")
   cfg = config_from_hf(json.loads((d / "config.json").read_text()), **overrides)
-  tensors = _safetensors_tensors(_hf_files(d))
+  return cfg, safetensors_index(_hf_files(d))
+
+
+def check_unused(cfg: ModelConfig, names: set[str], used: set[str], where: Path) -> None:
+  """An HF checkpoint's tensors the model would not read: an unsupported variant."""
+  ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # tied: duplicate of embed
+  extra = sorted(n for n in names - used - ignored if not n.endswith("rotary_emb.inv_freq"))
+  if extra:
+    raise WeightsError(f"{where} has tensors the model would ignore: {extra[:10]}"
+                       f"{' ...' if len(extra) > 10 else ''}; this variant is not supported.")
+
+
+def load_hf_checkpoint(path: str | Path, dtype: DType = np.float32, **overrides: Any
+                       ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """Read an HF folder (config.json + model.safetensors, or sharded with its index)."""
+  cfg, index = hf_open(path, **overrides)
+  tensors, d = _safetensors_tensors(index), Path(path)
   params, used = _assemble(cfg, _hf_name, lambda n: tensors[n]() if n in tensors else None,
                            dtype, where=str(d))
-  ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # tied: duplicate of embed
-  extra = sorted(n for n in set(tensors) - used - ignored if not n.endswith("rotary_emb.inv_freq"))
-  if extra:
-    raise WeightsError(f"{d} has tensors the model would ignore: {extra[:10]}"
-                       f"{' ...' if len(extra) > 10 else ''}; this variant is not supported.")
+  check_unused(cfg, set(tensors), used, d)
   return cfg, params
 
 
@@ -323,9 +378,38 @@ def _gguf_reader(path: str | Path):
     raise WeightsError(f"{path} could not be read as GGUF: {type(e).__name__}: {e}") from e
 
 
+@dataclasses.dataclass
+class GgufSource:
+  """An opened GGUF: its config and metadata, and its tensors one at a time (dequantised)."""
+  cfg: ModelConfig
+  metadata: dict[str, Any]
+  read: Callable[[str], np.ndarray | None]  # GGUF name -> float32 (out, in), None if absent
+  fix: Callable[[str, np.ndarray], np.ndarray]  # our key, source tensor -> HF's layout
+  shapes: dict[str, tuple[int, ...]]  # every tensor in the file, numpy order
+  used: set[str]  # those read outside the layout (rope_freqs)
+
+  @property
+  def names(self) -> set[str]:
+    return set(self.shapes)
+
+
 def load_gguf(path: str | Path, dtype: DType = np.float32, **overrides: Any
               ) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, Any]]:
   """Read a llama- or qwen2-architecture GGUF: (config, dequantised params, raw metadata)."""
+  src = gguf_open(path, **overrides)
+  params, used_w = _assemble(src.cfg, _gguf_name, src.read, dtype, where=str(path), fix=src.fix)
+  gguf_check_unused(src, used_w, path)
+  return src.cfg, params, src.metadata
+
+
+def gguf_check_unused(src: GgufSource, used: set[str], path: str | Path) -> None:
+  if extra := sorted(src.names - src.used - used):
+    raise WeightsError(f"{path} has tensors the model would ignore: {extra[:10]}; this variant "
+                       "is not supported.")
+
+
+def gguf_open(path: str | Path, **overrides: Any) -> GgufSource:
+  """Config and metadata of a GGUF; its tensors are dequantised only when read."""
   r = _gguf_reader(path)
   md = {k: f.contents() for k, f in r.fields.items()}
   arch = md.get("general.architecture")
@@ -385,8 +469,5 @@ def load_gguf(path: str | Path, dtype: DType = np.float32, **overrides: Any
       return unpermute_qk(w, cfg.num_heads if key.startswith("layers.q") else cfg.num_kv_heads)
     return w
 
-  params, used_w = _assemble(cfg, _gguf_name, read, dtype, where=str(path), fix=fix)
-  if extra := sorted(set(tensors) - used - used_w):
-    raise WeightsError(f"{path} has tensors the model would ignore: {extra[:10]}; this variant "
-                       "is not supported.")
-  return cfg, params, md
+  shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in tensors.items()}
+  return GgufSource(cfg, md, read, fix, shapes, used)

@@ -1,6 +1,9 @@
-"""TPU ahead of time, with no TPU: the phase-1 and phase-2 train steps compiled for TPU
-topologies on this CPU host (libtpu's compile-only devices, from the pinned, sha256-checked
-libtpu wheel), bytes per chip against the chip's HBM, and the largest batch that fits."""
+"""TPU ahead of time, with no TPU: the run's device work for TPU topologies on this CPU host
+(libtpu's compile-only devices, from the pinned, sha256-checked libtpu wheel): the model made
+sharded as the trainer makes it (io/shards.abstract_sharded: a chip holds its shards of the base
+and trainable state while loading, never a whole tensor), the phase-1 and phase-2 train steps and
+the validation pass compiled; bytes per chip against the chip's HBM (the peak of the three), and
+the largest batch that fits."""
 
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ from safemoe_jax.core import sharding as S
 from safemoe_jax.core.config import ExpertsConfig, ModelConfig, RouterConfig
 from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.io.assets import AssetError, cache_dir, sha256_file
+from safemoe_jax.io import shards
 from safemoe_jax.io.weights import config_from_hf
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import load_config
-from safemoe_jax.train.steps import make_train_step
+from safemoe_jax.train.steps import forward_loss, make_train_step
 from safemoe_jax.tools.flops import CHIPS, train_flops_per_token
 from safemoe_jax.tools.bench import TINY, _log, _memory_analysis, _nbytes, optimizer
 
@@ -229,13 +233,8 @@ def aot_compile(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh
   p_sh = S.state_shardings(params, mesh, rules)
   o_sh = S.state_shardings(opt, mesh, rules)
   f_sh = S.state_shardings(frozen, mesh, rules)
-  lead = (accum, batch // accum) if accum > 1 else (batch,)
-  bsh = S.batch_sharding(mesh, len(lead) + 1, batch_dim=len(lead) - 1, rules=rules)
-  E = ecfg.num_experts
-  batch_abs = {k: jax.ShapeDtypeStruct(lead + (seq,), jnp.int32, sharding=bsh)
-               for k in ("input_ids", "attention_mask", "loss_mask", "prompt_mask")}
-  dsh = S.batch_sharding(mesh, len(lead) + 1, batch_dim=len(lead) - 1, rules=rules)
-  batch_abs["domains"] = jax.ShapeDtypeStruct(lead + (E,), jnp.float32, sharding=dsh)
+  batch_abs = _batch_abs(mesh, rules, (accum, batch // accum) if accum > 1 else (batch,), seq,
+                         ecfg.num_experts)
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng_abs = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   args = (_abstract(params, p_sh), _abstract(opt, o_sh), _abstract(frozen, f_sh), batch_abs,
@@ -250,6 +249,44 @@ def aot_compile(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh
           "compile_s": round(time.perf_counter() - t0, 1), "bytes_per_chip": mem,
           "total_bytes_per_chip": total, "state_bytes_per_chip": _shard_bytes(args[:3]),
           "state_bytes_unsharded": _nbytes(args[:3])}
+
+
+def _batch_abs(mesh, rules, lead: tuple[int, ...], seq: int, E: int) -> dict[str, Any]:
+  bsh = S.batch_sharding(mesh, len(lead) + 1, batch_dim=len(lead) - 1, rules=rules)
+  out = {k: jax.ShapeDtypeStruct(lead + (seq,), jnp.int32, sharding=bsh)
+         for k in ("input_ids", "attention_mask", "loss_mask", "prompt_mask")}
+  out["domains"] = jax.ShapeDtypeStruct(lead + (E,), jnp.float32, sharding=bsh)
+  return out
+
+
+def aot_load_and_eval(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh_cfg,
+                      devices, routing: str, batch: int, seq: int) -> dict[str, Any]:
+  """The trainer's other device work: loading (shards.sharded_model fills the placement that
+  shards.abstract_sharded gives, one shard at a time: a chip's peak is its shards of the model)
+  and the validation forward pass (train/loop.make_val_fn), compiled."""
+  mesh = S.make_mesh(mesh_cfg, devices)
+  rules = mesh_cfg.rules
+  graphdef, state, flat_sh = shards.abstract_sharded(mcfg, ecfg, rcfg, mesh, rules)
+  leaves = []
+  for p, v in nnx.to_flat_state(state):  # the state's own Variables: now with their placement
+    leaves.append(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                       sharding=flat_sh[p]))
+    v.set_value(leaves[-1])
+  load = _shard_bytes(leaves)
+
+  def val(st, b):  # as make_val_fn
+    _, m = forward_loss(nnx.merge(graphdef, st), b, routing)
+    return m["per_example_nll"], m["per_example_tokens"]
+
+  t0 = time.perf_counter()
+  with S.use_mesh_rules(mesh, rules):
+    compiled = jax.jit(val).lower(state, _batch_abs(mesh, rules, (batch,), seq,
+                                                        ecfg.num_experts)).compile()
+  mem = _memory_analysis(compiled) or {}
+  total = mem.get("argument", 0) + mem.get("temp", 0) + mem.get("output", 0) - mem.get("alias", 0)
+  return {"load_bytes_per_chip": load, "model_bytes_unsharded": _nbytes(leaves),
+          "val_bytes_per_chip": mem, "val_total_bytes_per_chip": total,
+          "val_compile_s": round(time.perf_counter() - t0, 1)}
 
 
 def _shard_bytes(tree) -> int:
@@ -319,12 +356,16 @@ def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[s
         r = {"phase": phase, "batch": B, "seq": seq, "mesh": dict(zip(
              ("data", "fsdp", "tensor"), mesh_cfg.shape(n))), "bytes_per_chip": {},
              "total_bytes_per_chip": need, "compile_error": str(e)[:300]}
+      routing = "oracle" if phase == "phase1" else "learned"
+      r.update(aot_load_and_eval(mcfg, ecfg, cfg.router, mesh_cfg, td.devices, routing, B, seq))
+      r["peak_bytes_per_chip"] = max(r["total_bytes_per_chip"], r["load_bytes_per_chip"],
+                                     r["val_total_bytes_per_chip"])
       fl = train_flops_per_token(mcfg, seq, phase, ecfg.num_experts, ecfg.rank, ecfg.targets)
       r["flops_per_token"] = fl
       r["flops_per_step"] = fl["total"] * B * seq
       r["tokens_per_s_per_chip_at_50pct_mfu"] = 0.5 * chip["peak_flops"] / fl["total"]
       r["step_s_at_50pct_mfu"] = r["flops_per_step"] / (0.5 * chip["peak_flops"] * n)
-      r["fits"] = r["total_bytes_per_chip"] <= chip["hbm_bytes"]
+      r["fits"] = r["peak_bytes_per_chip"] <= chip["hbm_bytes"]
       _log(f"{topo} {phase}: batch {B}x{seq}, {r['total_bytes_per_chip'] / 2**30:.2f} GiB/chip "
            f"of {chip['hbm_bytes'] / 2**30:.0f} (compiled in {r.get('compile_s')}s)", quiet)
       if find_max_batch:
@@ -403,15 +444,18 @@ def format_aot(doc: dict[str, Any]) -> str:
   head = (f"model: {m['num_layers']} layers, d={m['hidden_size']}, vocab {m['vocab_size']}, "
           f"{m['param_dtype']} (remat {m['remat']}); {e['num_experts']} experts rank {e['rank']} on "
           f"{','.join(e['targets'])}; batch {doc['batch']}x{doc['seq']}")
-  rows = [("topology", "chips", "mesh", "phase", "args GiB", "temp GiB", "total GiB", "HBM GiB",
-           "fits", "max batch", "TFLOP/step", "tok/s/chip @50% MFU")]
+  rows = [("topology", "chips", "mesh", "phase", "load GiB", "args GiB", "temp GiB", "step GiB",
+           "val GiB", "peak GiB", "HBM GiB", "fits", "max batch", "TFLOP/step",
+           "tok/s/chip @50% MFU")]
   for topo, t in doc["topologies"].items():
     for ph, r in t["phases"].items():
       b = r["bytes_per_chip"]
       mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
-      rows.append((topo, str(t["chips"]), mesh, ph, f"{b.get('argument', 0) / 2**30:.2f}",
+      rows.append((topo, str(t["chips"]), mesh, ph, f"{r['load_bytes_per_chip'] / 2**30:.2f}",
+                   f"{b.get('argument', 0) / 2**30:.2f}",
                    f"{b.get('temp', 0) / 2**30:.2f}", f"{r['total_bytes_per_chip'] / 2**30:.2f}",
-                   f"{t['hbm_bytes'] / 2**30:.0f}", "yes" if r["fits"] else "NO",
+                   f"{r['val_total_bytes_per_chip'] / 2**30:.2f}",
+                   f"{r['peak_bytes_per_chip'] / 2**30:.2f}", f"{t['hbm_bytes'] / 2**30:.0f}", "yes" if r["fits"] else "NO",
                    str(r.get("max_batch", {}).get("batch", "-")),
                    f"{r['flops_per_step'] / 1e12:.1f}",
                    f"{r['tokens_per_s_per_chip_at_50pct_mfu']:,.0f}"))

@@ -9,7 +9,6 @@ The command is `safemoe train` (safemoe_jax/cli/train.py).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -31,9 +30,10 @@ from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.data.card import format_card
 from safemoe_jax.data.encode import build
 from safemoe_jax.io import base as B
+from safemoe_jax.io import paths
 from safemoe_jax.log import get_logger, set_process_index
 from safemoe_jax.train.checkpoint import (NonFiniteError, StorageError, check_finite, checksums,
-                                          flat_arrays, load_group, save_group, to_host)
+                                          flat_arrays, host, load_group, save_group, to_host)
 from safemoe_jax.train.config import PhaseConfig, TrainConfig
 from safemoe_jax.train.metrics import (MetricsWriter, json_default, open_append, plot_losses,
                                        repair_jsonl)
@@ -48,22 +48,38 @@ class Preempted(Exception):
   pass
 
 
+# One program, not one eager op per leaf: with several processes each eager reduction of a global
+# array is a program of its own with cross-process collectives, and CPU backends run dispatched
+# programs concurrently, so two processes could pair their collectives in different orders and
+# wait on each other forever (seen: a 2-process run hung in its first checkpoint).
+_all_finite = jax.jit(all_finite)
+
+
 class SignalGuard:
-  """Turns SIGTERM (schedulers, TPU maintenance) into a flag the loop checks every step."""
+  """Turns SIGTERM (schedulers, TPU maintenance) into a flag the loop checks every step. With
+  several processes `stop()` agrees on it: one process signalled stops them all at one step."""
 
   def __init__(self):
-    self.flag = False
+    self.flag = False  # agreed by stop() across processes
+    self.own = False  # this process got the signal
 
   def __enter__(self):
     self.prev = signal.signal(signal.SIGTERM, self._handler)
     return self
 
   def _handler(self, *_):
-    self.flag = True
+    self.flag = self.own = True
     log.info("SIGTERM: writing a checkpoint and exiting")
 
   def __exit__(self, *exc):
     signal.signal(signal.SIGTERM, self.prev)
+
+  def stop(self) -> bool:
+    """Whether any process got SIGTERM. Every process must call it at the same point: with
+    several, it is one tiny all-gather of the flags (a few bytes per step)."""
+    if jax.process_count() > 1:
+      self.flag = bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+    return self.flag
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,14 +103,17 @@ class Phase:
     self.p_sh = S.state_shardings(params, mesh, rules)
     self.o_sh = S.state_shardings(opt, mesh, rules)
     f_sh = S.state_shardings(frozen, mesh, rules)
-    self.params = jax.device_put(params, self.p_sh)
+    # A copy: the step donates its parameters, and the model keeps its own (sharded) arrays.
+    self.params = jax.device_put(params, self.p_sh, may_alias=False)
     self.opt = jax.device_put(opt, self.o_sh)
-    self.frozen = jax.device_put(frozen, f_sh)
-    with S.use_mesh_rules(mesh, rules):
-      self.step_fn = jax.jit(step_fn, out_shardings=(self.p_sh, self.o_sh, None),
+    self.frozen = jax.device_put(frozen, f_sh)  # a no-op for a model built sharded
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with S.use_mesh_rules(mesh, rules):  # metrics replicated: every host can read them
+      self.step_fn = jax.jit(step_fn, out_shardings=(self.p_sh, self.o_sh, replicated),
                              donate_argnums=(0, 1))
+      self._copy = jax.jit(lambda t: t, out_shardings=self.p_sh)
     self.run_dir = RunDir(out)
-    self.ckpt_dir = self.run_dir.checkpoints(name).absolute()
+    self.ckpt_dir = paths.absolute(self.run_dir.checkpoints(name))  # local or gs://
     self.mgr = ocp.CheckpointManager(
         self.ckpt_dir, options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_checkpoints, create=True,
@@ -105,10 +124,9 @@ class Phase:
 
   # --- checkpoints ---------------------------------------------------------------------
   def save(self, step: int, data_state: Any) -> None:
-    if not bool(all_finite((self.params, self.opt))):
+    if not bool(host(_all_finite((self.params, self.opt)))):
       check_finite({**{f"params.{k}": v for k, v in flat_arrays(self.params).items()},
-                    **{f"opt.{i}": np.asarray(x) for i, x in
-                       enumerate(jax.tree.leaves(jax.device_get(self.opt)))}},
+                    **{f"opt.{i}": x for i, x in enumerate(to_host(jax.tree.leaves(self.opt)))}},
                    f"checkpoint {step} of {self.name} to {self.ckpt_dir}")
     meta = {"phase": self.name, "step": step, "seed": self.cfg.seed, "data_state": data_state,
             "checksum": checksums((self.params, self.opt))}
@@ -166,7 +184,7 @@ class Phase:
     if jax.process_index() == 0:
       for s in steps:
         dst = self.ckpt_dir / f"{s}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(self.ckpt_dir / str(s), dst)
+        (self.ckpt_dir / str(s)).rename(dst)
         log.warning(f"moved unreadable checkpoint {s} aside to {dst}")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"{self.name}: unreadable checkpoints moved aside")
@@ -189,8 +207,13 @@ class Phase:
     order_f = (open_append(self.run_dir.data_order)
                if jax.process_index() == 0 else None)
     for step in range(start, pc.steps):
-      batch = next(train_iter)
+      batch = next(train_iter)  # this process's rows of the global batch
       example_index = batch.pop("example_index", None)
+      rows = None  # the global batch's example indices, by process (for the audit trail)
+      if example_index is not None:
+        rows = np.asarray(example_index).ravel()
+        rows = (np.asarray(multihost_utils.process_allgather(rows)) if jax.process_count() > 1
+                else rows[None])  # [processes, rows]
       n_in = float(batch["attention_mask"].sum()) * jax.process_count()  # tokens processed
       if pc.grad_accum > 1:
         batch = {k: v.reshape((pc.grad_accum, -1) + v.shape[1:]) for k, v in batch.items()}
@@ -219,9 +242,11 @@ class Phase:
       else:
         tokens_seen += n_in
         time_steady += dt
-      if order_f is not None and example_index is not None:  # audit trail of the data order
-        order_f.write(json.dumps({"phase": self.name, "step": step + 1,
-                                  "examples": np.asarray(example_index).ravel().tolist()}) + "\n")
+      if order_f is not None and rows is not None:  # audit trail of the data order
+        rec = {"phase": self.name, "step": step + 1, "examples": rows.ravel().tolist()}
+        if len(rows) > 1:
+          rec["by_process"] = rows.tolist()
+        order_f.write(json.dumps(rec) + "\n")
       rec = {"loss": m["loss"], "ce": m["ce"], "aux_loss": m["aux_loss"],
              "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
              "tokens": m["tokens"], "input_tokens": n_in, "step_time_s": dt,
@@ -236,9 +261,12 @@ class Phase:
         bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{n_in / dt:.0f}")
         bar.update(1)
       done = step + 1 == pc.steps
-      if (step + 1) % pc.ckpt_every == 0 or done or guard.flag:
+      stop = guard.stop()  # every process, every step: all stop at the same one
+      if (step + 1) % pc.ckpt_every == 0 or done or stop:
         self.save(step + 1, train_iter.get_state())
-      if guard.flag:  # also on the last step: stop before validation and the next phase
+      if stop:  # also on the last step: stop before validation and the next phase
+        log.warning(f"{self.name}: process {jax.process_index()} stops at step {step + 1} "
+                    f"(SIGTERM {'here' if guard.own else 'on another process'})")
         raise Preempted(f"{self.name} stopped at step {step + 1}; checkpoint saved")
       if val_fn is not None and (done or (pc.eval_every and (step + 1) % pc.eval_every == 0)):
         val = val_fn(self.merged())
@@ -257,8 +285,9 @@ class Phase:
     return last
 
   def merged(self) -> SafeMoELM:
-    """The model with this phase's current trainable group."""
-    nnx.update(self.model, jax.device_get(self.params))
+    """The model with this phase's current trainable group (a sharded copy: the step donates
+    its own)."""
+    nnx.update(self.model, self._copy(self.params))
     return self.model
 
 
@@ -270,7 +299,7 @@ class Phase:
 def _gather(x) -> np.ndarray:
   if jax.process_count() > 1:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
+  return np.asarray(x)
 
 
 def make_val_fn(batches_fn, routing: str, domains: Sequence[str], mesh, rules):
@@ -335,13 +364,13 @@ def run_with_model(cfg: TrainConfig, quick_look: QuickLook | None = None
 
   base = B.load_base(cfg.model.path, revision=cfg.model.revision,
                      param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
-                     remat=cfg.model.remat)
+                     remat=cfg.model.remat, lazy=True)
   ecfg = cfg.experts_config()
   log.info(f"base model {base.path.name}: {base.config.num_layers} layers, width "
            f"{base.config.hidden_size}; {ecfg.num_experts} experts of rank {ecfg.rank} on "
            f"{list(ecfg.targets)}")
-  model = base.model(ecfg, cfg.router, cfg.seed)
-  base.params = {}  # the model holds the weights now
+  # Sharded from the start: each device's shard of the base read straight from the checkpoint.
+  model = base.sharded_model(ecfg, cfg.router, cfg.seed, mesh, cfg.mesh.rules)
 
   data = build(cfg.data, base.tokenizer, model_context=base.config.max_position_embeddings)
   card = data.card()
@@ -368,7 +397,8 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
 
   writer = MetricsWriter(out, tensorboard=cfg.log.tensorboard and jax.process_index() == 0,
                          wandb_project=cfg.log.wandb_project if jax.process_index() == 0 else "",
-                         run_name=out.name, config=C.to_dict(cfg))
+                         run_name=out.name, config=C.to_dict(cfg),
+                         enabled=jax.process_index() == 0)
   pi, pc_ = jax.process_index(), jax.process_count()
   domains = list(cfg.data.domains)
   results: dict[str, Any] = {}
@@ -401,10 +431,9 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
         it = data.train_iterator(k, process_index=pi, process_count=pc_)
         results[name] = phase.run(it, val_fn, guard)
         phase.merged()
-        if jax.process_index() == 0:
-          save_group(artifact, nnx.state(model, filt),
-                     {"phase": name, "domains": domains, "run": info})
-        if guard.flag:  # SIGTERM during validation or the artifact: stop before the next phase
+        save_group(artifact, nnx.state(model, filt),  # every process gathers, process 0 writes
+                   {"phase": name, "domains": domains, "run": info}, write=pi == 0)
+        if guard.stop():  # SIGTERM during validation or the artifact: stop before the next phase
           raise Preempted(f"{name} finished and saved; stopping before the next phase")
   except Preempted as e:
     writer.close()
@@ -412,7 +441,7 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
     raise
   writer.close()
 
-  summary = {"output_dir": str(out.absolute()), "base_model": info["base_model"],
+  summary = {"output_dir": str(paths.absolute(out)), "base_model": info["base_model"],
              "domains": domains, "experts": C.to_dict(ecfg), "router": C.to_dict(cfg.router),
              "data_card": card, "metrics": results,
              "artifacts": {"experts": str(rd.experts), "router": str(rd.router)},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from safemoe_jax.io import paths
 from safemoe_jax.log import get_logger
 
 log = get_logger(__name__)
@@ -40,7 +42,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def repair_jsonl(path: Path) -> None:
   """Cuts a torn last line (a process killed in the middle of a write leaves one) from an
-  append-only JSONL log, so the next record starts on a line of its own."""
+  append-only JSONL log, so the next record starts on a line of its own. (Remote logs: see
+  paths.RemoteAppend.)"""
+  if not paths.is_local(path):
+    return
   path = Path(path)
   if not path.exists():
     return
@@ -60,21 +65,29 @@ def repair_jsonl(path: Path) -> None:
 
 
 def open_append(path: Path):
-  """Opens an append-only JSONL log for appending, after `repair_jsonl`."""
+  """Opens an append-only JSONL log for appending, after `repair_jsonl`; on remote storage
+  (gs://) a paths.RemoteAppend, rewritten whole from time to time."""
+  if not paths.is_local(path):
+    return paths.RemoteAppend(path)
   repair_jsonl(path)
   return open(path, "a", buffering=1)
 
 
 class MetricsWriter:
-  """Writes one JSON object per step to `path` and scalars to TensorBoard / W&B if enabled."""
+  """Writes one JSON object per step to `path` and scalars to TensorBoard / W&B if enabled.
+  With several processes only one writes (`enabled`); the others' records are dropped."""
 
   def __init__(self, out_dir: Path, *, tensorboard: bool = True, wandb_project: str = "",
-               run_name: str = "", config: dict | None = None):
-    self.path = Path(out_dir) / "metrics.jsonl"
+               run_name: str = "", config: dict | None = None, enabled: bool = True):
+    self.path = paths.as_path(out_dir) / "metrics.jsonl"
+    self.f = self.tb = self.wandb = None
+    if not enabled:
+      return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self.f = open_append(self.path)
-    self.tb = None
-    if tensorboard:
+    if tensorboard and not paths.is_local(out_dir):
+      log.warning(f"TensorBoard logging off: {out_dir} is not a local folder")
+    elif tensorboard:
       try:
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
@@ -90,6 +103,8 @@ class MetricsWriter:
         log.warning("wandb not installed; W&B logging off")
 
   def write(self, record: dict[str, Any], step: int, tag: str) -> None:
+    if self.f is None:
+      return
     flat = _flatten(record)
     row = {"tag": tag, "step": step, **{k: (v if math.isfinite(v) else str(v))
                                           for k, v in flat.items()}}
@@ -101,7 +116,8 @@ class MetricsWriter:
       self.wandb.log({f"{tag}/{k}": v for k, v in flat.items()}, step=step)
 
   def close(self) -> None:
-    self.f.close()
+    if self.f is not None:
+      self.f.close()
     if self.tb is not None:
       self.tb.close()
     if self.wandb is not None:
@@ -109,10 +125,11 @@ class MetricsWriter:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-  if not Path(path).exists():
+  path = paths.as_path(path)
+  if not path.exists():
     return []
   rows = []
-  with open(path) as f:
+  with path.open() as f:
     lines = [l for l in f if l.strip()]
   for i, line in enumerate(lines):
     try:
@@ -158,6 +175,11 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     if ax.get_legend_handles_labels()[0]:
       ax.legend()
   fig.tight_layout()
-  fig.savefig(out_png, dpi=110)
+  if paths.is_local(out_png):
+    fig.savefig(out_png, dpi=110)
+  else:  # matplotlib writes local files or file objects
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    paths.as_path(out_png).write_bytes(buf.getvalue())
   plt.close(fig)
   return out_png

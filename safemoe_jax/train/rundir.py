@@ -33,7 +33,7 @@ from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.io import assets
 from safemoe_jax.io import base as B
-from safemoe_jax.io import hub
+from safemoe_jax.io import hub, paths
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.checkpoint import load_group, nonfinite_names
 from safemoe_jax.train.config import TrainConfig
@@ -177,7 +177,7 @@ class RunDir:
   ARTIFACTS = {"phase1": EXPERTS, "phase2": ROUTER}  # the trained group of each phase
 
   def __init__(self, path: str | Path):
-    self.path = Path(path)
+    self.path = paths.as_path(path)  # local: pathlib.Path; gs://...: epath.Path
 
   def __truediv__(self, name: str) -> Path:
     return self.path / name
@@ -247,11 +247,21 @@ class RunDir:
       raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose another "
                         f"output_dir or fix its permissions / free disk space") from None
 
-  def lock(self) -> RunLock:
+  def lock(self) -> RunLock | None:
+    """The run's flock; None on remote storage (gs://), which has no locks: there, one trainer
+    per output_dir is up to the user (a second one would overwrite the first's files)."""
+    if not paths.is_local(self.path):
+      log.warning(f"{self.path} is not a local folder: no lock guards it against a second "
+                  f"trainer (object stores have no locks); run one trainer per output_dir")
+      return None
     return RunLock(self.path)
 
   def write_json(self, path: Path, doc: Any, default: Callable = str) -> None:
-    """Writes a JSON file of the run atomically (a kill leaves only its .tmp)."""
+    """Writes a JSON file of the run atomically (a kill leaves only its .tmp; an object store's
+    write is atomic by itself)."""
+    if not paths.is_local(path):
+      path.write_text(json.dumps(doc, indent=1, default=default))
+      return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=default))
     os.replace(tmp, path)

@@ -271,4 +271,28 @@ MUTATIONS: list[Mutation] = [
         "  keep = lab == lab\n",
         ("tests/test_audit.py::test_cross_validation_reports_the_audit_rows_out_of_fold",),
         "the selection figure counts degenerate answers in the harmful-or-not accuracy"),
+    Mutation(
+        "shards-rng-not-advanced", "safemoe_jax/io/shards.py",
+        "  for _ in range(count.n):\n",
+        "  for _ in range(0):\n",
+        ("tests/test_shards.py::test_sharded_model_equals_the_eager_model_bit_for_bit",),
+        "the sharded model's experts and router start from the base's random draws"),
+    Mutation(
+        "shards-chunk-offset", "safemoe_jax/io/weights.py",
+        "        fh.seek(self.offset + a * row_bytes)\n",
+        "        fh.seek(self.offset + (a - r0) * row_bytes)\n",
+        ("tests/test_shards.py::test_reader_slices_equal_slices_of_the_whole_tensor",),
+        "a row slice of a safetensors tensor is read from the tensor's first row"),
+    Mutation(
+        "remote-log-never-flushed", "safemoe_jax/io/paths.py",
+        "  def close(self) -> None:\n    self.flush()\n",
+        "  def close(self) -> None:\n    pass\n",
+        ("tests/test_paths.py::test_remote_log_drops_a_torn_line_and_is_written_whole",),
+        "a gs:// metrics log loses the lines written since its last periodic rewrite"),
+    Mutation(
+        "multihost-stop-not-agreed", "safemoe_jax/train/loop.py",
+        "    if jax.process_count() > 1:\n      self.flag = bool(np.max(",
+        "    if False:\n      self.flag = bool(np.max(",
+        ("tests/test_multihost.py::test_two_processes_train_stop_and_resume_like_one",),
+        "SIGTERM to one of several processes stops only that one: the others wait on it forever"),
 ]
