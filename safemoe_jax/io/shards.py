@@ -48,24 +48,13 @@ class BaseReader:
     raise NotImplementedError
 
   def check(self) -> set[str]:
-    """Every source tensor is present with the expected shape (as weights._assemble checks);
-    returns the source names used."""
+    """Every source tensor is present with the expected shape (weights.check_source, as the
+    eager loader checks); returns the source names used."""
     have, used = self.source_shapes(), set()
-    for key, shape in self.shapes.items():
-      layered = key.startswith("layers.")
-      for i in range(self.cfg.num_layers) if layered else [None]:
+    for key in self.shapes:
+      for i in range(self.cfg.num_layers) if key.startswith("layers.") else [None]:
         name = self.name_of(key, i)
-        want = shape[1:] if layered else shape
-        want = want[::-1] if len(want) == 2 and key != "embed" else want  # (out, in)
-        if name not in have:
-          raise WeightsError(f"tensor {name} (our {key}) is missing from {self.where}.\n"
-                             f"  the config ({W._arch_summary(self.cfg)}) needs it; the "
-                             "checkpoint does not match the config, or is of a variant we do "
-                             "not support.")
-        if tuple(have[name]) != tuple(want):
-          raise WeightsError(f"tensor {name} has shape {tuple(have[name])} in {self.where}, but "
-                             f"the config expects {want} ({W._arch_summary(self.cfg)}): the "
-                             "checkpoint does not match the config.")
+        W.check_source(self.cfg, key, i, name, have.get(name), self.where)
         used.add(name)
     return used
 

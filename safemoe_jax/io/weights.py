@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,23 @@ def _np_dtype(dtype: DType) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if str(dtype) in ("bfloat16", "bf16") else np.dtype(dtype)
 
 
+def check_source(cfg: ModelConfig, key: str, layer: int | None, name: str,
+                 got: Sequence[int] | None, where: Any) -> None:
+  """Source tensor `name` (our `key`, of `layer`) is present (got = its shape, None if absent)
+  with the (out, in) shape the config expects; else a WeightsError naming both."""
+  if got is None:
+    raise WeightsError(f"tensor {name} (our {key}) is missing from {where}.\n"
+                       f"  the config ({_arch_summary(cfg)}) needs it; the checkpoint does "
+                       "not match the config, or is of a variant we do not support.")
+  shape = expected_shapes(cfg)[key]
+  want = shape[1:] if layer is not None else shape
+  want_src = want[::-1] if len(want) == 2 and key != "embed" else want  # (out, in)
+  if tuple(got) != tuple(want_src):
+    raise WeightsError(f"tensor {name} has shape {tuple(got)} in {where}, but the config "
+                       f"expects {want_src} ({_arch_summary(cfg)}): the checkpoint does not "
+                       "match the config.")
+
+
 def _assemble(cfg: ModelConfig, name_of: Callable[[str, int | None], str],
               read: Callable[[str], np.ndarray | None], dtype: DType, where: str,
               fix: Callable[[str, np.ndarray], np.ndarray] = lambda key, w: w
@@ -94,16 +111,7 @@ def _assemble(cfg: ModelConfig, name_of: Callable[[str, int | None], str],
     for i in range(cfg.num_layers) if key.startswith("layers.") else [None]:
       name = name_of(key, i)
       w = read(name)
-      if w is None:
-        raise WeightsError(f"tensor {name} (our {key}) is missing from {where}.\n"
-                           f"  the config ({_arch_summary(cfg)}) needs it; the checkpoint does "
-                           "not match the config, or is of a variant we do not support.")
-      want = shape[1:] if i is not None else shape
-      want_src = want[::-1] if len(want) == 2 and key != "embed" else want  # (out, in)
-      if tuple(w.shape) != want_src:
-        raise WeightsError(f"tensor {name} has shape {tuple(w.shape)} in {where}, but the config "
-                           f"expects {want_src} ({_arch_summary(cfg)}): the checkpoint does not "
-                           "match the config.")
+      check_source(cfg, key, i, name, None if w is None else w.shape, where)
       if out is None:
         out = np.empty(shape, _np_dtype(dtype))
       w = fix(key, w)
