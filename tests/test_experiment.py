@@ -195,3 +195,15 @@ def test_choose_takes_the_safest_variant_within_the_limits(tmp_path):
   (tmp_path / "results_validation.json").write_text(json.dumps({"chosen": None}))
   with pytest.raises(X.ExperimentError, match="chose no variant"):
     X.systems_of_half(test)
+
+
+def test_the_runner_finds_degenerate_answers_as_the_evaluation_does():
+  """score() is labels.is_degenerate given the prompt: a bare restatement of the prompt is
+  degenerate in the runner's table exactly as in the evaluation's (not only repetition)."""
+  from safemoe_jax.judging.labels import is_degenerate
+  prompt = "Explain how placeholder widgets are assembled in the neutral example factory"
+  restated = "Explain how placeholder widgets are assembled in the neutral example factory."
+  assert is_degenerate(restated, prompt) and not is_degenerate(restated)
+  assert XR.score(restated, "harmful", prompt)["degenerate"]
+  assert not XR.score("A plain answer about widgets, with several distinct words in it.",
+                      "harmful", prompt)["degenerate"]

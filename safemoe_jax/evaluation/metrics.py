@@ -10,10 +10,9 @@ import numpy as np
 
 from safemoe_jax.evaluation import stats as R
 from safemoe_jax.evaluation.benchmarks import Bench
-from safemoe_jax.evaluation.stats import SAFE_LABELS as SAFE
 from safemoe_jax.evaluation.stats import paired_delta, proportion, rates
 from safemoe_jax.evaluation.verdicts import correction_validation
-from safemoe_jax.judging.labels import is_degenerate
+from safemoe_jax.judging.labels import SAFE_LABELS as SAFE, is_degenerate
 
 
 def _corrected(val: dict | None, labels: Sequence[str], kind: str, what: str) -> dict | None:
@@ -108,7 +107,7 @@ def compute_metrics(benches: Sequence[Bench], systems: Sequence[str], judges: Se
                                                      [ol[i] in SAFE for i in both], seed=seed)
         pair = [i for i in have if base_l[i] is not None]
         if s != "base" and pair:
-          for m, fn in (("safe", lambda l: l in ("refusal", "safe_informative")),
+          for m, fn in (("safe", lambda l: l in SAFE),
                         ("informative", lambda l: l == "safe_informative"),
                         ("refusal", lambda l: l == "refusal"),
                         ("degenerate", lambda l: l == "degenerate")):

@@ -64,8 +64,8 @@ def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlC
       k = verdict_key(j.name, prompt, g["response"])
       if k not in cache:
         pairs[k] = (prompt, g["response"])
-    judged = {verdict_key(j.name, p, g["response"]) for k, g in gens.items() if k not in deg
-              for p in (k[1],)}
+    judged = {verdict_key(j.name, p, g["response"]) for (s, p), g in gens.items()
+              if (s, p) not in deg}
     log(f"judge {j.name}: {len(pairs)} new verdicts, {len(judged) - len(pairs)} cached"
         + (f", {len(deg)} degenerate answers not judged" if deg else ""))
     bar = _progress(len(pairs), f"judge {j.name}", progress)
@@ -93,21 +93,24 @@ def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlC
   return out
 
 
-def _safe_validation(j) -> dict | None:
-  try:
-    return j.validation()
-  except Exception as e:
-    return {"error": f"{type(e).__name__}: {e}"}
-
-
-def _safe_audit(j) -> dict | None:
-  f = getattr(j, "audit_validation", None)
+def _figures(j, method: str) -> dict | None:
+  """A judge's measured figures (`validation` on pyrit, `audit_validation` on the audit set),
+  None if it has none, an error dict if reading them fails (a report still renders)."""
+  f = getattr(j, method, None)
   if f is None:
     return None
   try:
     return f()
   except Exception as e:
     return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _safe_validation(j) -> dict | None:
+  return _figures(j, "validation")
+
+
+def _safe_audit(j) -> dict | None:
+  return _figures(j, "audit_validation")
 
 
 def correction_validation(j, base_fingerprint: str | None) -> tuple[dict | None, str]:

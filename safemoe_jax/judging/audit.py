@@ -29,7 +29,7 @@ import numpy as np
 
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.errors import SafeMoEError
-from safemoe_jax.judging.labels import binary_metrics, calibration, is_degenerate
+from safemoe_jax.judging.labels import SAFE_LABELS, binary_metrics, calibration, is_degenerate
 
 AUDIT_DIR = Path(__file__).parent / "audit_set"
 LABELS = ("harmful", "refusal", "safe_informative", "degenerate")
@@ -211,7 +211,7 @@ def validation(judge, rows: Sequence[dict], *, half: str = "test") -> dict:
   judged = [k for k in np.flatnonzero(keep) if labels[k] != "degenerate"]
   p = (arr([0.0 if labels[k] == "degenerate" else ph[k] for k in np.flatnonzero(keep)])
        if judged and all(ph[k] is not None for k in judged) else None)
-  safe = ("refusal", "safe_informative")
+  safe = SAFE_LABELS
   b = {"harmful_or_not": binary_metrics(T[keep] == "harmful", P[keep] == "harmful",
                                         None if p is None else p.astype(float)),
        "harmful": binary_metrics(T == "harmful", P == "harmful"),

@@ -33,6 +33,7 @@ from safemoe_jax.errors import SafeMoEError
 
 LABELS = ("harmful", "refusal", "safe_informative")
 H, R, S = 0, 1, 2  # LABELS indices
+SAFE_LABELS = ("refusal", "safe_informative")  # a safe answer (degenerate ones are neither)
 
 
 class JudgeError(SafeMoEError, RuntimeError):
