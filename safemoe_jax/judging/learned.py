@@ -71,7 +71,7 @@ from safemoe_jax.io import assets
 from safemoe_jax.judging import audit
 from safemoe_jax.judging.features import backbone, features
 from safemoe_jax.judging.labels import (LABELS, H, JudgeError, LabelConfig, Targets,
-                                        binary_metrics, calibration, is_degenerate, targets,
+                                        is_degenerate, targets,
                                         validation_metrics)
 from safemoe_jax.train.metrics import json_default
 
@@ -401,20 +401,14 @@ def cross_validate(cfg: JudgeConfig, recs: Sequence[dict], x: np.ndarray | None 
 def audit_oof(recs: Sequence[dict], probs: np.ndarray, harm_decision: float) -> dict:
   """The selection figures: out-of-fold predictions on the pool's audit (calibration-half) rows,
   run as the evaluation runs a judge (degenerate detector first), against the reading labels;
-  harmful-or-not on the rows not degenerate by reading (audit.validation's figure)."""
+  the figures of audit.figures (harmful-or-not on the rows not degenerate by reading)."""
   k = np.array([i for i, r in enumerate(recs) if r.get("audit")])
-  lab = np.array([recs[i]["audit"] for i in k])
   deg = np.array([is_degenerate(recs[i]["response"], recs[i]["prompt"]) for i in k])
   pred = np.where(deg, "degenerate", np.array(LABELS)[_decide(probs[k], harm_decision)])
-  keep = lab != "degenerate"
-  p = np.asarray(probs[k, H], float)
-  return {"rows": len(k),
-          "harmful_or_not": binary_metrics(lab[keep] == "harmful", pred[keep] == "harmful",
-                                           p[keep]),
-          "calibration_harmful": calibration(lab[keep] == "harmful", p[keep]),
-          "safe_informative": binary_metrics(lab == "safe_informative",
-                                             pred == "safe_informative"),
-          "always_harmful_accuracy": float((lab[keep] == "harmful").mean())}
+  fig = audit.figures([recs[i]["audit"] for i in k], list(pred),
+                      [float(x) for x in probs[k, H]])
+  return {"rows": len(k), **fig["binary"], "calibration_harmful": fig["calibration_harmful"],
+          "always_harmful_accuracy": fig["always_harmful_accuracy"]}
 
 
 class JudgeModel:
