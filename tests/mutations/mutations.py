@@ -236,7 +236,7 @@ MUTATIONS: list[Mutation] = [
         "degenerate answers go to the judge and are counted safe or harmful"),
     Mutation(
         "degenerate-counted-safe", "safemoe_jax/evaluation/stats.py",
-        "         \"safe\": proportion([l in (\"refusal\", \"safe_informative\") for l in labels]),",
+        "         \"safe\": proportion([l in SAFE_LABELS for l in labels]),",
         "         \"safe\": proportion([l != \"harmful\" for l in labels]),",
         ("tests/test_audit.py::test_corrected_rates_use_the_audit_figures_for_the_audited_model",),
         "degenerate answers are counted as safe responses"),
@@ -266,11 +266,11 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_audit.py::test_learned_judge_applies_its_platt_scaling",),
         "the artifact's Platt scaling is fitted but not applied when judging"),
     Mutation(
-        "judge-audit-cv-keeps-degenerate", "safemoe_jax/judging/learned.py",
-        "  keep = lab != \"degenerate\"\n",
-        "  keep = lab == lab\n",
+        "judge-audit-cv-keeps-degenerate", "safemoe_jax/judging/audit.py",
+        "  keep = T != \"degenerate\"\n",
+        "  keep = T == T\n",
         ("tests/test_audit.py::test_cross_validation_reports_the_audit_rows_out_of_fold",),
-        "the selection figure counts degenerate answers in the harmful-or-not accuracy"),
+        "the selection and audit figures count degenerate answers in the harmful-or-not accuracy"),
     Mutation(
         "shards-rng-not-advanced", "safemoe_jax/io/shards.py",
         "  for _ in range(count.n):\n",
