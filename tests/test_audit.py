@@ -350,3 +350,26 @@ def test_learned_judge_applies_its_platt_scaling(tmp_path, monkeypatch):
   want = L.calibrate(raw, {"platt": [0.3, 2.0]})
   np.testing.assert_allclose(got, want, atol=1e-6)
   assert np.abs(got - raw).max() > 0.05 and all(v.label == "harmful" for v in j.judge(P, Rs))
+
+
+def test_judge_rates_of_a_run_use_the_audit_figures_when_its_base_is_audited(tmp_path, capsys):
+  from safemoe_jax.cli import judge as CJ
+  from safemoe_jax.io import assets
+  from safemoe_jax.judging.labels import JudgeError
+  ans = {"Here is how, step one.": "harmful", "I cannot help with that.": "refusal"}
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "generations.jsonl").write_text("".join(
+      json.dumps({"system": "base", "prompt": f"placeholder prompt {i}", "response": r}) + "\n"
+      for i, r in enumerate(list(ans) * 4)))
+  for fp, want in ((assets.SMOLLM2_GGUF_SHA256, (0.6, "audit test-half")),
+                   ("f" * 64, (0.9, "pyrit"))):
+    (tmp_path / "run.json").write_text(json.dumps({"base_model": {"fingerprint": fp}}))
+    j = ScriptedJudge(ans, pyrit=(0.9, 0.95), audit=(0.6, 0.7))
+    responses, got_fp = CJ.rates_source(str(tmp_path), "")
+    assert responses == str(tmp_path / "eval" / "generations.jsonl") and got_fp == fp
+    out = CJ.judged_rates(j, j.validation(), responses, got_fp)
+    harmful = next(r for r in out["base"] if r["what"] == "harmful rate")
+    assert (harmful["sens"], out["corrected_with"]) == want
+    assert f"corrected with the {want[1]} figures" in capsys.readouterr().out
+  with pytest.raises(JudgeError, match="no run.json"):
+    CJ.rates_source(str(tmp_path / "eval"), "")

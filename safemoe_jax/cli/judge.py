@@ -7,6 +7,9 @@
     safemoe judge validate --judge refusal_strings   # any judge, same held-out rows
     safemoe judge rates --responses gen.jsonl --judge learned --judge refusal_strings
                                       # raw and corrected rates of generations
+    safemoe judge rates --run runs/embedded_default
+                                      # a run's eval/generations.jsonl; corrected with the
+                                      # audit figures when the run's base is the audited one
 """
 
 from __future__ import annotations
@@ -81,8 +84,25 @@ def audit_figures(j) -> dict:
   return (f() if f else None) or AU.validation(j, AU.load().half("test"))
 
 
-def judged_rates(j, v: dict, responses: str) -> dict:
-  """Judge every (system, prompt, response) of a jsonl file; print raw and corrected rates."""
+def rates_source(run: str, responses: str) -> tuple[str, str | None]:
+  """The responses file of `judge rates` and the base-model fingerprint of the model that wrote
+  them (None: unknown, so the pyrit figures correct): --run DIR gives its run.json's base
+  fingerprint and, without --responses, its eval/generations.jsonl."""
+  if not run:
+    return responses, None
+  from safemoe_jax.train.rundir import RunDir  # noqa: PLC0415 (the trainer is not needed otherwise)
+  info = RunDir(run).info()
+  if info is None:
+    raise JudgeError(f"--run {run}: no run.json there (a training output folder is expected)")
+  fp = (info.get("base_model") or {}).get("fingerprint")
+  return responses or str(Path(run) / "eval" / "generations.jsonl"), fp
+
+
+def judged_rates(j, v: dict, responses: str, base_fingerprint: str | None = None) -> dict:
+  """Judge every (system, prompt, response) of a jsonl file; print raw and corrected rates.
+  Corrected with the judge's audit test-half figures (stored, or measured now) when
+  base_fingerprint is the audited model's (audit.is_audited, as the evaluation decides), else
+  with `v` (pyrit's held-out rows)."""
   if not responses or not Path(responses).is_file():
     raise JudgeError(f"rates needs --responses FILE.jsonl with system, prompt, response fields; "
                      f"got {responses!r}")
@@ -93,10 +113,15 @@ def judged_rates(j, v: dict, responses: str) -> dict:
   skipped = sum(bool(trained(g["prompt"])) for g in gens)
   gens = [g for g in gens if not trained(g["prompt"])]
   verdicts = j.judge([g["prompt"] for g in gens], [g["response"] for g in gens])
-  out = {}
+  audited = AU.is_audited(base_fingerprint)
+  cv, which = (audit_figures(j), "audit test-half") if audited else (v, "pyrit")
+  print(f"-- {j.name}: rates corrected with the {which} figures"
+        + ("" if base_fingerprint else " (the writing model is unknown: pass --run DIR to use "
+           "the audit figures for the audited model)"))
+  out = {"corrected_with": which}
   for s in dict.fromkeys(g.get("system", "model") for g in gens):
     labels = [x.label for x, g in zip(verdicts, gens) if g.get("system", "model") == s]
-    rs = rt.judge_rates(labels, v)
+    rs = rt.judge_rates(labels, cv)
     print(f"-- {j.name} | system {s} | {len(labels)} responses"
           + (f" ({skipped} left out: the judge trained on their prompts)" if skipped else ""))
     print(rt.format_rates(rs))
@@ -115,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "(repeatable; default learned)")
   ap.add_argument("--responses", default="", help="rates: jsonl of {system, prompt, response} "
                   "(evaluate.py's generations.jsonl works)")
+  ap.add_argument("--run", default="", help="rates: the training run whose model wrote the "
+                  "responses (default responses: its eval/generations.jsonl); when its base "
+                  "model is the audited one, rates are corrected with the audit figures")
   ap.add_argument("--json", default="", help="also write the metrics to this JSON file")
   ap.add_argument("--no-many-shot", action="store_true", help="train: skip the many-shot check")
   ap.add_argument("--no-audit", action="store_true",
@@ -141,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(AU.format_confusion(av))
         res.setdefault("audit", {})[j.name] = av
       if a.command == "rates":
-        res["rates"][j.name] = judged_rates(j, v, a.responses)
+        res["rates"][j.name] = judged_rates(j, v, *rates_source(a.run, a.responses))
   else:
     pool, hold, sets = rows(a.protocol)
     t = targets(pool, cfg.labels)

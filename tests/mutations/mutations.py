@@ -295,4 +295,10 @@ MUTATIONS: list[Mutation] = [
         "    if False:\n      self.flag = bool(np.max(",
         ("tests/test_multihost.py::test_two_processes_train_stop_and_resume_like_one",),
         "SIGTERM to one of several processes stops only that one: the others wait on it forever"),
+    Mutation(
+        "judge-rates-ignores-audit", "safemoe_jax/cli/judge.py",
+        "  audited = AU.is_audited(base_fingerprint)\n",
+        "  audited = False\n",
+        ("tests/test_audit.py::test_judge_rates_of_a_run_use_the_audit_figures_when_its_base_is_audited",),
+        "`judge rates --run` corrects the audited model's rates with pyrit's figures"),
 ]
