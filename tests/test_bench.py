@@ -189,3 +189,18 @@ def test_eval_bench_scales_benchmarks_and_reports_the_speedup():
   text = bench_eval.format_eval(doc)
   assert "old: per system" in text and "new: one pass" in text
   assert "new vs old: 3.10x end to end" in text and "differing answers 1 of 40 (2.50%)" in text
+
+
+def test_answer_flops_equal_a_hand_count():
+  """The evaluation's floor: tiny config, a 3-token prompt and 2 new tokens (4 tokens fed)."""
+  per_layer = 128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 384  # q, k+v, o, gate+up+down
+  layers, head = 2 * 4 * per_layer, 2 * 128 * 512
+  attn = sum(4 * 4 * s * 4 * 32 for s in (1, 2, 3, 4))  # q k^T and a v over the causal keys
+  assert bench_eval.answer_flops(bench.TINY, 3, 2) == 4 * layers + 2 * head + attn
+  lora = 4 * 2 * 2 * 8 * (2 * 128 + 128 + 64)  # 2 experts of rank 8 on q and k, every layer
+  assert (bench_eval.answer_flops(bench.TINY, 3, 2, 2, 8, ("q", "k"))
+          == 4 * (layers + lora) + 2 * head + attn)
+  doc = {"systems": ["base"], "prompts": 1, "max_new_tokens": 2, "decode_segment": 0,
+         "paths": {}, "floor": {"matmul_flops_per_s": 2e11, "answer_flops": 4e12, "floor_s": 20.0,
+                                "old_over_floor": 2.4}}
+  assert "the old path's generation is 2.40x that" in bench_eval.format_eval(doc)

@@ -18,7 +18,9 @@ from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.io.base import load_base
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import load_config
-from safemoe_jax.tools.bench import _load, _log, machine_info
+from safemoe_jax.tools.bench import Settings, _load, _log, machine_info, make_matmul_bench
+from safemoe_jax.tools.flops import attention_flops, lora_flops, matmul_params
+from safemoe_jax.io.tokenizer import apply_chat
 from safemoe_jax.data.encode import build
 from safemoe_jax.evaluation.baselines import train_single_lora
 from safemoe_jax.evaluation.benchmarks import benchmarks_from_data
@@ -48,6 +50,32 @@ def eval_models(cfg, mcfg: ModelConfig, params: dict, seed: int = 0, b_std: floa
       var = getattr(m.experts, f"B_{t}")
       var[...] = b_std * jax.random.normal(sub, var[...].shape)
   return model, sft
+
+
+def answer_flops(mcfg: ModelConfig, prompt_len: int, new_tokens: int, experts: int = 0,
+                 rank: int = 0, targets: Sequence[str] = ()) -> int:
+  """The least forward FLOPs any schedule spends on one answer (matmul FLOPs, 2 per
+  multiply-add; flops.py): the prompt's real tokens through the layers, the new tokens fed back
+  (all but the last), the LM head once per new token, causal attention over the real keys, and
+  the experts' LoRA products on every token that passes the layers. No padding, no recompute."""
+  head = 2 * mcfg.hidden_size * mcfg.vocab_size
+  layers = 2 * matmul_params(mcfg) - head
+  lora = lora_flops(mcfg, experts, rank, targets) if experts else 0
+  fed = prompt_len + max(new_tokens - 1, 0)
+  attn = sum(attention_flops(mcfg, k + 1) for k in range(fed))
+  return fed * (layers + lora) + new_tokens * head + attn
+
+
+def matmul_rate(seconds: float = 10.0) -> float:
+  """This machine's float32 matmul FLOP/s now (a 2048^2 matmul, best of repeats)."""
+  b = make_matmul_bench(Settings(matmul_n=2048))
+  b.run()
+  best, t_end = float("inf"), time.perf_counter() + seconds
+  while time.perf_counter() < t_end:
+    t0 = time.perf_counter()
+    b.run()
+    best = min(best, time.perf_counter() - t0)
+  return b.info["flops"] / best
 
 
 def scale_benches(benches, prompts: int):
@@ -137,6 +165,23 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
                             "tokens_per_s": round(toks / t_gen, 1), "load": _load()}
       _log(f"eval {name}: {len(g)} answers, {toks} tokens in {t_gen:.0f}s "
            f"({toks / t_gen:.1f} tok/s), with judging {wall:.0f}s", quiet)
+  # The floor: every answer's least FLOPs at this machine's matmul rate, measured now. No
+  # schedule of this model's computation beats it, so old / floor bounds any speedup of the one
+  # pass over the old path here.
+  rate = matmul_rate()
+  ecfg_m = cfg.experts_config()
+  n_e = {s.name: (0 if s.routing == "base" else (1 if s.model is sft else model.num_experts))
+         for s in systems_}
+  plen = {p.text: len(tok(apply_chat(tok, p.text, system=chat),
+                          add_special_tokens=False)["input_ids"])
+          for b in benches for p in b.prompts}
+  ref = gens.get("old") or next(iter(gens.values()), {})
+  flops = sum(answer_flops(mcfg, plen[k[1]], r["new_tokens"], n_e[k[0]], ecfg_m.rank,
+                           ecfg_m.targets) for k, r in ref.items())
+  out["floor"] = {"matmul_flops_per_s": rate, "answer_flops": flops,
+                  "floor_s": flops / rate}
+  if "old" in out["paths"]:
+    out["floor"]["old_over_floor"] = out["paths"]["old"]["generate_s"] / (flops / rate)
   out["compare"] = {}
   for name in [p for p in gens if p != "old" and "old" in gens]:
     keys = sorted(set(gens["old"]) & set(gens[name]))
@@ -174,6 +219,13 @@ def format_eval(doc: dict[str, Any]) -> str:
           f"{doc['prompts']} prompts, greedy, {doc['max_new_tokens']} new tokens; one pass "
           f"decode segment {doc['decode_segment']}")
   tail = []
+  f = doc.get("floor")
+  if f:
+    tail.append(f"floor: the answers' least FLOPs ({f['answer_flops'] / 1e12:.2f} TFLOP) at this "
+                f"machine's float32 matmul rate measured now ({f['matmul_flops_per_s'] / 1e9:.1f}"
+                f" GFLOP/s): {f['floor_s']:.0f}s of generation"
+                + (f"; the old path's generation is {f['old_over_floor']:.2f}x that, the most "
+                   f"any schedule could gain over it here" if "old_over_floor" in f else ""))
   for name, c in doc.get("compare", {}).items():
     d = c["differing_answers"]
     tail.append(f"{name} vs old: {c['speedup_wall']:.2f}x end to end (generation + judging), "
