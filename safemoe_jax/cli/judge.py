@@ -37,6 +37,7 @@ from safemoe_jax.judging.learned import (PROTOCOLS, JudgeConfig, JudgeModel, che
                                          save_artifact, validation_rows)
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.metrics import json_default
+from safemoe_jax.train.rundir import RunDir
 
 log = get_logger("safemoe_jax.judging")
 
@@ -90,7 +91,6 @@ def rates_source(run: str, responses: str) -> tuple[str, str | None]:
   fingerprint and, without --responses, its eval/generations.jsonl."""
   if not run:
     return responses, None
-  from safemoe_jax.train.rundir import RunDir  # noqa: PLC0415 (the trainer is not needed otherwise)
   info = RunDir(run).info()
   if info is None:
     raise JudgeError(f"--run {run}: no run.json there (a training output folder is expected)")
