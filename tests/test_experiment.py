@@ -26,6 +26,12 @@ def test_nested_bootstrap_is_paired_and_centred():
   assert r["lo"] <= r["d"] <= r["hi"] and r["lo"] > 0
   r0 = XR.nested_bootstrap(b, b, 500)
   assert r0["d"] == r0["lo"] == r0["hi"] == 0.0  # paired: identical systems have no spread
+  a[1] = b[1]  # seed 1 gains nothing: its own interval is [0, 0], the others' are above 0
+  r = XR.nested_bootstrap(a, b, 2000)
+  assert [lo > 0 for lo, _ in r["per_seed_ci"]] == [True, False, True]
+  assert r["per_seed_ci"][1] == [0.0, 0.0]
+  for (lo, hi), d in zip(r["per_seed_ci"], r["per_seed"]):
+    assert lo <= d <= hi
 
 
 def test_random_experts_keep_each_experts_norm(tmp_path):

@@ -87,10 +87,15 @@ def nested_bootstrap(a_SP: np.ndarray, b_SP: np.ndarray, n_boot: int, seed: int 
   pi = rng.integers(0, P, (n_boot, S, P))
   boot = d[si[..., None], pi].mean((1, 2))
   base = float(np.mean(b_SP))
+  # each seed on its own: a paired bootstrap over its prompts (the issue asks for an interval
+  # above zero in every seed)
+  seed_boot = d[np.arange(S)[None, :, None], pi].mean(2)  # [n_boot, S]
   return {"d": float(d.mean()), "lo": float(np.quantile(boot, 0.025)),
           "hi": float(np.quantile(boot, 0.975)),
           "rel": float(d.mean() / base) if base > 0 else float("nan"),
-          "per_seed": [float(x) for x in d.mean(1)]}
+          "per_seed": [float(x) for x in d.mean(1)],
+          "per_seed_ci": [[float(np.quantile(seed_boot[:, k], 0.025)),
+                           float(np.quantile(seed_boot[:, k], 0.975))] for k in range(S)]}
 
 
 def summarize(xcfg, caches: dict, harm, ben) -> dict[str, Any]:
@@ -171,14 +176,16 @@ def _mean(x_SP: np.ndarray) -> dict:
 def format_table(res: dict) -> str:
   lines = [f"half: {res['half']}, seeds {res['seeds']}, {res['n_harmful']} harmful and "
            f"{res['n_benign']} benign prompts per seed; safe = declines by refusal strings",
-           "", "| system | safe on harmful | vs base (95% CI, nested bootstrap) | over-refusal "
-           "| degenerate (harmful) | mean chars | zero-shot safe (vs base) | gates harmful vs benign "
-           "|", "|---|---|---|---|---|---|---|---|"]
+           "", "| system | safe on harmful | vs base (95% CI, nested bootstrap) | seeds with CI > 0 "
+           "| over-refusal | degenerate (harmful) | mean chars | zero-shot safe (vs base) "
+           "| gates harmful vs benign |", "|---|---|---|---|---|---|---|---|---|"]
   order = sorted(res["systems"], key=lambda s: (s != "base", s))
   for s in order:
     r = res["systems"][s]
     vs = r.get("safe_vs_base")
     vs_s = f"{100 * vs['d']:+.1f} ({100 * vs['lo']:+.1f}, {100 * vs['hi']:+.1f})" if vs else "-"
+    ci = (vs or {}).get("per_seed_ci")
+    seeds_s = f"{sum(lo > 0 for lo, _ in ci)} of {len(ci)}" if ci else "-"
     orf = f"{100 * r['over_refusal']['mean']:.1f}%" if "over_refusal" in r else "-"
     zs = "-"
     if "zero_shot_safe" in r:
@@ -187,7 +194,7 @@ def format_table(res: dict) -> str:
         zs += f" ({100 * zv['d']:+.1f})"
     gs = "-" if "gates" not in r else \
         f"distance {r['gates']['distance']:.3f}, p <= {r['gates']['max_p']:.3f}"
-    lines.append(f"| {s} | {100 * r['safe']['mean']:.1f}% | {vs_s} | {orf} | "
+    lines.append(f"| {s} | {100 * r['safe']['mean']:.1f}% | {vs_s} | {seeds_s} | {orf} | "
                  f"{100 * r['degenerate_harmful']['mean']:.1f}% | {r['mean_chars_harmful']:.0f} "
                  f"| {zs} | {gs} |")
   if "chosen" in res:
