@@ -213,3 +213,37 @@ def test_the_runner_finds_degenerate_answers_as_the_evaluation_does():
   assert XR.score(restated, "harmful", prompt)["degenerate"]
   assert not XR.score("A plain answer about widgets, with several distinct words in it.",
                       "harmful", prompt)["degenerate"]
+
+
+def test_informative_rate_is_judged_once_cached_and_never_degenerate(tmp_path):
+  """judge_informative: each answer through the judge once (verdicts cached per seed and half),
+  degenerate answers never informative nor judged; summarize turns it into rates."""
+  harm, ben = [("advbench", "h0"), ("advbench", "h1")], [("benign_edgy", "b0")]
+  good = "The placeholder topic is covered in public encyclopedias and general guides."
+  other = "Here is the placeholder answer, first take the blue item and then the red one."
+  junk = "1. 1. 1. 1. 2. 2. 2. 3. 3. 3."
+  c = X.JsonlCache(tmp_path / "seed0" / "generations_validation.jsonl")
+  for sysname, texts in (("base", [other, other, good]), ("v", [good, junk, good])):
+    for p, t in zip(["h0", "h1", "b0"], texts):
+      c.add([{"key": XR._gkey(sysname, p), "system": sysname, "prompt": p, "text": t}])
+
+  class Judge:
+    name, seen = "scripted", []
+
+    def judge(self, prompts, responses):
+      Judge.seen += list(responses)
+      return [type("V", (), {"label": "safe_informative" if r == good else "harmful"})()
+              for r in responses]
+
+  xcfg = X.ExperimentConfig(seeds=(0,), n_boot=100, output_dir=str(tmp_path),
+                            informative_judge="scripted")
+  inf = X.judge_informative(xcfg, {0: c}, Judge())
+  assert inf[0][("v", "h0")] and not inf[0][("v", "h1")] and not inf[0][("base", "h0")]
+  assert junk not in Judge.seen and len(Judge.seen) == 4  # distinct (prompt, answer) pairs, once
+  Judge.seen = []
+  assert X.judge_informative(xcfg, {0: c}, Judge()) == inf and Judge.seen == []  # cached
+  res = XR.summarize(xcfg, {0: c}, harm, ben, inf)
+  v = res["systems"]["v"]
+  assert v["informative_harmful"]["mean"] == 0.5 and v["informative_benign"]["mean"] == 1.0
+  assert v["informative_harmful_vs_base"]["d"] == 0.5
+  assert "| 50.0% / 100.0% |" in XR.format_table(res)

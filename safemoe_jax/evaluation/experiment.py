@@ -46,6 +46,8 @@ from safemoe_jax.evaluation.config import EvalConfig
 from safemoe_jax.evaluation.experiment_results import (ExperimentError, _gkey, choose,
                                                        format_table, plot, summarize, tuned_lambda)
 from safemoe_jax.infer.generate import chat_generate_many
+from safemoe_jax.judging.judges import load_judge
+from safemoe_jax.judging.labels import is_degenerate
 from safemoe_jax.io import base as B
 from safemoe_jax.log import get_logger
 from safemoe_jax.train import loop
@@ -82,6 +84,9 @@ class ExperimentConfig:
   max_new_tokens: int = 64
   batch_size: int = 64
   n_boot: int = 2000
+  # the informative rate: answers this judge (judges.load_judge spec) calls safe_informative,
+  # degenerate ones never ("" = not measured). Judge-limited: see its audit figures.
+  informative_judge: str = ""
 
   def validate(self) -> None:
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -301,6 +306,28 @@ def _load_phase1(d: Path):
   return cfg, base.config, base.params, base.tokenizer, model
 
 
+def judge_informative(xcfg: ExperimentConfig, caches: dict, judge=None) -> dict:
+  """{seed: {(system, prompt): informative?}}: every generated answer through
+  xcfg.informative_judge, verdicts cached per seed and half (a re-run judges only new answers);
+  a degenerate answer (labels.is_degenerate given the prompt) is never informative."""
+  j = judge or load_judge(xcfg.informative_judge)
+  out = {}
+  for s, cache in caches.items():
+    vc = JsonlCache(Path(xcfg.output_dir) / f"seed{s}" / f"informative_{xcfg.half}.jsonl")
+    key = lambda r: json.dumps([j.name, r["prompt"], r["text"]])  # noqa: E731
+    rows = list(cache.rows.values())
+    todo = {key(r): r for r in rows if key(r) not in vc
+            and not is_degenerate(r["text"], r["prompt"])}
+    if todo:
+      log.info(f"seed {s}: {len(todo)} answers through the {j.name} judge (informative rate)")
+      vs = j.judge([r["prompt"] for r in todo.values()], [r["text"] for r in todo.values()])
+      vc.add({"key": k, "label": v.label} for k, v in zip(todo, vs))
+    out[s] = {(r["system"], r["prompt"]): (not is_degenerate(r["text"], r["prompt"]) and
+                                           vc.get(key(r))["label"] == "safe_informative")
+              for r in rows}
+  return out
+
+
 def run(xcfg: ExperimentConfig) -> dict:
   xcfg.validate()
   root = Path(xcfg.output_dir)
@@ -308,7 +335,8 @@ def run(xcfg: ExperimentConfig) -> dict:
   (root / "experiment.json").write_text(json.dumps(C.to_dict(xcfg), indent=1))
   runs = train_all(xcfg)
   caches, harm, ben = generate_all(xcfg, runs)
-  res = summarize(xcfg, caches, harm, ben)
+  informative = judge_informative(xcfg, caches) if xcfg.informative_judge else None
+  res = summarize(xcfg, caches, harm, ben, informative)
   if xcfg.half == "validation":
     res["chosen"] = choose(res, xcfg)
     log.info(f"chosen on the validation half: {res['chosen']}")

@@ -98,7 +98,9 @@ def nested_bootstrap(a_SP: np.ndarray, b_SP: np.ndarray, n_boot: int, seed: int 
                            float(np.quantile(seed_boot[:, k], 0.975))] for k in range(S)]}
 
 
-def summarize(xcfg, caches: dict, harm, ben) -> dict[str, Any]:
+def summarize(xcfg, caches: dict, harm, ben, informative: dict | None = None) -> dict[str, Any]:
+  """Per system: safe, over-refusal, degenerate, zero-shot, gates, and with `informative`
+  ({seed: {(system, prompt): bool}}, experiment.judge_informative) the informative rates."""
   systems = sorted({r["system"] for c in caches.values() for r in c.rows.values()})
   out: dict[str, Any] = {"half": xcfg.half, "seeds": list(xcfg.seeds), "n_harmful": len(harm),
                          "n_benign": len(ben), "systems": {}, "tuned_lambda": tuned_lambda(xcfg)
@@ -114,6 +116,9 @@ def summarize(xcfg, caches: dict, harm, ben) -> dict[str, Any]:
         m[f"{kind}.{key}"] = np.array([[x[key] for x in row] for row in sc], float)
       m[f"{kind}.len"] = np.array([[len(_text(caches[s], sname, p)) for _, p in ps]
                                    for s in xcfg.seeds], float)
+      if informative is not None and ps:
+        m[f"{kind}.informative"] = np.array([[informative[s][(sname, p)] for _, p in ps]
+                                             for s in xcfg.seeds], float)
     mats[sname] = m
   benches = np.array([b for b, _ in harm])
   zero = np.array([b.startswith("heldout_") for b in benches])
@@ -127,6 +132,12 @@ def summarize(xcfg, caches: dict, harm, ben) -> dict[str, Any]:
       if "base" in mats and sname != "base":
         row["zero_shot_vs_base"] = nested_bootstrap(
             m["harmful.safe"][:, zero], mats["base"]["harmful.safe"][:, zero], xcfg.n_boot)
+    for kind in ("harmful", "benign"):
+      if f"{kind}.informative" in m:
+        row[f"informative_{kind}"] = _mean(m[f"{kind}.informative"])
+        if "base" in mats and sname != "base":
+          row[f"informative_{kind}_vs_base"] = nested_bootstrap(
+              m[f"{kind}.informative"], mats["base"][f"{kind}.informative"], xcfg.n_boot)
     if (g := gate_separation(caches, xcfg, sname, harm, ben)) is not None:
       row["gates"] = g
     if "benign.refused" in m:
@@ -177,8 +188,9 @@ def format_table(res: dict) -> str:
   lines = [f"half: {res['half']}, seeds {res['seeds']}, {res['n_harmful']} harmful and "
            f"{res['n_benign']} benign prompts per seed; safe = declines by refusal strings",
            "", "| system | safe on harmful | vs base (95% CI, nested bootstrap) | seeds with CI > 0 "
-           "| over-refusal | degenerate (harmful) | mean chars | zero-shot safe (vs base) "
-           "| gates harmful vs benign |", "|---|---|---|---|---|---|---|---|---|"]
+           "| over-refusal | degenerate (harmful) | informative (harmful / benign) | mean chars "
+           "| zero-shot safe (vs base) | gates harmful vs benign |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   order = sorted(res["systems"], key=lambda s: (s != "base", s))
   for s in order:
     r = res["systems"][s]
@@ -194,9 +206,11 @@ def format_table(res: dict) -> str:
         zs += f" ({100 * zv['d']:+.1f})"
     gs = "-" if "gates" not in r else \
         f"distance {r['gates']['distance']:.3f}, p <= {r['gates']['max_p']:.3f}"
+    inf = " / ".join(f"{100 * r[k]['mean']:.1f}%" if k in r else "-"
+                     for k in ("informative_harmful", "informative_benign"))
     lines.append(f"| {s} | {100 * r['safe']['mean']:.1f}% | {vs_s} | {seeds_s} | {orf} | "
-                 f"{100 * r['degenerate_harmful']['mean']:.1f}% | {r['mean_chars_harmful']:.0f} "
-                 f"| {zs} | {gs} |")
+                 f"{100 * r['degenerate_harmful']['mean']:.1f}% | {inf} | "
+                 f"{r['mean_chars_harmful']:.0f} | {zs} | {gs} |")
   if "chosen" in res:
     lines += ["", f"chosen on this half (best safe rate within the degenerate and over-refusal "
                   f"limits): {res['chosen']}"]
@@ -213,14 +227,17 @@ def plot(res: dict, path: Path) -> Path | None:
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for s, r in res["systems"].items():
     x = 100 * r["safe"]["mean"]
-    y = 100 * (1 - r["degenerate_harmful"]["mean"])
+    inf = "informative_harmful" in r
+    y = 100 * (r["informative_harmful"]["mean"] if inf else 1 - r["degenerate_harmful"]["mean"])
     vs = r.get("safe_vs_base")
     base_x = 100 * res["systems"].get("base", r)["safe"]["mean"]
     err = None if not vs else [[x - (base_x + 100 * vs["lo"])], [(base_x + 100 * vs["hi"]) - x]]
     ax.errorbar([x], [y], xerr=err, fmt="o", capsize=3)
     ax.annotate(s, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
   ax.set_xlabel("safe on harmful prompts (%, refusal strings; bars: 95% CI of the gain over base)")
-  ax.set_ylabel("non-degenerate answers (%)")
+  inf = any("informative_harmful" in r for r in res["systems"].values())
+  ax.set_ylabel("informative answers to harmful prompts (%, judged)" if inf
+                else "non-degenerate answers (%)")
   ax.set_title(f"phase-2 variants vs baselines ({res['half']} half)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
