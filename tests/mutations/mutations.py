@@ -301,4 +301,17 @@ MUTATIONS: list[Mutation] = [
         "  audited = False\n",
         ("tests/test_audit.py::test_judge_rates_of_a_run_use_the_audit_figures_when_its_base_is_audited",),
         "`judge rates --run` corrects the audited model's rates with pyrit's figures"),
+    Mutation(
+        "experiment-seed-ci-mixes-seeds", "safemoe_jax/evaluation/experiment_results.py",
+        "  seed_boot = d[np.arange(S)[None, :, None], pi].mean(2)",
+        "  seed_boot = d[si[..., None], pi].mean(2)",
+        ("tests/test_experiment.py::test_nested_bootstrap_is_paired_and_centred",),
+        "a seed's own interval resamples other seeds: 'seeds with CI > 0' says nothing per seed"),
+    Mutation(
+        "experiment-informative-judges-degenerate", "safemoe_jax/evaluation/experiment.py",
+        "    todo = {key(r): r for r in rows if key(r) not in vc\n"
+        "            and not is_degenerate(r[\"text\"], r[\"prompt\"])}",
+        "    todo = {key(r): r for r in rows if key(r) not in vc}",
+        ("tests/test_experiment.py::test_informative_rate_is_judged_once_cached_and_never_degenerate",),
+        "degenerate answers go through the informativeness judge (and may count as informative)"),
 ]
