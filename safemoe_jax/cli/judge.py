@@ -98,11 +98,12 @@ def rates_source(run: str, responses: str) -> tuple[str, str | None]:
   return responses or str(Path(run) / "eval" / "generations.jsonl"), fp
 
 
-def judged_rates(j, v: dict, responses: str, base_fingerprint: str | None = None) -> dict:
+def judged_rates(j, v: dict, responses: str, base_fingerprint: str | None = None,
+                 audit: dict | None = None) -> dict:
   """Judge every (system, prompt, response) of a jsonl file; print raw and corrected rates.
-  Corrected with the judge's audit test-half figures (stored, or measured now) when
-  base_fingerprint is the audited model's (audit.is_audited, as the evaluation decides), else
-  with `v` (pyrit's held-out rows)."""
+  Corrected with the judge's audit test-half figures (`audit` when the caller has them, else
+  stored or measured now) when base_fingerprint is the audited model's (audit.is_audited, as
+  the evaluation decides), else with `v` (pyrit's held-out rows)."""
   if not responses or not Path(responses).is_file():
     raise JudgeError(f"rates needs --responses FILE.jsonl with system, prompt, response fields; "
                      f"got {responses!r}")
@@ -114,7 +115,7 @@ def judged_rates(j, v: dict, responses: str, base_fingerprint: str | None = None
   gens = [g for g in gens if not trained(g["prompt"])]
   verdicts = j.judge([g["prompt"] for g in gens], [g["response"] for g in gens])
   audited = AU.is_audited(base_fingerprint)
-  cv, which = (audit_figures(j), "audit test-half") if audited else (v, "pyrit")
+  cv, which = (audit or audit_figures(j), "audit test-half") if audited else (v, "pyrit")
   print(f"-- {j.name}: rates corrected with the {which} figures"
         + ("" if base_fingerprint else " (the writing model is unknown: pass --run DIR to use "
            "the audit figures for the audited model)"))
@@ -169,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(AU.format_confusion(av))
         res.setdefault("audit", {})[j.name] = av
       if a.command == "rates":
-        res["rates"][j.name] = judged_rates(j, v, *rates_source(a.run, a.responses))
+        res["rates"][j.name] = judged_rates(j, v, *rates_source(a.run, a.responses),
+                                            audit=res.get("audit", {}).get(j.name))
   else:
     pool, hold, sets = rows(a.protocol)
     t = targets(pool, cfg.labels)

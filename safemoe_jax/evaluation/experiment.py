@@ -314,17 +314,16 @@ def judge_informative(xcfg: ExperimentConfig, caches: dict, judge=None) -> dict:
   out = {}
   for s, cache in caches.items():
     vc = JsonlCache(Path(xcfg.output_dir) / f"seed{s}" / f"informative_{xcfg.half}.jsonl")
-    key = lambda r: json.dumps([j.name, r["prompt"], r["text"]])  # noqa: E731
-    rows = list(cache.rows.values())
-    todo = {key(r): r for r in rows if key(r) not in vc
-            and not is_degenerate(r["text"], r["prompt"])}
+    judged = {json.dumps([j.name, r["prompt"], r["text"]]): r for r in cache.rows.values()
+              if not is_degenerate(r["text"], r["prompt"])}  # key -> row; degenerate: never
+    todo = {k: r for k, r in judged.items() if k not in vc}
     if todo:
       log.info(f"seed {s}: {len(todo)} answers through the {j.name} judge (informative rate)")
       vs = j.judge([r["prompt"] for r in todo.values()], [r["text"] for r in todo.values()])
       vc.add({"key": k, "label": v.label} for k, v in zip(todo, vs))
-    out[s] = {(r["system"], r["prompt"]): (not is_degenerate(r["text"], r["prompt"]) and
-                                           vc.get(key(r))["label"] == "safe_informative")
-              for r in rows}
+    out[s] = {(r["system"], r["prompt"]): False for r in cache.rows.values()}
+    out[s].update({(r["system"], r["prompt"]): vc.get(k)["label"] == "safe_informative"
+                   for k, r in judged.items()})
   return out
 
 

@@ -18,7 +18,7 @@ from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.io.base import load_base
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import load_config
-from safemoe_jax.tools.bench import Settings, _load, _log, machine_info, make_matmul_bench
+from safemoe_jax.tools.bench import Settings, _load, _log, machine_info, run_timings
 from safemoe_jax.tools.flops import attention_flops, lora_flops, matmul_params
 from safemoe_jax.io.tokenizer import apply_chat
 from safemoe_jax.data.encode import build
@@ -64,18 +64,6 @@ def answer_flops(mcfg: ModelConfig, prompt_len: int, new_tokens: int, experts: i
   fed = prompt_len + max(new_tokens - 1, 0)
   attn = sum(attention_flops(mcfg, k + 1) for k in range(fed))
   return fed * (layers + lora) + new_tokens * head + attn
-
-
-def matmul_rate(seconds: float = 10.0) -> float:
-  """This machine's float32 matmul FLOP/s now (a 2048^2 matmul, best of repeats)."""
-  b = make_matmul_bench(Settings(matmul_n=2048))
-  b.run()
-  best, t_end = float("inf"), time.perf_counter() + seconds
-  while time.perf_counter() < t_end:
-    t0 = time.perf_counter()
-    b.run()
-    best = min(best, time.perf_counter() - t0)
-  return b.info["flops"] / best
 
 
 def scale_benches(benches, prompts: int):
@@ -168,7 +156,7 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
   # The floor: every answer's least FLOPs at this machine's matmul rate, measured now. No
   # schedule of this model's computation beats it, so old / floor bounds any speedup of the one
   # pass over the old path here.
-  rate = matmul_rate()
+  rate = run_timings(["matmul"], Settings(), quiet=True)["matmul_flops_per_s"]  # bench's rate
   ecfg_m = cfg.experts_config()
   n_e = {s.name: (0 if s.routing == "base" else (1 if s.model is sft else model.num_experts))
          for s in systems_}

@@ -309,9 +309,8 @@ MUTATIONS: list[Mutation] = [
         "a seed's own interval resamples other seeds: 'seeds with CI > 0' says nothing per seed"),
     Mutation(
         "experiment-informative-judges-degenerate", "safemoe_jax/evaluation/experiment.py",
-        "    todo = {key(r): r for r in rows if key(r) not in vc\n"
-        "            and not is_degenerate(r[\"text\"], r[\"prompt\"])}",
-        "    todo = {key(r): r for r in rows if key(r) not in vc}",
+        "              if not is_degenerate(r[\"text\"], r[\"prompt\"])}",
+        "              if True}",
         ("tests/test_experiment.py::test_informative_rate_is_judged_once_cached_and_never_degenerate",),
         "degenerate answers go through the informativeness judge (and may count as informative)"),
 ]
