@@ -32,7 +32,8 @@ def _config(tmp_path: Path, **kw) -> CU.CurateConfig:
   ov = dict(x.split("=", 1) for x in tiny_run.overrides(tmp_path / "model", data, tmp_path / "r"))
   d: dict = {}
   from safemoe_jax.core.config import apply_overrides
-  apply_overrides(d, [f"{k}={v}" for k, v in ov.items() if k.startswith("data.")])
+  apply_overrides(d, [f"{k}={v}" for k, v in ov.items()
+                      if k.startswith(("data.", "objective."))])
   import yaml as Y
   yaml.write_text(Y.safe_dump(d))
   return CU.CurateConfig(output=str(tmp_path / "cur" / "curated.jsonl"), train_config=str(yaml),
@@ -82,6 +83,19 @@ def test_curate_keeps_only_answers_that_pass_every_check_and_resumes(tmp_path):
   card2 = CU.curate(cfg, writer=_writer(calls), similarity=FakeSimilarity())
   assert calls == [] and card2["sha256"] == sha
   assert Path(cfg.output).with_suffix(".card.txt").read_text().startswith("== curated")
+
+
+def test_a_kept_writer_answer_declines_in_its_opening_not_only_somewhere():
+  """An answer that complies first and says "I cannot" later passes refusal strings matched
+  anywhere (garak's mitigation list) but not the opening check the curated set uses."""
+  late = ("Here is the placeholder content you asked for, step by step. It continues for a "
+          "while. I cannot provide anything further on this.")
+  early = "Placeholder preface. I'm sorry, but I can't help with that placeholder request."
+  first = "Sorry, that placeholder request is not something I can help with. Here is why."
+  assert CU.is_refusal(late) and not CU.declines_in_opening(late)
+  assert CU.declines_in_opening(early) and CU.declines_in_opening(first)
+  assert not CU.checks(late, 1.0, 0.0, 0)["declines"]
+  assert CU.checks(late, 1.0, 0.0, 0, opening=False)["declines"]
 
 
 def test_an_interrupted_generation_resumes_where_it_stopped(tmp_path):
@@ -138,3 +152,22 @@ def test_the_training_config_may_name_the_file_being_built(tmp_path):
   Path(cfg.train_config).write_text(Y.safe_dump(d))
   card = CU.curate(cfg, writer=_writer([]), similarity=FakeSimilarity())
   assert Path(cfg.output).exists() and card["funnel"]["writer: kept"] > 0
+
+
+@pytest.mark.slow
+def test_a_slice_of_the_shipped_curated_set_rebuilds(tmp_path, smollm2_gguf):
+  """safemoe_jax/data/curated/embedded.jsonl rebuilt in part from nothing: every human row (the
+  strict filter and MiniLM's on-topic check) and the writer's greedy answers to two of its
+  prompts (SmolLM2 under the safety system prompt) are the shipped ones."""
+  from safemoe_jax.data.config import EMBEDDED_TARGETS
+  root = Path(__file__).resolve().parents[1]
+  ship = [json.loads(l) for l in EMBEDDED_TARGETS.read_text().splitlines()]
+  cfg = CU.CurateConfig(output=str(tmp_path / "human.jsonl"),
+                        train_config=str(root / "configs/embedded.yaml"), samples=0)
+  CU.curate(cfg)
+  human = [json.loads(l) for l in (tmp_path / "human.jsonl").read_text().splitlines()]
+  assert human == [r for r in ship if r["source"].startswith("human")]
+  greedy = [r for r in ship if r["source"] == "writer:base:sample0"][:2]
+  write = CU.model_writer(None, "", CU.CurateConfig())
+  answers = [a.strip() for a in write([r["prompt"] for r in greedy], 0)]
+  assert answers == [r["response"] for r in greedy]

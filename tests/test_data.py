@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -326,6 +327,31 @@ def test_held_out_domains_go_to_eval(embedded):
   recs, rep = data_records.load_records(cfg)
   assert sum("sexual" in r["domains"] for r in recs) > 10
   assert not any("sexual" in v for v in rep["non_expert_domains"].values())
+
+
+def test_the_shipped_curated_set_is_what_its_card_says_and_trains_the_embedded_default(embedded):
+  """safemoe_jax/data/curated/embedded.jsonl: the sha256 of its card, training prompts of the
+  embedded default only (never a validation, evaluation or judge prompt), every writer answer
+  declining in its opening; the embedded default's phase 2 trains on every row of it, with phase
+  1's harmful answers (NPO) and the benign retain rows beside them."""
+  import hashlib
+  from safemoe_jax.curation import curate as CU
+  from safemoe_jax.train.config import TrainConfig
+  path = data_cfg.EMBEDDED_TARGETS
+  card = json.loads(path.with_suffix(".card.json").read_text())
+  assert hashlib.sha256(path.read_bytes()).hexdigest() == card["sha256"]
+  rows = [json.loads(l) for l in path.read_text().splitlines()]
+  assert len(rows) == card["rows"] > 50
+  _, records, report, _ = embedded
+  cfg = TrainConfig().data
+  assert data_cfg.targets_path(cfg.phase2_targets) == str(path)
+  sets = data_select.select(records, cfg, report)
+  assert {sets.split_of[data_sources.prompt_key(r["prompt"])] for r in rows} == {"train"}
+  assert all(CU.declines_in_opening(r["response"]) for r in rows
+             if r["source"].startswith("writer"))
+  kinds = collections.Counter(r["phase2_kind"] for r in sets.phase2["train"])
+  assert kinds["target"] == len(rows) and kinds["harmful"] == len(sets.phase1["train"])
+  assert kinds["retain"] > 100
 
 
 def test_phase_selection_follows_the_labels(embedded):

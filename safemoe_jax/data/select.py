@@ -12,7 +12,7 @@ from typing import Literal, Sequence
 
 
 from safemoe_jax.io import assets
-from safemoe_jax.data.config import DataConfig, DataError, Record
+from safemoe_jax.data.config import DataConfig, DataError, Record, targets_path
 from safemoe_jax.data.sources import HubLoader, json_lines, prompt_key
 from safemoe_jax.data.records import _unit, assign_splits, load_records
 
@@ -98,7 +98,7 @@ def _jsonl_rows(path: str, what: str) -> list[dict]:
 def _curated_targets(cfg: DataConfig, split_of: dict, funnel: collections.Counter) -> list[Record]:
   """The curated safe answers of data.phase2_targets whose prompts are training prompts."""
   out = []
-  for i, r in enumerate(_jsonl_rows(cfg.phase2_targets, "data.phase2_targets")):
+  for i, r in enumerate(_jsonl_rows(targets_path(cfg.phase2_targets), "data.phase2_targets")):
     split = split_of.get(prompt_key(r["prompt"]), "train")  # a new prompt joins train
     if split != "train":
       funnel[f"curated row on a {split} prompt: dropped"] += 1

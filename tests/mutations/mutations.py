@@ -313,4 +313,16 @@ MUTATIONS: list[Mutation] = [
         "              if True}",
         ("tests/test_experiment.py::test_informative_rate_is_judged_once_cached_and_never_degenerate",),
         "degenerate answers go through the informativeness judge (and may count as informative)"),
+    Mutation(
+        "config-partial-section-resets", "safemoe_jax/core/config.py",
+        "    if dataclasses.is_dataclass(tp) and isinstance(v, dict) and isinstance(default, tp):",
+        "    if False:",
+        ("tests/test_train.py::test_a_partial_section_keeps_the_embedded_defaults_other_fields",),
+        "`phase1.steps=200` resets phase1's other fields to the class defaults (lr 2e-4, not 3e-4)"),
+    Mutation(
+        "curate-declines-anywhere", "safemoe_jax/curation/curate.py",
+        "  declines = declines_in_opening(t) if opening else is_refusal(t)",
+        "  declines = is_refusal(t)",
+        ("tests/test_curate.py::test_a_kept_writer_answer_declines_in_its_opening_not_only_somewhere",),
+        "a writer answer that complies first and says 'I cannot provide ...' later is kept as safe"),
 ]
