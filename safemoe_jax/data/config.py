@@ -144,7 +144,8 @@ class DataConfig:
                         f"got {self.min_prompt_tokens}")
     if any(b > self.max_length or b <= 0 for b in self.bucket_lengths):
       raise ConfigError(f"data.bucket_lengths {list(self.bucket_lengths)} must lie in "
-                        f"[1, max_length={self.max_length}]")
+                        f"[1, max_length={self.max_length}]; give lengths that do, or "
+                        f"data.bucket_lengths=[] (max_length / 8, / 4, / 2, / 1)")
     if not self.sources:
       raise ConfigError("data.sources is empty; list at least one source (see data.KINDS)")
     names = [src.name or src.kind for src in self.sources]
