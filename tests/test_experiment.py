@@ -239,6 +239,7 @@ def test_informative_rate_is_judged_once_cached_and_never_degenerate(tmp_path):
                             informative_judge="scripted")
   inf = X.judge_informative(xcfg, {0: c}, Judge())
   assert inf[0][("v", "h0")] and not inf[0][("v", "h1")] and not inf[0][("base", "h0")]
+  assert inf[0][("base", "b0")]  # the same answer as v's: judged once, informative for both
   assert junk not in Judge.seen and len(Judge.seen) == 4  # distinct (prompt, answer) pairs, once
   Judge.seen = []
   assert X.judge_informative(xcfg, {0: c}, Judge()) == inf and Judge.seen == []  # cached
@@ -246,4 +247,5 @@ def test_informative_rate_is_judged_once_cached_and_never_degenerate(tmp_path):
   v = res["systems"]["v"]
   assert v["informative_harmful"]["mean"] == 0.5 and v["informative_benign"]["mean"] == 1.0
   assert v["informative_harmful_vs_base"]["d"] == 0.5
+  assert res["systems"]["base"]["informative_benign"]["mean"] == 1.0
   assert "| 50.0% / 100.0% |" in XR.format_table(res)

@@ -314,16 +314,18 @@ def judge_informative(xcfg: ExperimentConfig, caches: dict, judge=None) -> dict:
   out = {}
   for s, cache in caches.items():
     vc = JsonlCache(Path(xcfg.output_dir) / f"seed{s}" / f"informative_{xcfg.half}.jsonl")
-    judged = {json.dumps([j.name, r["prompt"], r["text"]]): r for r in cache.rows.values()
-              if not is_degenerate(r["text"], r["prompt"])}  # key -> row; degenerate: never
-    todo = {k: r for k, r in judged.items() if k not in vc}
+    judged: dict[str, list] = {}  # (judge, prompt, answer) -> every row with that answer
+    for r in cache.rows.values():  # degenerate: never informative, never judged
+      if not is_degenerate(r["text"], r["prompt"]):
+        judged.setdefault(json.dumps([j.name, r["prompt"], r["text"]]), []).append(r)
+    todo = {k: rs[0] for k, rs in judged.items() if k not in vc}
     if todo:
       log.info(f"seed {s}: {len(todo)} answers through the {j.name} judge (informative rate)")
       vs = j.judge([r["prompt"] for r in todo.values()], [r["text"] for r in todo.values()])
       vc.add({"key": k, "label": v.label} for k, v in zip(todo, vs))
     out[s] = {(r["system"], r["prompt"]): False for r in cache.rows.values()}
     out[s].update({(r["system"], r["prompt"]): vc.get(k)["label"] == "safe_informative"
-                   for k, r in judged.items()})
+                   for k, rs in judged.items() for r in rs})
   return out
 
 

@@ -309,8 +309,8 @@ MUTATIONS: list[Mutation] = [
         "a seed's own interval resamples other seeds: 'seeds with CI > 0' says nothing per seed"),
     Mutation(
         "experiment-informative-judges-degenerate", "safemoe_jax/evaluation/experiment.py",
-        "              if not is_degenerate(r[\"text\"], r[\"prompt\"])}",
-        "              if True}",
+        "      if not is_degenerate(r[\"text\"], r[\"prompt\"]):",
+        "      if True:",
         ("tests/test_experiment.py::test_informative_rate_is_judged_once_cached_and_never_degenerate",),
         "degenerate answers go through the informativeness judge (and may count as informative)"),
     Mutation(
@@ -325,4 +325,10 @@ MUTATIONS: list[Mutation] = [
         "  declines = is_refusal(t)",
         ("tests/test_curate.py::test_a_kept_writer_answer_declines_in_its_opening_not_only_somewhere",),
         "a writer answer that complies first and says 'I cannot provide ...' later is kept as safe"),
+    Mutation(
+        "experiment-informative-one-row-per-answer", "safemoe_jax/evaluation/experiment.py",
+        "                   for k, rs in judged.items() for r in rs})",
+        "                   for k, rs in judged.items() for r in rs[-1:]})",
+        ("tests/test_experiment.py::test_informative_rate_is_judged_once_cached_and_never_degenerate",),
+        "two systems with the same answer: only the last one's verdict is kept, the other counts 0"),
 ]
