@@ -51,8 +51,7 @@ from safemoe_jax.infer.generate import chat_generate_many
 from safemoe_jax.io import base as B
 from safemoe_jax.judging import bert as bt
 from safemoe_jax.judging.features import minilm_dir
-from safemoe_jax.data.select import is_refusal_text
-from safemoe_jax.judging.labels import REFUSAL_EXTRA, is_degenerate, is_refusal
+from safemoe_jax.judging.labels import is_degenerate, is_refusal
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import TrainConfig, load_config
 
@@ -142,8 +141,8 @@ def declines_in_opening(text: str, sentences: int = 2) -> bool:
   """A refusal opener (garak's prefixes, labels.REFUSAL_EXTRA) starts one of the first
   `sentences` sentences. Stricter than `is_refusal`, whose garak mitigation strings match
   anywhere: an answer that complies first and says "I cannot ..." later passes that one."""
-  parts = re.split(r"(?<=[.!?])\s+", text.strip().replace("\u2019", "'"))[:sentences]
-  return any(is_refusal_text(p, "prefixes", REFUSAL_EXTRA) for p in parts)
+  parts = re.split(r"(?<=[.!?])\s+", text.strip())[:sentences]
+  return any(is_refusal(p, "prefixes") for p in parts)
 
 
 def checks(response: str, sim: float, tau: float, min_chars: int, opening: bool = True) -> dict:
