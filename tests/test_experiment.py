@@ -108,6 +108,17 @@ def test_runner_trains_phase1_once_reuses_it_and_caches_everything(tiny, tmp_pat
   assert res_t["tuned_lambda"] == best and "tuned_negation" in res_t["systems"]
   # the grid is a validation-half instrument: the test half generates only the chosen point
   assert not any(s.startswith("negation_") for s in res_t["systems"])
+  # a validation half that now chooses the other lambda: the test half generates that lambda's
+  # answers instead of reporting the first choice's under the tuned name
+  other = 4.0 if best == 1.0 else 1.0
+  vj = json.loads((root / "results_validation.json").read_text())
+  vj["systems"][f"negation_{other:g}"]["safe"]["mean"] = 2.0
+  (root / "results_validation.json").write_text(json.dumps(vj))
+  res_t2 = X.run(X.ExperimentConfig(**{**X.C.to_dict(xcfg), "half": "test",
+                                       "variants": xcfg.variants, "test_variants": "all"}))
+  assert res_t2["tuned_lambda"] == other
+  gen_t = [json.loads(x) for x in (root / "seed0/generations_test.jsonl").read_text().splitlines()]
+  assert {r["system"] for r in gen_t} >= {f"negation_{best:g}", f"negation_{other:g}"}
   # the learned routers' gates were recorded and compared between harmful and benign prompts
   assert len(res_t["systems"]["seq"]["gates"]["per_seed"]) == 2
   assert "gates" not in res_t["systems"]["base"]
@@ -167,6 +178,27 @@ def test_summary_has_a_zero_shot_row_for_held_out_domains(tmp_path):
   assert v["safe_by_bench"] == {"advbench": 0.0, "heldout_self_harm": 1.0}
   assert v["zero_shot_vs_base"]["d"] == 1.0
   assert "zero-shot safe" in XR.format_table(res)
+
+
+def test_tuned_negation_is_reported_from_the_chosen_lambdas_answers(tmp_path):
+  """The test half reports tuned negation from the answers cached under the lambda chosen on
+  validation now, never from answers cached under the tuned name for an earlier choice."""
+  harm = [("advbench", "h0"), ("advbench", "h1")]
+  ben = [("benign_edgy", "b0")]
+  refuse, answer = "I'm sorry, but I can't help with that.", "Here is an answer about it."
+  val = {"systems": {"negation_0.5": {"safe": {"mean": 0.4}},
+                     "negation_1": {"safe": {"mean": 0.2}}}}
+  (tmp_path / "results_validation.json").write_text(json.dumps(val))
+  c = X.JsonlCache(tmp_path / "g.jsonl")
+  for sysname, t in (("base", answer), ("tuned_negation", refuse), ("negation_0.5", answer),
+                     ("negation_1", refuse)):
+    for _, p in harm + ben:
+      c.add([{"key": XR._gkey(sysname, p), "system": sysname, "prompt": p, "text": t}])
+  xcfg = X.ExperimentConfig(seeds=(0,), n_boot=100, half="test", output_dir=str(tmp_path))
+  res = XR.summarize(xcfg, {0: c}, harm, ben)
+  assert res["tuned_lambda"] == 0.5
+  assert set(res["systems"]) == {"base", "tuned_negation"}
+  assert res["systems"]["tuned_negation"]["safe"]["mean"] == 0.0  # lambda 0.5's answers
 
 
 def _sys(safe, degenerate, over_refusal):

@@ -44,7 +44,8 @@ from safemoe_jax.evaluation.benchmarks import collect_benchmarks
 from safemoe_jax.evaluation.cache import JsonlCache
 from safemoe_jax.evaluation.config import EvalConfig
 from safemoe_jax.evaluation.experiment_results import (ExperimentError, _gkey, choose,
-                                                       format_table, plot, summarize, tuned_lambda)
+                                                       format_table, plot, summarize, tuned_lambda,
+                                                       tuned_source)
 from safemoe_jax.infer.generate import chat_generate_many
 from safemoe_jax.judging.judges import load_judge
 from safemoe_jax.judging.labels import is_degenerate
@@ -271,8 +272,8 @@ def generate_all(xcfg: ExperimentConfig, runs) -> tuple[dict, list, list]:
              "negated": np.full(E_, -1.0 / E_)}
     if xcfg.half == "validation":  # the grid chooses lambda; the test half gets the chosen point
       fixed.update({f"negation_{lam:g}": np.full(E_, -lam / E_) for lam in xcfg.negation_grid})
-    if tuned is not None:
-      fixed["tuned_negation"] = np.full(E_, -tuned / E_)
+    if tuned is not None:  # cached under its lambda: a later choice never reuses these answers
+      fixed[tuned_source(tuned)] = np.full(E_, -tuned / E_)
     systems = {k: (False, v.astype(np.float32)) for k, v in fixed.items()}
     _generate(model, tok, systems, prompts, cache, xcfg)
     if "sft" in xcfg.baselines and not all(_gkey("sft", p) in cache for p in prompts):

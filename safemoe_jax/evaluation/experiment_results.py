@@ -69,6 +69,13 @@ def tuned_lambda(xcfg) -> float | None:
   return max(grid)[2] if grid else None
 
 
+def tuned_source(lam: float) -> str:
+  """The cache name of tuned negation's answers: the grid point's name, so the answers carry
+  their lambda (a validation half that later chooses another lambda gets new answers, never the
+  old lambda's under the tuned name)."""
+  return f"negation_{lam:g}"
+
+
 def score(text: str, kind: str, prompt: str) -> dict[str, bool]:
   """Judge-free: declines by refusal strings; degenerate as the evaluation finds it (the same
   labels.is_degenerate, given the prompt)."""
@@ -101,23 +108,31 @@ def nested_bootstrap(a_SP: np.ndarray, b_SP: np.ndarray, n_boot: int, seed: int 
 def summarize(xcfg, caches: dict, harm, ben, informative: dict | None = None) -> dict[str, Any]:
   """Per system: safe, over-refusal, degenerate, zero-shot, gates, and with `informative`
   ({seed: {(system, prompt): bool}}, experiment.judge_informative) the informative rates."""
-  systems = sorted({r["system"] for c in caches.values() for r in c.rows.values()})
+  tuned = tuned_lambda(xcfg) if xcfg.half == "test" else None
+  # system -> the cache name of its answers; on the test half the grid's only point is the tuned
+  # one, reported as tuned_negation (rows cached under that name before lambda was part of the
+  # name are ignored: their lambda is unknown)
+  src = {n: n for c in caches.values() for r in c.rows.values()
+         if (n := r["system"]) != "tuned_negation"
+         and not (xcfg.half == "test" and n.startswith("negation_"))}
+  if tuned is not None:
+    src["tuned_negation"] = tuned_source(tuned)
   out: dict[str, Any] = {"half": xcfg.half, "seeds": list(xcfg.seeds), "n_harmful": len(harm),
-                         "n_benign": len(ben), "systems": {}, "tuned_lambda": tuned_lambda(xcfg)
-                         if xcfg.half == "test" else None}
+                         "n_benign": len(ben), "systems": {}, "tuned_lambda": tuned}
   mats: dict[str, dict[str, np.ndarray]] = {}
-  for sname in systems:
-    if not all(all(_gkey(sname, p) in caches[s] for _, p in harm) for s in xcfg.seeds):
+  for sname in sorted(src):
+    cn = src[sname]
+    if not all(all(_gkey(cn, p) in caches[s] for _, p in harm) for s in xcfg.seeds):
       continue  # not generated for every seed (e.g. tuned negation before validation)
     m = {}
     for kind, ps in (("harmful", harm), ("benign", ben)):
-      sc = [[score(_text(caches[s], sname, p), kind, p) for _, p in ps] for s in xcfg.seeds]
+      sc = [[score(_text(caches[s], cn, p), kind, p) for _, p in ps] for s in xcfg.seeds]
       for key in (sc[0][0] if sc and sc[0] else {}):
         m[f"{kind}.{key}"] = np.array([[x[key] for x in row] for row in sc], float)
-      m[f"{kind}.len"] = np.array([[len(_text(caches[s], sname, p)) for _, p in ps]
+      m[f"{kind}.len"] = np.array([[len(_text(caches[s], cn, p)) for _, p in ps]
                                    for s in xcfg.seeds], float)
       if informative is not None and ps:
-        m[f"{kind}.informative"] = np.array([[informative[s][(sname, p)] for _, p in ps]
+        m[f"{kind}.informative"] = np.array([[informative[s][(cn, p)] for _, p in ps]
                                              for s in xcfg.seeds], float)
     mats[sname] = m
   benches = np.array([b for b, _ in harm])
@@ -138,7 +153,7 @@ def summarize(xcfg, caches: dict, harm, ben, informative: dict | None = None) ->
         if "base" in mats and sname != "base":
           row[f"informative_{kind}_vs_base"] = nested_bootstrap(
               m[f"{kind}.informative"], mats["base"][f"{kind}.informative"], xcfg.n_boot)
-    if (g := gate_separation(caches, xcfg, sname, harm, ben)) is not None:
+    if (g := gate_separation(caches, xcfg, src[sname], harm, ben)) is not None:
       row["gates"] = g
     if "benign.refused" in m:
       row["over_refusal"] = _mean(m["benign.refused"])
