@@ -281,3 +281,20 @@ def test_informative_rate_is_judged_once_cached_and_never_degenerate(tmp_path):
   assert v["informative_harmful_vs_base"]["d"] == 0.5
   assert res["systems"]["base"]["informative_benign"]["mean"] == 1.0
   assert "| 50.0% / 100.0% |" in XR.format_table(res)
+
+
+@pytest.mark.parametrize("name", ["sweep.yaml", "sweep_small.yaml", "sweep_strict.yaml"])
+def test_shipped_experiment_configs_load_and_validate(name):
+  """Each shipped experiment config resolves (its `base:` chain), validates, and names variants
+  that exist; the strict re-run trains npo_retain_seq on the set its comment's curate builds."""
+  from safemoe_jax.cli import args
+  root = Path(__file__).resolve().parents[1]
+  xcfg = args.build(X.ExperimentConfig, [], config=str(root / "configs" / name))
+  xcfg.validate()
+  assert set(xcfg.only_variants or xcfg.variants) <= set(xcfg.variants)
+  if name == "sweep_strict.yaml":
+    assert xcfg.only_variants == ("npo_retain_seq",) and xcfg.test_variants == "all"
+    assert xcfg.output_dir == "runs/experiment_strict"
+    built = "output=runs/curated_strict/curated.jsonl"
+    assert built in (root / "configs" / name).read_text()
+    assert xcfg.train_overrides == ("data.phase2_targets=runs/curated_strict/curated.jsonl",)
