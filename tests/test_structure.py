@@ -163,3 +163,15 @@ def test_every_command_has_a_cli_module_and_a_python_m_entry(command):
   assert (ROOT / PKG / "cli" / f"{command}.py").is_file()
   entry = ROOT / PKG / command
   assert (entry / "__main__.py").is_file() or entry.with_suffix(".py").is_file()
+
+
+def test_every_config_file_the_docs_name_exists():
+  """A `configs/<name>.yaml` named in the README, a config's comments, the launch scripts or the
+  package's help texts is a file of the repository (a renamed or never-written config is caught here)."""
+  import re
+  texts = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml")),
+           *sorted((ROOT / PKG).rglob("*.py")), *sorted((ROOT / "launch").glob("*"))]
+  named = {(t.relative_to(ROOT).as_posix(), m) for t in texts
+           for m in re.findall(r"configs/([A-Za-z0-9_.-]+\.yaml)", t.read_text())}
+  missing = sorted((src, f"configs/{m}") for src, m in named if not (ROOT / "configs" / m).exists())
+  assert named and not missing, missing
