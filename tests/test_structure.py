@@ -4,6 +4,7 @@ the size limit, and no import inside a function except of an optional heavy depe
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,6 @@ def test_every_command_has_a_cli_module_and_a_python_m_entry(command):
 def test_every_config_file_the_docs_name_exists():
   """A `configs/<name>.yaml` named in the README, a config's comments, the launch scripts or the
   package's help texts is a file of the repository (a renamed or never-written config is caught here)."""
-  import re
   texts = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml")),
            *sorted((ROOT / PKG).rglob("*.py")), *sorted((ROOT / "launch").glob("*"))]
   named = {(t.relative_to(ROOT).as_posix(), m) for t in texts

@@ -44,8 +44,8 @@ from safemoe_jax.evaluation.benchmarks import collect_benchmarks
 from safemoe_jax.evaluation.cache import JsonlCache
 from safemoe_jax.evaluation.config import EvalConfig
 from safemoe_jax.evaluation.experiment_results import (ExperimentError, _gkey, choose,
-                                                       format_table, plot, summarize, tuned_lambda,
-                                                       tuned_source)
+                                                       format_table, negation_name, plot, summarize,
+                                                       tuned_lambda)
 from safemoe_jax.infer.generate import chat_generate_many
 from safemoe_jax.judging.judges import load_judge
 from safemoe_jax.judging.labels import is_degenerate
@@ -271,9 +271,9 @@ def generate_all(xcfg: ExperimentConfig, runs) -> tuple[dict, list, list]:
     fixed = {"base": np.zeros(E_), "uniform": np.full(E_, 1.0 / E_),
              "negated": np.full(E_, -1.0 / E_)}
     if xcfg.half == "validation":  # the grid chooses lambda; the test half gets the chosen point
-      fixed.update({f"negation_{lam:g}": np.full(E_, -lam / E_) for lam in xcfg.negation_grid})
+      fixed.update({negation_name(lam): np.full(E_, -lam / E_) for lam in xcfg.negation_grid})
     if tuned is not None:  # cached under its lambda: a later choice never reuses these answers
-      fixed[tuned_source(tuned)] = np.full(E_, -tuned / E_)
+      fixed[negation_name(tuned)] = np.full(E_, -tuned / E_)
     systems = {k: (False, v.astype(np.float32)) for k, v in fixed.items()}
     _generate(model, tok, systems, prompts, cache, xcfg)
     if "sft" in xcfg.baselines and not all(_gkey("sft", p) in cache for p in prompts):

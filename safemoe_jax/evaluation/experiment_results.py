@@ -64,16 +64,20 @@ def tuned_lambda(xcfg) -> float | None:
                             f"half=validation first ({f} is missing)")
     return None
   res = json.loads(f.read_text())["systems"]
-  grid = [(r["safe"]["mean"], -float(n[len("negation_"):]), float(n[len("negation_"):]))
-          for n, r in res.items() if n.startswith("negation_")]
+  grid = [(r["safe"]["mean"], -float(n[len(NEGATION):]), float(n[len(NEGATION):]))
+          for n, r in res.items() if n.startswith(NEGATION)]
   return max(grid)[2] if grid else None
 
 
-def tuned_source(lam: float) -> str:
-  """The cache name of tuned negation's answers: the grid point's name, so the answers carry
-  their lambda (a validation half that later chooses another lambda gets new answers, never the
-  old lambda's under the tuned name)."""
-  return f"negation_{lam:g}"
+NEGATION = "negation_"
+
+
+def negation_name(lam: float) -> str:
+  """The name of the fixed gates -lambda/E: a grid point on the validation half, and the cache
+  name of tuned negation's answers on the test half, so those answers carry their lambda (a
+  validation half that later chooses another lambda gets new answers, never the old lambda's
+  under the tuned name)."""
+  return f"{NEGATION}{lam:g}"
 
 
 def score(text: str, kind: str, prompt: str) -> dict[str, bool]:
@@ -114,9 +118,9 @@ def summarize(xcfg, caches: dict, harm, ben, informative: dict | None = None) ->
   # name are ignored: their lambda is unknown)
   src = {n: n for c in caches.values() for r in c.rows.values()
          if (n := r["system"]) != "tuned_negation"
-         and not (xcfg.half == "test" and n.startswith("negation_"))}
+         and not (xcfg.half == "test" and n.startswith(NEGATION))}
   if tuned is not None:
-    src["tuned_negation"] = tuned_source(tuned)
+    src["tuned_negation"] = negation_name(tuned)
   out: dict[str, Any] = {"half": xcfg.half, "seeds": list(xcfg.seeds), "n_harmful": len(harm),
                          "n_benign": len(ben), "systems": {}, "tuned_lambda": tuned}
   mats: dict[str, dict[str, np.ndarray]] = {}

@@ -333,7 +333,7 @@ MUTATIONS: list[Mutation] = [
         "two systems with the same answer: only the last one's verdict is kept, the other counts 0"),
     Mutation(
         "experiment-tuned-negation-by-name", "safemoe_jax/evaluation/experiment_results.py",
-        "    src[\"tuned_negation\"] = tuned_source(tuned)",
+        "    src[\"tuned_negation\"] = negation_name(tuned)",
         "    src[\"tuned_negation\"] = \"tuned_negation\"",
         ("tests/test_experiment.py::test_tuned_negation_is_reported_from_the_chosen_lambdas_answers",),
         "tuned negation read from rows cached under its name, whatever lambda wrote them"),
