@@ -337,4 +337,10 @@ MUTATIONS: list[Mutation] = [
         "    src[\"tuned_negation\"] = \"tuned_negation\"",
         ("tests/test_experiment.py::test_tuned_negation_is_reported_from_the_chosen_lambdas_answers",),
         "tuned negation read from rows cached under its name, whatever lambda wrote them"),
+    Mutation(
+        "shipped-model-name-shadows-local-path", "safemoe_jax/io/base.py",
+        "  if str(spec) in assets.EMBEDDED_MODELS and not Path(spec).exists():",
+        "  if str(spec) in assets.EMBEDDED_MODELS:",
+        ("tests/test_hub_model.py::test_a_shipped_models_name_resolves_to_its_wheels_and_a_local_path_wins",),
+        "a local model folder named like a shipped model is ignored for the wheel's model"),
 ]
