@@ -207,9 +207,12 @@ def smollm2_gguf() -> Path:
   return extract_member("smollm2", SMOLLM2_GGUF, SMOLLM2_GGUF_SHA256)
 
 
-# model.path names of the models that ship in pinned wheels (a local path of the same name wins)
-EMBEDDED_MODELS = {"smollm2-135m-instruct": smollm2_gguf, "qwen2.5-coder-0.5b-instruct": qwen05_gguf}
-EMBEDDED_SHA256 = {SMOLLM2_GGUF_SHA256: smollm2_gguf, QWEN05_GGUF_SHA256: qwen05_gguf}
+# The models that ship in pinned wheels: (model.path name, sha256 of the file, fetch). A local path
+# of the same name wins; a run whose recorded base is gone finds it again by the sha256.
+_SHIPPED = (("smollm2-135m-instruct", SMOLLM2_GGUF_SHA256, smollm2_gguf),
+            ("qwen2.5-coder-0.5b-instruct", QWEN05_GGUF_SHA256, qwen05_gguf))
+EMBEDDED_MODELS = {name: fetch for name, _, fetch in _SHIPPED}
+EMBEDDED_SHA256 = {sha: fetch for _, sha, fetch in _SHIPPED}
 
 
 def fetch_all() -> None:
