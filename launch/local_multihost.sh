@@ -8,7 +8,8 @@
 # Process i runs `python -m safemoe_jax.train` with JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT,
 # JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i and its log in LOG_DIR/process_i.log (process 0's is also
 # printed). The script exits with the first non-zero status of any process (0 when all succeed);
-# SIGTERM / SIGINT to the script is passed on to every process.
+# SIGTERM / SIGINT to the script is passed on to every process. When one process fails, the others
+# are stopped after GRACE seconds (default 60) rather than left waiting for it.
 set -uo pipefail
 
 N=${1:?usage: local_multihost.sh N [train overrides ...]}
@@ -32,15 +33,43 @@ for ((i = 0; i < N; i++)); do
 done
 echo "started $N processes x $DEVICES devices (coordinator 127.0.0.1:$PORT): ${pids[*]}; logs in $LOG_DIR"
 
+# Wait for all. A process that fails leaves the others waiting in a collective for ever (JAX
+# does not notice a peer that exited between steps), so once one exits non-zero the others get
+# GRACE seconds to end by themselves (a SIGTERM on one process stops all at the same step), then
+# SIGTERM, then after GRACE more SIGKILL.
+GRACE=${GRACE:-60}
 status=0
-for pid in "${pids[@]}"; do
-  while true; do
+failed_at=
+left=("${pids[@]}")
+while ((${#left[@]})); do
+  still=()
+  for i in "${!pids[@]}"; do
+    pid=${pids[$i]}
+    [[ " ${left[*]} " == *" $pid "* ]] || continue
+    if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
     wait "$pid"; s=$?
-    # wait returns > 128 when a trapped signal interrupts it; the process may still be running
-    if kill -0 "$pid" 2>/dev/null; then continue; fi
-    break
+    if (( s != 0 )); then
+      if (( status == 0 )); then status=$s; fi
+      if [[ -z $failed_at ]]; then
+        failed_at=$SECONDS
+        echo "process $i exited with status $s; the others get ${GRACE}s to stop" >&2
+      fi
+    fi
   done
-  if (( s != 0 && status == 0 )); then status=$s; fi
+  left=("${still[@]}")
+  ((${#left[@]})) || break
+  if [[ -n $failed_at ]]; then
+    waited=$((SECONDS - failed_at))
+    if (( waited >= 2 * GRACE )); then
+      echo "still running after $((2 * GRACE))s: SIGKILL to ${left[*]}" >&2
+      kill -s KILL "${left[@]}" 2>/dev/null
+    elif (( waited >= GRACE )) && [[ -z ${termed:-} ]]; then
+      termed=1
+      echo "still running after ${GRACE}s: SIGTERM to ${left[*]}" >&2
+      kill -s TERM "${left[@]}" 2>/dev/null
+    fi
+  fi
+  sleep 0.5 & wait $!  # wakes for a trapped signal too
 done
 cat "$LOG_DIR/process_0.log"
 exit "$status"

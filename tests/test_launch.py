@@ -143,3 +143,23 @@ def test_notebook_installs_from_a_wheel_built_from_this_checkout(tmp_path):
     pip_spec("", search=[tmp_path / "empty"])
   with pytest.raises(FileNotFoundError, match="neither a .whl file"):
     pip_spec(str(tmp_path))
+
+
+@pytest.mark.parametrize("ignores_term", [False, True])
+def test_multihost_launcher_stops_the_others_when_one_process_fails(tmp_path, ignores_term):
+  # CI once saw process 1 of 2 end with an error while process 0 waited in a collective for it:
+  # the launcher then waited for ever. A stand-in for python: process 1 fails at once, process 0
+  # hangs (as in a collective), answering SIGTERM or (like a trainer mid-collective) not.
+  fake = tmp_path / "python"
+  fake.write_text("#!/usr/bin/env bash\n"
+                  "if [[ $JAX_PROCESS_ID == 1 ]]; then echo 'error: placeholder'; exit 3; fi\n"
+                  + ("trap '' TERM\n" if ignores_term else "") + "exec sleep 300\n")
+  fake.chmod(0o755)
+  env = dict(os.environ, PYTHON=str(fake), GRACE="1", LOG_DIR=str(tmp_path / "logs"))
+  r = subprocess.run(["bash", str(ROOT / "launch" / "local_multihost.sh"), "2"], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 3, (r.stdout, r.stderr)
+  assert "process 1 exited with status 3" in r.stderr, r.stderr
+  assert ("SIGKILL" in r.stderr) == ignores_term and "SIGTERM to" in r.stderr, r.stderr
+  p0 = int(r.stdout.split(": ")[1].split()[0])
+  assert not Path(f"/proc/{p0}").exists() or "zombie" in Path(f"/proc/{p0}/status").read_text()

@@ -123,6 +123,36 @@ def test_mid_phase_checkpoint_resumes_at_its_step(tiny, tmp_path):
   assert sorted(order[5] + order[6]) != sorted(order[1] + order[2]), order
 
 
+def test_a_process_other_than_0_writes_nothing_to_the_run_folder(tiny, tmp_path, monkeypatch):
+  # On a pod every process runs the trainer on one shared output_dir; only process 0 may write
+  # the run's files (CI once saw process 1's run.json race process 0's on a shared .tmp). Here
+  # the trainer believes it is process 1 and is stopped where the metrics writer would start,
+  # after everything that sets the folder up.
+  import jax
+
+  class Process1:
+    def __getattr__(self, name):
+      return getattr(jax, name)
+
+    @staticmethod
+    def process_index():
+      return 1
+
+  class Stop(Exception):
+    pass
+
+  def stop(*a, **k):
+    raise Stop
+
+  model_dir, data = tiny
+  out = tmp_path / "run"
+  monkeypatch.setattr(train_loop, "jax", Process1())
+  monkeypatch.setattr(train_loop, "MetricsWriter", stop)
+  with pytest.raises(Stop):
+    train_loop.run(train_cfg.load_config(None, tiny_run.overrides(model_dir, data, out)))
+  assert not out.exists() or not list(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
 @pytest.mark.parametrize("override,match", [
     ("phase1.stepz=3", r"unknown key\(s\) \['stepz'\].*valid keys"),
     ("phase1.steps=many", r"phase1.steps: expected an integer"),

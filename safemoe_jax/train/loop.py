@@ -388,7 +388,9 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
                 ) -> tuple[dict[str, Any], SafeMoELM]:
   ecfg = cfg.experts_config()
   out, tok = rd.path, base.tokenizer
-  info = rd.record(cfg, base.path, base.config)  # again, under the lock: it may have changed
+  # Again, under the lock: it may have changed. Only process 0 writes run.json (the others
+  # share the folder; two writers of one file race on its .tmp).
+  info = rd.record(cfg, base.path, base.config, write=jax.process_index() == 0)
   if jax.process_index() == 0:
     repair_jsonl(rd.data_order)  # metrics.jsonl: by its writer
     rd.data_card("json").write_text(json.dumps(card, indent=1, default=str))

@@ -262,7 +262,7 @@ class RunDir:
     if not paths.is_local(path):
       path.write_text(json.dumps(doc, indent=1, default=default))
       return
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer: no shared .tmp
     tmp.write_text(json.dumps(doc, indent=1, default=default))
     os.replace(tmp, path)
 

@@ -343,4 +343,10 @@ MUTATIONS: list[Mutation] = [
         "  if str(spec) in assets.EMBEDDED_MODELS:",
         ("tests/test_hub_model.py::test_a_shipped_models_name_resolves_to_its_wheels_and_a_local_path_wins",),
         "a local model folder named like a shipped model is ignored for the wheel's model"),
+    Mutation(
+        "every-process-writes-run-json", "safemoe_jax/train/loop.py",
+        "  info = rd.record(cfg, base.path, base.config, write=jax.process_index() == 0)",
+        "  info = rd.record(cfg, base.path, base.config)",
+        ("tests/test_train.py::test_a_process_other_than_0_writes_nothing_to_the_run_folder",),
+        "every process of a pod writes run.json into the shared folder (they race on it)"),
 ]
