@@ -285,7 +285,7 @@ def test_informative_rate_is_judged_once_cached_and_never_degenerate(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sweep.yaml", "sweep_small.yaml", "sweep_strict.yaml",
-                                  "sweep_qwen05.yaml"])
+                                  "sweep_qwen05.yaml", "sweep_qwen05_wide.yaml"])
 def test_shipped_experiment_configs_load_and_validate(name):
   """Each shipped experiment config resolves (its `base:` chain), validates, and names variants
   that exist; the strict re-run trains npo_retain_seq on the set its comment's curate builds."""
@@ -305,3 +305,8 @@ def test_shipped_experiment_configs_load_and_validate(name):
     tcfg = X._train_cfg(xcfg, Path("unused"), 0)
     assert tcfg.model.path in assets.EMBEDDED_MODELS and tcfg.model.path != "smollm2-135m-instruct"
     assert tcfg.data.phase2_targets == "runs/curated_strict/curated.jsonl"
+  if name == "sweep_qwen05_wide.yaml":  # the same scale point, one variant: the gate bound at 4
+    assert xcfg.only_variants == ("npo_retain_seq_wide",) and xcfg.seeds == (0,)
+    wide, chosen = xcfg.variants["npo_retain_seq_wide"], xcfg.variants["npo_retain_seq"]
+    assert [o for o in wide if o not in chosen] == ["router.max_l1=4.0"]
+    assert xcfg.negation_grid == (4.0,) and xcfg.output_dir == "runs/experiment_qwen05_wide"
