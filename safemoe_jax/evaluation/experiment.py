@@ -16,8 +16,9 @@ Prompts: the run's evaluation benchmarks, each split in two halves by a salted p
 `validation` (choose variants, thresholds, lambda) and `test` (the README's figures, never used to
 choose). Scores are judge-free or by refusal strings until a judge passes its audit: safe rate
 on harmful prompts (an answer that declines), over-refusal on benign prompts, degenerate share,
-mean length. Differences to the base model are paired over prompts with a bootstrap nested over
-seeds (resample seeds, then prompts within each). Everything is cached: an interrupted run,
+mean length. Differences to the base model are paired over prompts, with a bootstrap
+crossed over seeds and prompts (seeds resampled, and one prompt resample shared by every seed).
+Everything is cached: an interrupted run,
 started again, trains and generates only what is missing.
 """
 

@@ -1,5 +1,5 @@
 """The experiment runner's results (evaluation/experiment.py): answers scored judge-free,
-differences to the base model paired over prompts and nested over seeds, gates compared between
+differences to the base model paired over prompts, with a bootstrap crossed over seeds and prompts, gates compared between
 harmful and benign prompts, the zero-shot row, the variant the validation half chooses, the
 table and the plot. `xcfg` is the runner's ExperimentConfig."""
 
@@ -88,19 +88,22 @@ def score(text: str, kind: str, prompt: str) -> dict[str, bool]:
           "degenerate": is_degenerate(text, prompt)}
 
 
-def nested_bootstrap(a_SP: np.ndarray, b_SP: np.ndarray, n_boot: int, seed: int = 0) -> dict:
-  """mean(a - b) over seeds x prompts with a 95% interval: resample seeds, then prompts within
-  each resampled seed (paired: the same prompts for a and b)."""
+def crossed_bootstrap(a_SP: np.ndarray, b_SP: np.ndarray, n_boot: int, seed: int = 0) -> dict:
+  """mean(a - b) over seeds x prompts with a 95% interval from a crossed bootstrap: each replicate
+  resamples the seeds and, once for all of them, the prompts (every seed answers the same
+  prompts, so a prompt's effect is shared by the seeds and must be drawn once, not once per seed).
+  Paired: a and b get the same draws, and every call with the same shape and seed the same draws
+  (so all systems are compared on one resample of prompts). Per seed: a paired bootstrap over its
+  prompts alone."""
   d = np.asarray(a_SP, float) - np.asarray(b_SP, float)
   S, P = d.shape
   rng = np.random.default_rng(seed)
   si = rng.integers(0, S, (n_boot, S))
-  pi = rng.integers(0, P, (n_boot, S, P))
-  boot = d[si[..., None], pi].mean((1, 2))
+  pi = rng.integers(0, P, (n_boot, P))
+  boot = d[si[:, :, None], pi[:, None, :]].mean((1, 2))
   base = float(np.mean(b_SP))
-  # each seed on its own: a paired bootstrap over its prompts (the issue asks for an interval
-  # above zero in every seed)
-  seed_boot = d[np.arange(S)[None, :, None], pi].mean(2)  # [n_boot, S]
+  # each seed on its own (the issue asks for an interval above zero in every seed)
+  seed_boot = d[:, pi].mean(2).T  # [n_boot, S]
   return {"d": float(d.mean()), "lo": float(np.quantile(boot, 0.025)),
           "hi": float(np.quantile(boot, 0.975)),
           "rel": float(d.mean() / base) if base > 0 else float("nan"),
@@ -149,13 +152,13 @@ def summarize(xcfg, caches: dict, harm, ben, informative: dict | None = None) ->
     if zero.any():  # held-out harm domains: no expert, no curated row (zero-shot)
       row["zero_shot_safe"] = _mean(m["harmful.safe"][:, zero])
       if "base" in mats and sname != "base":
-        row["zero_shot_vs_base"] = nested_bootstrap(
+        row["zero_shot_vs_base"] = crossed_bootstrap(
             m["harmful.safe"][:, zero], mats["base"]["harmful.safe"][:, zero], xcfg.n_boot)
     for kind in ("harmful", "benign"):
       if f"{kind}.informative" in m:
         row[f"informative_{kind}"] = _mean(m[f"{kind}.informative"])
         if "base" in mats and sname != "base":
-          row[f"informative_{kind}_vs_base"] = nested_bootstrap(
+          row[f"informative_{kind}_vs_base"] = crossed_bootstrap(
               m[f"{kind}.informative"], mats["base"][f"{kind}.informative"], xcfg.n_boot)
     if (g := gate_separation(caches, xcfg, src[sname], harm, ben)) is not None:
       row["gates"] = g
@@ -163,10 +166,10 @@ def summarize(xcfg, caches: dict, harm, ben, informative: dict | None = None) ->
       row["over_refusal"] = _mean(m["benign.refused"])
       row["degenerate_benign"] = _mean(m["benign.degenerate"])
     if "base" in mats and sname != "base":
-      row["safe_vs_base"] = nested_bootstrap(m["harmful.safe"], mats["base"]["harmful.safe"],
+      row["safe_vs_base"] = crossed_bootstrap(m["harmful.safe"], mats["base"]["harmful.safe"],
                                              xcfg.n_boot)
       if "benign.refused" in m:
-        row["over_refusal_vs_base"] = nested_bootstrap(
+        row["over_refusal_vs_base"] = crossed_bootstrap(
             m["benign.refused"], mats["base"]["benign.refused"], xcfg.n_boot)
     out["systems"][sname] = row
   return out
@@ -206,7 +209,7 @@ def _mean(x_SP: np.ndarray) -> dict:
 def format_table(res: dict) -> str:
   lines = [f"half: {res['half']}, seeds {res['seeds']}, {res['n_harmful']} harmful and "
            f"{res['n_benign']} benign prompts per seed; safe = declines by refusal strings",
-           "", "| system | safe on harmful | vs base (95% CI, nested bootstrap) | seeds with CI > 0 "
+           "", "| system | safe on harmful | vs base (95% CI, crossed bootstrap) | seeds with CI > 0 "
            "| over-refusal | degenerate (harmful) | informative (harmful / benign) | mean chars "
            "| zero-shot safe (vs base) | gates harmful vs benign |",
            "|---|---|---|---|---|---|---|---|---|---|"]

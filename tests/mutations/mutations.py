@@ -303,9 +303,9 @@ MUTATIONS: list[Mutation] = [
         "`judge rates --run` corrects the audited model's rates with pyrit's figures"),
     Mutation(
         "experiment-seed-ci-mixes-seeds", "safemoe_jax/evaluation/experiment_results.py",
-        "  seed_boot = d[np.arange(S)[None, :, None], pi].mean(2)",
-        "  seed_boot = d[si[..., None], pi].mean(2)",
-        ("tests/test_experiment.py::test_nested_bootstrap_is_paired_and_centred",),
+        "  seed_boot = d[:, pi].mean(2).T  # [n_boot, S]",
+        "  seed_boot = d[si[:, :, None], pi[:, None, :]].mean(2)  # [n_boot, S]",
+        ("tests/test_experiment.py::test_crossed_bootstrap_is_paired_and_centred",),
         "a seed's own interval resamples other seeds: 'seeds with CI > 0' says nothing per seed"),
     Mutation(
         "experiment-informative-judges-degenerate", "safemoe_jax/evaluation/experiment.py",
@@ -349,4 +349,12 @@ MUTATIONS: list[Mutation] = [
         "  info = rd.record(cfg, base.path, base.config)",
         ("tests/test_train.py::test_a_process_other_than_0_writes_nothing_to_the_run_folder",),
         "every process of a pod writes run.json into the shared folder (they race on it)"),
+    # --- issue 30 (lead) ---
+    Mutation(
+        "experiment-bootstrap-nested-over-seeds", "safemoe_jax/evaluation/experiment_results.py",
+        "  boot = d[si[:, :, None], pi[:, None, :]].mean((1, 2))\n",
+        "  boot = d[si[..., None], rng.integers(0, P, (n_boot, S, P))].mean((1, 2))\n",
+        ("tests/test_experiment.py::test_crossed_bootstrap_covers_the_truth_when_seeds_share_prompts",),
+        "prompts resampled within each seed although all seeds answer the same prompts: the "
+        "intervals are ~0.6x too narrow"),
 ]
