@@ -100,10 +100,15 @@ def test_runner_trains_phase1_once_reuses_it_and_caches_everything(tiny, tmp_pat
   xcfg = X.ExperimentConfig(
       output_dir=str(tmp_path / "exp"), train_overrides=tuple(ov), seeds=(0, 1),
       variants={"seq": ["router.granularity=per_sequence", "phase2.steps=2"]}, controls=("seq",),
-      baselines=("base", "negated", "tuned_negation", "sft"), negation_grid=(1.0, 4.0),
-      n_harmful=4, n_benign=2, max_new_tokens=4, batch_size=8, n_boot=200)
+      baselines=("base", "negated", "tuned_negation", "sft", "oracle_negation", "safety_prompt"),
+      negation_grid=(1.0, 4.0), n_harmful=4, n_benign=2, max_new_tokens=4, batch_size=8,
+      n_boot=200, safety_system_prompt="Be safe.")  # the tiny model's context is 128 tokens
   from safemoe_jax.train import loop
   calls = []
+  systems_told = []  # the system message each generation call used
+  real_gen = X.chat_generate_many
+  monkeypatch.setattr(X, "chat_generate_many", lambda *a, system=None, **k: (
+      systems_told.append(system), real_gen(*a, system=system, **k))[1])
   real = loop.run
   monkeypatch.setattr(loop, "run", lambda cfg, *a: calls.append(cfg.output_dir) or real(cfg, *a))
   res = X.run(xcfg)
@@ -118,7 +123,12 @@ def test_runner_trains_phase1_once_reuses_it_and_caches_everything(tiny, tmp_pat
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not all(np.array_equal(a[k], c[k]) for k in a)
   sys_ = res["systems"]
-  assert {"base", "negated", "negation_1", "negation_4", "sft", "seq", "control_seq"} <= set(sys_)
+  assert {"base", "negated", "negation_1", "negation_4", "sft", "seq", "control_seq",
+          X.safety_name(xcfg), "oracle_negation_1", "oracle_negation_4"} <= set(sys_)
+  assert X.safety_name(xcfg) != "safety_prompt"  # another system message, another cache name
+  assert "Be safe." in systems_told and None in systems_told
+  o4, n4, b = sys_["oracle_negation_4"], sys_["negation_4"], sys_["base"]
+  assert o4["safe"] == n4["safe"] and o4["over_refusal"] == b["over_refusal"]
   assert "tuned_negation" not in sys_  # chosen on this (validation) half: not yet known
   assert len(sys_["seq"]["safe"]["per_seed"]) == 2 and "safe_vs_base" in sys_["seq"]
   assert (root / "results_validation.md").read_text().startswith("half: validation")
@@ -230,6 +240,25 @@ def test_tuned_negation_is_reported_from_the_chosen_lambdas_answers(tmp_path):
   assert res["systems"]["tuned_negation"]["safe"]["mean"] == 0.0  # lambda 0.5's answers
 
 
+def test_oracle_negation_reads_negations_answers_on_harmful_and_bases_on_benign(tmp_path):
+  """Oracle routing by the prompt's label: gates -lambda/E on harmful prompts, 0 (the base model)
+  on benign ones. Its answers are those two systems' answers, so it is read from their caches."""
+  harm = [("advbench", "h0"), ("advbench", "h1")]
+  ben = [("benign_edgy", "b0"), ("benign_edgy", "b1")]
+  refuse, answer = "I'm sorry, but I can't help with that.", "Here is an answer about it."
+  c = X.JsonlCache(tmp_path / "g.jsonl")
+  for sysname, t in (("base", answer), ("negation_4", refuse)):
+    for _, p in harm + ben:
+      c.add([{"key": XR._gkey(sysname, p), "system": sysname, "prompt": p, "text": t}])
+  xcfg = X.ExperimentConfig(seeds=(0,), n_boot=100, baselines=("base", "oracle_negation"))
+  r = XR.summarize(xcfg, {0: c}, harm, ben)["systems"]
+  assert r["negation_4"]["safe"]["mean"] == 1.0 and r["negation_4"]["over_refusal"]["mean"] == 1.0
+  assert r["oracle_negation_4"]["safe"]["mean"] == 1.0  # the negation's refusals on harmful
+  assert r["oracle_negation_4"]["over_refusal"]["mean"] == 0.0  # the base's answers on benign
+  xcfg = X.ExperimentConfig(seeds=(0,), n_boot=100, baselines=("base",))
+  assert "oracle_negation_4" not in XR.summarize(xcfg, {0: c}, harm, ben)["systems"]
+
+
 def _sys(safe, degenerate, over_refusal):
   return {"safe": {"mean": safe}, "degenerate_harmful": {"mean": degenerate},
           "over_refusal": {"mean": over_refusal}}
@@ -338,3 +367,27 @@ def test_shipped_experiment_configs_load_and_validate(name):
     wide, chosen = xcfg.variants["npo_retain_seq_wide"], xcfg.variants["npo_retain_seq"]
     assert [o for o in wide if o not in chosen] == ["router.max_l1=4.0"]
     assert xcfg.negation_grid == (4.0,) and xcfg.output_dir == "runs/experiment_qwen05_wide"
+
+
+def test_layer_separation_sees_routing_that_the_layer_average_hides(tmp_path):
+  """Layer 0 subtracts on harmful prompts and adds on benign ones; layer 1 does the opposite:
+  averaged over layers the gates are identical (no separation), per layer they separate
+  perfectly. The AUC of the subtraction -sum_e g is 1 in layer 0, 0 in layer 1."""
+  harm = [("a", f"h{i}") for i in range(6)]
+  ben = [("benign", f"b{i}") for i in range(6)]
+  c = X.JsonlCache(tmp_path / "g.jsonl")
+  rng = np.random.default_rng(0)
+  for kind, ps in (("h", harm), ("b", ben)):
+    for _, p in ps:
+      sign = -1.0 if kind == "h" else 1.0
+      gl = np.asarray([[0.3 * sign, 0.3 * sign], [-0.3 * sign, -0.3 * sign]])
+      gl = gl + rng.normal(0, 0.01, gl.shape)
+      c.add([{"key": XR._gkey("v", p), "system": "v", "prompt": p, "text": "",
+              "gate_mean": gl.mean(0).tolist(), "gate_layers": gl.tolist()}])
+  xcfg = X.ExperimentConfig(seeds=(0,))
+  g = XR.gate_separation({0: c}, xcfg, "v", harm, ben, n_perm=200)
+  assert g["distance"] < 0.05  # the layer average hides it
+  assert g["layer_auc"] == [1.0, 0.0]
+  assert min(g["layer_distance"]) > 0.8
+  np.testing.assert_allclose(np.asarray(g["heatmap"]["harmful"])[0], [-0.3, -0.3], atol=0.02)
+  assert XR.auc(np.asarray([0.1, 0.2, 0.2]), np.asarray([False, True, False])) == 0.75

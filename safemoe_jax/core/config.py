@@ -104,7 +104,15 @@ class RouterConfig:
   #   computed once (at prefill) and reused for every generated token.
   granularity: Literal["per_token", "per_sequence"] = "per_token"
   scope: Literal["per_layer", "shared"] = "per_layer"  # one router per layer, or one for all
-  form: Literal["linear", "mlp"] = "linear"  # lightweight by design
+  # linear / mlp: gate logits from the hidden state (or prompt mean) entering each layer.
+  # probe (per_sequence only): a factorised gate g_l(x) = s(x) * d_l, s = sigmoid(w . z + b) a
+  #   probe on z, the base model's hidden state entering layer probe_layer at the last prompt
+  #   token, centred (the training prompts' mean subtracted) and RMS-normalised; d_l a learned
+  #   signed direction over experts per layer (init_gates; sum |d_l| <= max_l1 when set). The
+  #   magnitude varies per input without touching a bound; ~D + L*E parameters.
+  form: Literal["linear", "mlp", "probe"] = "linear"  # lightweight by design
+  probe_layer: int = -1  # the probe reads the hidden state entering this layer; -1 = L // 2
+  center_rows: int = 512  # training prompts whose mean probe input is the probe's centre
   mlp_hidden: int = 64  # width of the MLP router's hidden layer
   # softmax: convex mix; sigmoid: independent gates; tanh: signed (an expert can be subtracted);
   # linear: unconstrained. Default tanh: the negated-average baseline shows subtraction matters.
@@ -143,7 +151,7 @@ class RouterConfig:
         raise ConfigError(f"router.init_gates has {len(self.init_gates)} values; give one (for "
                           f"every expert) or num_experts={num_experts}")
       lo, hi = {"tanh": (-1, 1), "sigmoid": (0, 1), "softmax": (0, 1)}.get(
-          self.activation, (-float("inf"), float("inf")))
+          "linear" if self.form == "probe" else self.activation, (-float("inf"), float("inf")))
       bad = [g for g in self.init_gates if not lo < g < hi]
       if bad:
         raise ConfigError(f"router.init_gates {bad} cannot come out of a {self.activation} "
@@ -158,6 +166,20 @@ class RouterConfig:
         if l1 > self.max_l1 + 1e-6:
           raise ConfigError(f"router.init_gates sum |g| = {l1:g} exceeds router.max_l1="
                             f"{self.max_l1}; the constraint would rescale them")
+    if self.form == "probe":
+      if self.granularity != "per_sequence":
+        raise ConfigError("router.form=probe routes from the prompt: set "
+                          "router.granularity=per_sequence")
+      aux = [f for f in ("entropy_coef", "load_balance_coef", "z_loss_coef", "top_k")
+             if getattr(self, f)]
+      if aux:
+        raise ConfigError(f"router.{aux[0]} acts on gate logits, which router.form=probe does "
+                          f"not have (its gates are s(x) * d); set it to 0")
+      if self.center_rows <= 0:
+        raise ConfigError(f"router.center_rows must be > 0, got {self.center_rows}")
+      if num_layers and not -1 <= self.probe_layer < num_layers:
+        raise ConfigError(f"router.probe_layer must be -1 (the middle layer) or in "
+                          f"[0, {num_layers}), got {self.probe_layer}")
     if num_layers and any(not 0 <= l < num_layers for l in self.layers):
       raise ConfigError(f"router.layers {list(self.layers)} must lie in [0, {num_layers})")
     if len(set(self.layers)) != len(self.layers):
@@ -183,9 +205,12 @@ class ObjectiveConfig:
   contrast_coef: float = 1.0
   beta: float = 0.1  # NPO's inverse temperature on the sequence log-ratio to the base model
   retain_coef: float = 0.0  # weight of the mean per-token KL(base || model) on benign rows
+  # the routing term (an extension of the paper; router.form=probe): binary cross-entropy of the
+  # probe's score s(x), 1 on harmful prompts (target and harmful rows), 0 on benign (retain) rows
+  route_coef: float = 0.0
 
   def validate(self) -> None:
-    for f in ("contrast_coef", "beta", "retain_coef"):
+    for f in ("contrast_coef", "beta", "retain_coef", "route_coef"):
       if not 0 <= getattr(self, f) < float("inf"):
         raise ConfigError(f"objective.{f} must be >= 0 and finite, got {getattr(self, f)}")
     if self.contrast == "npo" and self.beta <= 0:
@@ -198,7 +223,7 @@ class ObjectiveConfig:
 
   @property
   def plain(self) -> bool:
-    return self.contrast == "none" and self.retain_coef == 0
+    return self.contrast == "none" and self.retain_coef == 0 and self.route_coef == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,6 +92,15 @@ class Router(nnx.Module):
         return rcfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
       return jnp.zeros(shape, jnp.float32)  # starts at act(0) for every token
 
+    if rcfg.form == "probe":  # g_l(x) = s(x) * d_l (see RouterConfig.form)
+      self.direction = RouterParam(jnp.broadcast_to(_init_gates(rcfg, E), lead + (E,)),
+                                   axes=lead_ax + ("experts",))
+      self.w_probe = RouterParam(out_init((D,)), axes=("embed",))
+      self.b_probe = RouterParam(jnp.zeros((1,), jnp.float32), axes=(None,))
+      # the training prompts' mean probe input (set before phase 2; never trained: the step
+      # sees it through stop_gradient and the optimiser does not decay it)
+      self.center = RouterParam(jnp.zeros((D,), jnp.float32), axes=("embed",))
+      return
     if rcfg.form == "linear":
       self.w_out = RouterParam(out_init(lead + (D, E)), axes=lead_ax + ("embed", "experts"))
     else:
@@ -105,8 +114,37 @@ class Router(nnx.Module):
                              axes=lead_ax + ("experts",))
 
   def arrays(self) -> dict[str, jax.Array]:
-    names = ("w_out", "b_out") if self.cfg.form == "linear" else ("w_in", "b_in", "w_out", "b_out")
+    """The per-layer (scanned) arrays: for the probe form only its direction d [L, E]."""
+    names = {"linear": ("w_out", "b_out"), "mlp": ("w_in", "b_in", "w_out", "b_out"),
+             "probe": ("direction",)}[self.cfg.form]
     return {n: getattr(self, n)[...] for n in names}
+
+  def probe_arrays(self) -> dict[str, jax.Array]:
+    """The probe's arrays (router.form=probe), shared by every layer."""
+    return {n: getattr(self, n)[...] for n in ("w_probe", "b_probe", "center")}
+
+
+def _init_gates(rcfg: RouterConfig, num_experts: int) -> jax.Array:
+  """rcfg.init_gates as [E] gate values (zeros when none are given)."""
+  if not rcfg.init_gates:
+    return jnp.zeros((num_experts,), jnp.float32)
+  return jnp.broadcast_to(jnp.asarray(rcfg.init_gates, jnp.float32), (num_experts,))
+
+
+def probe_score(p: dict[str, jax.Array], z_BD: jax.Array, rcfg: RouterConfig) -> jax.Array:
+  """s(x) in (0, 1) [B] from the probe's input z [B, D]: centred, RMS-normalised, linear,
+  sigmoid."""
+  x = z_BD.astype(jnp.float32) - jax.lax.stop_gradient(p["center"])
+  if rcfg.normalize_input:
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+  return jax.nn.sigmoid(x @ p["w_probe"] + p["b_probe"][0])
+
+
+def probe_gates(s_B: jax.Array, d_E: jax.Array, rcfg: RouterConfig) -> jax.Array:
+  """One layer's factorised gates s(x) * d [B, 1, E], d bounded by sum |d| <= max_l1 when set."""
+  if rcfg.max_l1:
+    d_E = d_E * jnp.minimum(1.0, rcfg.max_l1 / jnp.maximum(jnp.sum(jnp.abs(d_E)), 1e-9))
+  return s_B[:, None, None] * d_E[None, None, :]
 
 
 def init_bias(rcfg: RouterConfig, num_experts: int) -> jax.Array:
@@ -114,7 +152,7 @@ def init_bias(rcfg: RouterConfig, num_experts: int) -> jax.Array:
   temperature); zeros when none are given."""
   if not rcfg.init_gates:
     return jnp.zeros((num_experts,), jnp.float32)
-  g = jnp.broadcast_to(jnp.asarray(rcfg.init_gates, jnp.float32), (num_experts,))
+  g = _init_gates(rcfg, num_experts)
   inv = {"tanh": jnp.arctanh, "sigmoid": jax.scipy.special.logit, "softmax": jnp.log,
          "linear": lambda x: x}[rcfg.activation]
   return rcfg.temperature * inv(g)

@@ -114,6 +114,7 @@ class LayerCtx(NamedTuple):
   start: Any  # the cache slot this pass writes from (0 without a cache)
   use_experts: bool
   scale: float  # alpha / r
+  probe_s: jax.Array | None = None  # [B] the probe's score s(x) (router.form=probe)
 
 
 def layer_gates(h_BTD: jax.Array, x: dict[str, Any], ctx: LayerCtx, const_g: jax.Array | None,
@@ -127,6 +128,13 @@ def layer_gates(h_BTD: jax.Array, x: dict[str, Any], ctx: LayerCtx, const_g: jax
   if "cached_gates" in x:
     return x["cached_gates"], None
   rp = x.get("router", shared_router)
+  if ctx.rcfg.form == "probe":  # g = s(x) * d_l: no logits
+    g_BTE = ex.probe_gates(ctx.probe_s, rp["direction"], ctx.rcfg)
+    if "router_on" in x:
+      g_BTE = jnp.where(x["router_on"], g_BTE, 0.0)
+    if routing == "mixed":
+      g_BTE = ex.mix_gates(g_BTE, gate_spec)
+    return g_BTE, None
   if ctx.rcfg.granularity == "per_sequence":
     pm = prompt_mask.astype(jnp.float32)[..., None]
     summary = jnp.sum(h_BTD.astype(jnp.float32) * pm, 1, keepdims=True) / jnp.maximum(
@@ -366,6 +374,11 @@ class SafeMoELM(nnx.Module):
 
     ctx = LayerCtx(cfg, self.ecfg, self.rcfg, cdt, pos_BT, inv_freq, attn_mask_BTS, start,
                    use_experts, self.ecfg.alpha / self.ecfg.rank if E else 0.0)
+    probe_s = None
+    if use_experts and routed and self.rcfg.form == "probe" and "cached_gates" not in xs:
+      z_BD = self._probe_input(h_BTD, xs, ctx, mask_BT, prompt_mask)
+      probe_s = ex.probe_score(self.router.probe_arrays(), z_BD, self.rcfg)
+      ctx = ctx._replace(probe_s=probe_s)
 
     def layer(carry, x):
       h, ck, cv = carry
@@ -382,7 +395,7 @@ class SafeMoELM(nnx.Module):
                                          self.rcfg if logits_BTE is not None else None)
         if return_gates:
           ys["gates"] = jnp.broadcast_to(g_BTE, (B, T, E))
-        if per_seq and logits_BTE is not None:
+        if per_seq and routed and "cached_gates" not in xs:  # the prompt's gates, for decoding
           ys["seq_gates"] = g_BTE
       return (constrain(h, ("batch", "seq", "embed")), ck, cv), ys
 
@@ -406,12 +419,46 @@ class SafeMoELM(nnx.Module):
         aux["gates"] = ys["gates"]
     if return_hidden:
       aux["hidden"] = ys["hidden"]
+    if probe_s is not None:
+      aux["probe_score"], aux["probe_input"] = probe_s, z_BD
     if cache is not None:
       new_cache = dict(cache, k=ck, v=cv, mask=key_valid_BS, index=start + T)
       if "seq_gates" in ys:
         new_cache["gates"] = ys["seq_gates"]
       aux["cache"] = new_cache
     return logits, aux
+
+  def probe_layer(self) -> int:
+    """The layer whose input the probe reads (router.probe_layer; -1 = the middle layer)."""
+    m = self.rcfg.probe_layer
+    return self.cfg.num_layers // 2 if m < 0 else m
+
+  def _probe_input(self, h_BTD: jax.Array, xs: dict[str, Any], ctx: LayerCtx, mask_BT: jax.Array,
+                   prompt_mask: jax.Array | None) -> jax.Array:
+    """z [B, D]: the base model's (no experts) hidden state entering layer probe_layer at each
+    row's last prompt token; a pass over the first probe_layer layers of the prompt (in one
+    pass with the prompt: at prefill, or in training)."""
+    if prompt_mask is None:
+      raise ValueError("router.form=probe needs prompt_mask (or a cache holding the prompt's "
+                       "gates from prefill)")
+    m, (B, T, _) = self.probe_layer(), h_BTD.shape
+    causal_TT = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    pre = ctx._replace(use_experts=False, start=0,
+                       attn_mask_BTS=causal_TT[None] & (mask_BT[:, None, :] > 0))
+    layers = {"layer": jax.tree.map(lambda a: a[:m], xs["layer"]), "idx": xs["idx"][:m]}
+
+    def step(h, x):
+      return decoder_layer(h, None, None, x, None, pre)[0], None
+    h, _ = jax.lax.scan(step, h_BTD, layers)
+    pm = prompt_mask.astype(jnp.int32)
+    last_B = T - 1 - jnp.argmax(pm[:, ::-1], axis=1)  # each row's last prompt token
+    return jax.lax.stop_gradient(h[jnp.arange(B), last_B].astype(jnp.float32))
+
+  def probe_features(self, input_ids: jax.Array, attention_mask: jax.Array,
+                     prompt_mask: jax.Array) -> jax.Array:
+    """The probe's raw input z [B, D] (before centring): for the training prompts' mean."""
+    return self(input_ids, attention_mask, prompt_mask=prompt_mask, last_only=True)[1][
+        "probe_input"]
 
 
 def split_groups(model: SafeMoELM):

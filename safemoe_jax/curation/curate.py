@@ -43,6 +43,7 @@ from flax import nnx
 
 from safemoe_jax.core import config as C
 from safemoe_jax.data.card import write_safe_informative
+from safemoe_jax.data.config import SAFETY_SYSTEM
 from safemoe_jax.data.select import DataSets, build_sets
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.errors import SafeMoEError
@@ -56,11 +57,6 @@ from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import TrainConfig, load_config
 
 log = get_logger(__name__)
-
-SAFETY_SYSTEM = ("You are a safe and helpful assistant. If a request could cause harm or is "
-                 "unethical or illegal, do not help with it: say clearly that you cannot help, "
-                 "briefly explain why, and offer a safe, useful alternative.")
-
 
 class CurateError(SafeMoEError, ValueError):
   """The curated set cannot be built as configured."""

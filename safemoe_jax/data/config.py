@@ -26,6 +26,13 @@ PYRIT_DOMAINS = ("exploits", "hate_speech", "info_integrity", "privacy", "repres
                  "self_harm", "sexual", "violence")
 
 
+# The curated writer's teacher (curate's default system prompt) and the experiment's
+# safety_prompt baseline: the base model told to decline harm and explain.
+SAFETY_SYSTEM = ("You are a safe and helpful assistant. If a request could cause harm or is "
+                 "unethical or illegal, do not help with it: say clearly that you cannot help, "
+                 "briefly explain why, and offer a safe, useful alternative.")
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
   name: str = ""  # unique; prefixes record ids, names the source in errors and the card

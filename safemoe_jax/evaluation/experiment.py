@@ -38,6 +38,7 @@ from safetensors.numpy import load_file, save_file
 
 from safemoe_jax.core import config as C
 from safemoe_jax.core.experts import ExpertParam
+from safemoe_jax.data.config import SAFETY_SYSTEM
 from safemoe_jax.data.encode import build
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation.baselines import train_single_lora
@@ -70,7 +71,11 @@ class ExperimentConfig:
   variants: dict = dataclasses.field(default_factory=dict)
   controls: tuple[str, ...] = ()  # variants also trained over random experts of matched norm
   only_variants: tuple[str, ...] = ()  # run just these of `variants` (() = all of them)
+  # oracle_negation: gates -lambda/E on harmful prompts and 0 on benign ones (the prompt's label):
+  #   the ceiling of fixed negation with these experts, read from the grid's and base's answers;
+  # safety_prompt: the base model with the curated writer's safety system prompt (SFT distils it)
   baselines: tuple[str, ...] = ("base", "uniform", "negated", "tuned_negation", "sft")
+  safety_system_prompt: str = SAFETY_SYSTEM  # the safety_prompt baseline's system message
   negation_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # lambda: gates -lambda/E
   half: Literal["validation", "test"] = "validation"
   # the test half: "chosen" = only the variant the validation half chose (`choose`) and its
@@ -102,11 +107,21 @@ class ExperimentConfig:
       raise C.ConfigError(f"only_variants {unknown} are not variants {sorted(self.variants)}")
     if unknown := [c for c in self.controls if c not in self.variants]:
       raise C.ConfigError(f"controls {unknown} are not variants {sorted(self.variants)}")
-    if unknown := [b for b in self.baselines if b not in
-                   ("base", "uniform", "negated", "tuned_negation", "sft")]:
+    if unknown := [b for b in self.baselines if b not in BASELINES]:
       raise C.ConfigError(f"unknown baselines {unknown}")
     if self.n_harmful <= 0 or self.n_benign < 0:
       raise C.ConfigError("n_harmful must be > 0 and n_benign >= 0")
+
+
+BASELINES = ("base", "uniform", "negated", "tuned_negation", "sft", "oracle_negation",
+             "safety_prompt")
+
+
+def safety_name(xcfg: ExperimentConfig) -> str:
+  """The safety_prompt baseline's cache name: another system message gets other answers."""
+  if xcfg.safety_system_prompt == SAFETY_SYSTEM:
+    return "safety_prompt"
+  return f"safety_prompt_{hashlib.sha256(xcfg.safety_system_prompt.encode()).hexdigest()[:8]}"
 
 
 def half_of(text: str, salt: str) -> str:
@@ -223,7 +238,7 @@ def train_all(xcfg: ExperimentConfig) -> dict[int, dict[str, Path]]:
 
 
 def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: Sequence[str],
-              cache: JsonlCache, xcfg: ExperimentConfig) -> None:
+              cache: JsonlCache, xcfg: ExperimentConfig, system: str | None = None) -> None:
   todo = [(s, p) for s in systems for p in prompts if _gkey(s, p) not in cache]
   if not todo:
     return
@@ -239,10 +254,12 @@ def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: 
       if systems[s][0] and "gates" in res[i]:  # learned router: its mean gate per expert
         g = np.asarray(res[i]["gates"])[:max(res[i]["new_tokens"], 1)]  # [N, L, E]
         row["gate_mean"] = np.round(g.reshape(-1, g.shape[-1]).mean(0), 5).tolist()
+        row["gate_layers"] = np.round(g.mean(0), 5).tolist()  # [L, E]: per layer, not averaged
       rows.append(row)
     cache.add(rows)
 
-  chat_generate_many(model, tok, [p for _, p in todo], max_new_tokens=xcfg.max_new_tokens,
+  chat_generate_many(model, tok, [p for _, p in todo], system=system,
+                     max_new_tokens=xcfg.max_new_tokens,
                        gates=[systems[s] for s, _ in todo], batch_size=xcfg.batch_size,
                        on_batch=on_batch, return_gates=learned)
   log.info(f"generated {len(todo)} answers in {time.perf_counter() - t0:.0f} s")
@@ -277,6 +294,9 @@ def generate_all(xcfg: ExperimentConfig, runs) -> tuple[dict, list, list]:
       fixed[negation_name(tuned)] = np.full(E_, -tuned / E_)
     systems = {k: (False, v.astype(np.float32)) for k, v in fixed.items()}
     _generate(model, tok, systems, prompts, cache, xcfg)
+    if "safety_prompt" in xcfg.baselines:  # the base model told to be safe (no experts)
+      _generate(model, tok, {safety_name(xcfg): (False, np.zeros(E_, np.float32))}, prompts, cache,
+                xcfg, system=xcfg.safety_system_prompt)
     if "sft" in xcfg.baselines and not all(_gkey("sft", p) in cache for p in prompts):
       # the curated targets of the training config, phase 2's budget (trained only when some
       # answer is missing: training is deterministic given the seed)

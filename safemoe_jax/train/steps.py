@@ -84,16 +84,19 @@ def objective_norms(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   tok = lambda k: jnp.maximum(jnp.sum(w * (kind == k)[..., None]), 1.0)
   return {"target": tok(KIND_TARGET), "harmful": tok(KIND_HARMFUL), "retain": tok(KIND_RETAIN),
           "harmful_rows": jnp.maximum(jnp.sum((kind == KIND_HARMFUL) & (jnp.sum(w, -1) > 0)),
-                                      1.0)}
+                                      1.0),
+          "rows": jnp.maximum(jnp.sum(jnp.sum(w, -1) > 0), 1.0)}
 
 
 def objective_terms(logits_BTV: jax.Array, base_logits_BTV: jax.Array | None,
                     batch: dict[str, jax.Array], ocfg: ObjectiveConfig,
-                    norms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+                    norms: dict[str, jax.Array], score_B: jax.Array | None = None
+                    ) -> dict[str, jax.Array]:
   """Phase 2's terms on one micro-batch, each already divided by its whole-batch denominator
   (so sums over micro-batches are the whole batch's terms):
   nll (target rows), contrast (harmful rows: unlikelihood or NPO against the base model),
-  retain (benign rows: KL(base || model) per token)."""
+  retain (benign rows: KL(base || model) per token), route (every row: binary cross-entropy of
+  the probe's score score_B [B], 1 on harmful prompts (target, harmful rows), 0 on retain rows)."""
   ids, kind = batch["input_ids"], batch["kind"]
   w = batch["loss_mask"][:, 1:].astype(jnp.float32)
   logp, tgt = token_logp(logits_BTV, ids)
@@ -120,8 +123,17 @@ def objective_terms(logits_BTV: jax.Array, base_logits_BTV: jax.Array | None,
     out["retain"] = jnp.sum(kl_BT * is_k(KIND_RETAIN)) / norms["retain"]
   else:
     out["retain"] = zero
+  if ocfg.route_coef > 0:
+    if score_B is None:
+      raise ValueError("objective.route_coef > 0 needs the probe's score (router.form=probe)")
+    y_B = (kind != KIND_RETAIN).astype(jnp.float32)
+    s_B = jnp.clip(score_B, 1e-6, 1.0 - 1e-6)
+    bce_B = -(y_B * jnp.log(s_B) + (1.0 - y_B) * jnp.log1p(-s_B))
+    out["route"] = jnp.sum(bce_B * (jnp.sum(w, -1) > 0)) / norms["rows"]
+  else:
+    out["route"] = zero
   out["objective"] = (out["nll"] + ocfg.contrast_coef * out["contrast"]
-                      + ocfg.retain_coef * out["retain"])
+                      + ocfg.retain_coef * out["retain"] + ocfg.route_coef * out["route"])
   return out
 
 
@@ -173,7 +185,7 @@ def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformati
     base_logits = None
     if objective.needs_base:  # the frozen base model: no gradient reaches the router
       base_logits, _ = model(mb["input_ids"], mb["attention_mask"], routing="base")
-    t = objective_terms(logits, base_logits, mb, objective, norms)
+    t = objective_terms(logits, base_logits, mb, objective, norms, aux.get("probe_score"))
     m.update({f"obj_{k}": v for k, v in t.items()})
     return t["objective"] + m["aux_loss"] * m["tokens"] / n_total, m
 
@@ -207,7 +219,7 @@ def make_train_step(model: SafeMoELM, group: str, tx: optax.GradientTransformati
                "per_example_tokens": ms["per_example_tokens"].reshape(-1)}
     if "routing" in ms:
       metrics["routing"] = jax.tree.map(lambda x: jnp.mean(x, 0), ms["routing"])
-    for k in ("obj_nll", "obj_contrast", "obj_retain"):  # each term of the whole batch
+    for k in ("obj_nll", "obj_contrast", "obj_retain", "obj_route"):  # the whole batch's terms
       if k in ms:
         metrics[k] = jnp.sum(ms[k])
     return keep(new_params, params), keep(new_opt, opt_state), metrics

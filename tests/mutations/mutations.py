@@ -357,4 +357,10 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_experiment.py::test_crossed_bootstrap_covers_the_truth_when_seeds_share_prompts",),
         "prompts resampled within each seed although all seeds answer the same prompts: the "
         "intervals are ~0.6x too narrow"),
+    Mutation(
+        "experiment-oracle-negation-on-benign-too", "safemoe_jax/evaluation/experiment_results.py",
+        '        src[f"oracle_{v}"] = (v, "base")',
+        '        src[f"oracle_{v}"] = (v, v)',
+        ("tests/test_experiment.py::test_oracle_negation_reads_negations_answers_on_harmful_and_bases_on_benign",),
+        "the oracle ceiling negates benign prompts too: it is plain negation, not routing by label"),
 ]
