@@ -333,8 +333,8 @@ MUTATIONS: list[Mutation] = [
         "two systems with the same answer: only the last one's verdict is kept, the other counts 0"),
     Mutation(
         "experiment-tuned-negation-by-name", "safemoe_jax/evaluation/experiment_results.py",
-        "    src[\"tuned_negation\"] = negation_name(tuned)",
-        "    src[\"tuned_negation\"] = \"tuned_negation\"",
+        "    names[\"tuned_negation\"] = negation_name(tuned)",
+        "    names[\"tuned_negation\"] = \"tuned_negation\"",
         ("tests/test_experiment.py::test_tuned_negation_is_reported_from_the_chosen_lambdas_answers",),
         "tuned negation read from rows cached under its name, whatever lambda wrote them"),
     Mutation(
@@ -363,4 +363,22 @@ MUTATIONS: list[Mutation] = [
         '        src[f"oracle_{v}"] = (v, v)',
         ("tests/test_experiment.py::test_oracle_negation_reads_negations_answers_on_harmful_and_bases_on_benign",),
         "the oracle ceiling negates benign prompts too: it is plain negation, not routing by label"),
+    Mutation(
+        "probe-reads-the-wrong-token", "safemoe_jax/core/model.py",
+        "    last_B = T - 1 - jnp.argmax(pm[:, ::-1], axis=1)",
+        "    last_B = T - 1 - jnp.argmax(pm, axis=1)",
+        ("tests/test_probe_router.py::test_probe_gates_are_the_score_times_the_direction_from_the_base_hidden_state",),
+        "the probe reads the first prompt token (the same system-turn token for every prompt)"),
+    Mutation(
+        "probe-not-centred", "safemoe_jax/core/experts.py",
+        "  x = z_BD.astype(jnp.float32) - jax.lax.stop_gradient(p[\"center\"])",
+        "  x = z_BD.astype(jnp.float32)",
+        ("tests/test_probe_router.py::test_probe_gates_are_the_score_times_the_direction_from_the_base_hidden_state",),
+        "the probe's input is not centred: the shared component becomes a bias"),
+    Mutation(
+        "route-term-labels-flipped", "safemoe_jax/train/steps.py",
+        "    y_B = (kind != KIND_RETAIN).astype(jnp.float32)",
+        "    y_B = (kind == KIND_RETAIN).astype(jnp.float32)",
+        ("tests/test_probe_router.py::test_route_term_is_the_binary_cross_entropy_of_the_score",),
+        "the routing term teaches the probe to fire on benign prompts"),
 ]
