@@ -342,7 +342,8 @@ def test_informative_rate_is_judged_once_cached_and_never_degenerate(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sweep.yaml", "sweep_small.yaml", "sweep_strict.yaml",
-                                  "sweep_qwen05.yaml", "sweep_qwen05_wide.yaml"])
+                                  "sweep_qwen05.yaml", "sweep_qwen05_wide.yaml",
+                                  "router_qwen05.yaml"])
 def test_shipped_experiment_configs_load_and_validate(name):
   """Each shipped experiment config resolves (its `base:` chain), validates, and names variants
   that exist; the strict re-run trains npo_retain_seq on the set its comment's curate builds."""
@@ -367,6 +368,12 @@ def test_shipped_experiment_configs_load_and_validate(name):
     wide, chosen = xcfg.variants["npo_retain_seq_wide"], xcfg.variants["npo_retain_seq"]
     assert [o for o in wide if o not in chosen] == ["router.max_l1=4.0"]
     assert xcfg.negation_grid == (4.0,) and xcfg.output_dir == "runs/experiment_qwen05_wide"
+  if name == "router_qwen05.yaml":  # issue 30: the ceiling and the probe routers, every arm
+    assert {"oracle_negation", "safety_prompt", "sft"} <= set(xcfg.baselines)
+    assert xcfg.seeds == (0, 1, 2) and xcfg.n_harmful >= 96 and xcfg.n_benign >= 48
+    for v in ("probe", "probe_route"):  # each trains: its phase-2 config validates
+      tcfg = X._train_cfg(xcfg, Path("unused"), 0, xcfg.variants[v])
+      assert tcfg.router.form == "probe" and (tcfg.objective.route_coef > 0) == (v != "probe")
 
 
 def test_layer_separation_sees_routing_that_the_layer_average_hides(tmp_path):
