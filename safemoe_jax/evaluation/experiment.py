@@ -36,12 +36,14 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from safemoe_jax.core import config as C
+from safemoe_jax.core import numbers
 from safemoe_jax.core.experts import ExpertParam
 from safemoe_jax.data.encode import build
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation.baselines import train_single_lora
 from safemoe_jax.evaluation.benchmarks import collect_benchmarks
 from safemoe_jax.evaluation.cache import JsonlCache
+from safemoe_jax.io import jsonio
 from safemoe_jax.evaluation.config import EvalConfig
 from safemoe_jax.evaluation.experiment_results import (ExperimentError, _gkey, choose,
                                                        format_table, negation_name, plot, summarize,
@@ -106,6 +108,10 @@ class ExperimentConfig:
       raise C.ConfigError(f"unknown baselines {unknown}")
     if self.n_harmful <= 0 or self.n_benign < 0:
       raise C.ConfigError("n_harmful must be > 0 and n_benign >= 0")
+    numbers.check(self, {"max_new_tokens": numbers.Range(1), "batch_size": numbers.Range(1),
+                         "n_boot": numbers.Range(1), "negation_grid": numbers.POSITIVE,
+                         "max_degenerate_over_base": numbers.ANY,
+                         "max_over_refusal_over_base": numbers.ANY})
 
 
 def half_of(text: str, salt: str) -> str:
@@ -180,7 +186,7 @@ def systems_of_half(xcfg: ExperimentConfig) -> tuple[dict, tuple[str, ...]]:
   if not f.exists():
     raise ExperimentError(f"the test half reports the variant chosen on the validation half: "
                           f"run with half=validation first ({f} is missing)")
-  v = json.loads(f.read_text()).get("chosen")
+  v = jsonio.read_json(f).get("chosen")
   if v is None or v not in xcfg.variants:
     raise ExperimentError(f"the validation half chose no variant of {sorted(xcfg.variants)} "
                           f"(chosen: {v}); test_variants=all reports every variant")
