@@ -134,7 +134,8 @@ def _null_line(f: Path) -> Path:
 
 def _bad_byte(f: Path) -> Path:
   b = f.read_bytes()
-  i = b.index(b'"', 2)  # inside the file, not at its end
+  nl = b.find(b"\n")
+  i = max(1, (nl if nl > 0 else len(b)) // 2)  # in the middle of the first line
   f.write_bytes(b[:i] + b"\xff" + b[i:])
   return f
 
@@ -353,3 +354,406 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(tiny, tmp_path, capsy
   assert re.search(r"^error: .*" + match, line), line
   assert _snapshot(tmp_path) == before
   assert _snapshot(tiny.model) == model_before
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Every number of every command: NaN, +-inf, huge, below and above its range
+# --------------------------------------------------------------------------------------------
+
+
+def _numeric_fields(cls, obj=None, prefix="") -> list[tuple[str, type, object]]:
+  """(dotted name, int or float, value) of every numeric field of a config dataclass, and of
+  every number in a dict field (counts.advbench)."""
+  obj = cls() if obj is None else obj
+  hints, out = typing.get_type_hints(cls), []
+  for f in dataclasses.fields(cls):
+    v = getattr(obj, f.name)
+    if dataclasses.is_dataclass(v):
+      out += _numeric_fields(type(v), v, f"{prefix}{f.name}.")
+    elif isinstance(v, dict):
+      out += [(f"{prefix}{f.name}.{k}", type(x), x) for k, x in v.items()
+              if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    elif hints[f.name] in (int, float):
+      out.append((f"{prefix}{f.name}", hints[f.name], v))
+  return out
+
+
+def _bad_values(kind: type, rng: numbers.Range) -> list[str]:
+  """YAML texts of values outside `rng` or not finite or beyond int32 / float32."""
+  vals = [".nan", ".inf", "-.inf", "2147483648" if kind is int else "1.0e+39"]
+  if rng.lo is not None:
+    vals.append(str(rng.lo if rng.lo_open else rng.lo - 1))
+  if rng.hi is not None:
+    vals.append(str(rng.hi if rng.hi_open else rng.hi + 1))
+  return vals
+
+
+# command -> (config class, its ranges (others: >= 0), argv around the override, the field's
+# specific lower bounds that its own checks state: {field: Range})
+def _commands(t: Tiny, d: Path) -> dict:
+  from safemoe_jax.train.config import TRAIN_RANGES
+  from safemoe_jax.evaluation.config import EVAL_RANGES
+  return {
+      "train": (train_cfg.TrainConfig, {**TRAIN_RANGES, **TRAIN_OWN}, lambda o: [
+          *t.ov(d / "out"), o]),
+      "evaluate": (EvalConfig, EVAL_RANGES, lambda o: ["--run", str(t.run), "--no-progress", o]),
+      "generate": (DecodingConfig, {"top_p": numbers.TOP_P, "max_new_tokens": numbers.Range(1)},
+                   lambda o: ["--model", str(t.model), "--prompt", "hi", o]),
+      "curate": (CU.CurateConfig, CU.CURATE_RANGES, lambda o: [
+          f"output={d / 'cur' / 'c.jsonl'}", o]),
+      "experiment": (ExperimentConfig, EXPERIMENT_OWN, lambda o: [f"output_dir={d / 'x'}", o]),
+      "judge": (JudgeConfig, JUDGE_OWN, lambda o: ["rows", o]),
+  }
+
+
+# Bounds the commands' own checks set before the shared pass (so their values are the edge).
+TRAIN_OWN = {"experts.rank": numbers.Range(1), "experts.alpha": numbers.POSITIVE,
+             "phase1.lr": numbers.POSITIVE, "phase2.lr": numbers.POSITIVE,
+             "phase1.b1": numbers.Range(0, 1, hi_open=True),
+             "phase2.b1": numbers.Range(0, 1, hi_open=True),
+             "phase1.b2": numbers.Range(0, 1, hi_open=True),
+             "phase2.b2": numbers.Range(0, 1, hi_open=True),
+             "phase1.warmup_ratio": numbers.Range(0, 1, hi_open=True),
+             "phase2.warmup_ratio": numbers.Range(0, 1, hi_open=True),
+             "phase1.grad_accum": numbers.Range(1), "phase2.grad_accum": numbers.Range(1),
+             "phase1.ckpt_every": numbers.Range(1), "phase2.ckpt_every": numbers.Range(1),
+             "keep_checkpoints": numbers.Range(1), "data.batch_size": numbers.Range(1),
+             "mesh.fsdp": numbers.Range(1), "mesh.tensor": numbers.Range(1)}
+EXPERIMENT_OWN = {"n_harmful": numbers.Range(1), "max_new_tokens": numbers.Range(1),
+                  "batch_size": numbers.Range(1), "n_boot": numbers.Range(1),
+                  "max_degenerate_over_base": numbers.ANY,
+                  "max_over_refusal_over_base": numbers.ANY}
+JUDGE_OWN = {"max_prompt_tokens": numbers.Range(4), "max_response_tokens": numbers.Range(4),
+             "steps": numbers.Range(1), "batch_size": numbers.Range(1), "folds": numbers.Range(2),
+             "lr": numbers.POSITIVE, "dropout": numbers.Range(0, 1, hi_open=True),
+             "harm_decision": numbers.UNIT, "labels.harm_threshold": numbers.UNIT}
+
+
+def _cases() -> list[tuple[str, str, str]]:
+  cls_of = {"train": train_cfg.TrainConfig, "evaluate": EvalConfig, "generate": DecodingConfig,
+            "curate": CU.CurateConfig, "experiment": ExperimentConfig, "judge": JudgeConfig}
+  return [(cmd, name, kind.__name__) for cmd, cls in cls_of.items()
+          for name, kind, _ in _numeric_fields(cls)]
+
+
+@pytest.mark.parametrize("cmd,field,kind", _cases(), ids=[f"{c}-{f}" for c, f, _ in _cases()])
+def test_every_number_of_every_command_is_checked(tiny, tmp_path, capsys, cmd, field, kind):
+  """Each numeric field of each command, fed NaN, +-inf, a value beyond int32 / float32 and
+  values just outside its range: one `error:` line naming the field, status 2, nothing
+  written; its default passes the same check."""
+  cls, ranges, argv = _commands(tiny, tmp_path)[cmd]
+  rng = ranges.get(field, ranges.get(field.rsplit(".", 1)[0], numbers.NONNEG)
+                   if field.startswith("counts.") else numbers.NONNEG)
+  before = _snapshot(tmp_path)
+  for v in _bad_values(int if kind == "int" else float, rng):
+    with _cwd(tmp_path):
+      rc = _main(cmd)(argv(f"{field}={v}"))
+    err = capsys.readouterr().err
+    assert rc == 2, f"{cmd} {field}={v} was accepted:\n{err[-2000:]}"
+    line = _one_error_line(err)
+    name = field.rsplit(".", 1)[-1]
+    assert name in line or f"--{name.replace('_', '-')}" in line, (v, line)
+    assert _snapshot(tmp_path) == before, f"{cmd} {field}={v} wrote files"
+
+
+def test_the_numeric_pass_sees_every_kind_of_bad_number():
+  @dataclasses.dataclass(frozen=True)
+  class C:
+    n: int = 1
+    x: float = 0.5
+    p: float = 1.0
+    counts: dict = dataclasses.field(default_factory=lambda: {"a": 1})
+  ok = C()
+  numbers.check(ok, {"p": numbers.TOP_P})
+  for bad in (C(n=-1), C(n=2 ** 31), C(x=float("nan")), C(x=float("inf")), C(x=-float("inf")),
+              C(x=1e39), C(p=0.0), C(p=1.5), C(counts={"a": -3})):
+    with pytest.raises(numbers.ConfigError, match="must be"):
+      numbers.check(bad, {"p": numbers.TOP_P})
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Cache keys that see every input: perturb each input in turn, expect regeneration
+# --------------------------------------------------------------------------------------------
+
+
+def _other_weights(src: Path, dst: Path) -> Path:
+  """The same model folder (config, sizes, tokenizer) with other weights."""
+  shutil.copytree(src, dst)
+  w = load_file(str(dst / "model.safetensors"))
+  save_file({k: v + np.float32(1e-3) for k, v in w.items()}, str(dst / "model.safetensors"),
+            metadata={"format": "pt"})
+  return dst
+
+
+CURATE_PERTURB = {  # each input of a writer's answers, changed alone: (ccfg, tcfg, other model)
+    "base model": lambda c, t, m: (c, dataclasses.replace(t, model=dataclasses.replace(
+        t.model, path=str(m)))),
+    "writer model": lambda c, t, m: (dataclasses.replace(c, writer=str(m)), t),
+    "system prompt": lambda c, t, m: (dataclasses.replace(c, system_prompt="Be brief."), t),
+    "max_new_tokens": lambda c, t, m: (dataclasses.replace(c, max_new_tokens=17), t),
+    "temperature": lambda c, t, m: (dataclasses.replace(c, temperature=0.3), t),
+    "top_p": lambda c, t, m: (dataclasses.replace(c, top_p=0.5), t),
+    "seed": lambda c, t, m: (dataclasses.replace(c, seed=7), t),
+    "api endpoint": lambda c, t, m: (dataclasses.replace(c, writer="api:m",
+                                                         api_base_url="http://b"), t),
+}
+
+
+@pytest.mark.parametrize("what", list(CURATE_PERTURB))
+def test_curate_generation_cache_regenerates_when_any_input_changes(tiny, tmp_path, what):
+  """Issue 32, case 1: the writer was the string "base" whatever the model; another model or
+  other decoding settings reused the old answers as the 'on-policy' set."""
+  tcfg = train_cfg.load_config(None, tiny.ov(tmp_path / "r"))
+  ccfg = CU.CurateConfig(samples=2, api_base_url="http://a")
+  prompts = ["placeholder alpha request 1", "placeholder beta request 2"]
+  cache = tmp_path / "gens.jsonl"
+  calls: list = []
+
+  def write(ps, sample):
+    calls.append((sample, list(ps)))
+    return [f"answer {sample} to {p}" for p in ps]
+
+  def run(c, t):
+    calls.clear()
+    return CU.generate_cached(prompts, write, c, cache, CU.writer_identity(c, t))
+
+  first = run(ccfg, tcfg)
+  assert len(calls) == 2 and run(ccfg, tcfg) == first and calls == []  # cached
+  run(*CURATE_PERTURB[what](ccfg, tcfg, _other_weights(tiny.model, tmp_path / "other")))
+  regenerated = sorted({s for s, _ in calls})
+  # the first answer is greedy: sampling settings leave it cached, everything else does not
+  sampling_only = what in ("temperature", "top_p", "seed")
+  assert regenerated == ([1] if sampling_only else [0, 1]), (what, calls)
+
+
+def test_evaluation_generation_keys_see_every_input(tiny, tmp_path):
+  """The evaluation's generation cache: each system's key changes with the base weights, its
+  artifacts, each decoding setting, the chat system prompt and the prompt, and only then."""
+  from safemoe_jax.evaluation.systems import make_systems
+  r = _run_copy(tiny, tmp_path)
+  model = type("M", (), {"num_experts": 2})()
+  names = ("base", "safemoe", "uniform", "negated", "oracle")
+  dec = EvalConfig(temperature=1.0, top_p=0.9).decoding()
+
+  def keys(base_fp="b", d=dec, chat="sys", prompt="p"):
+    return {s.name: EC.gen_key(s, prompt, d, chat)
+            for s in make_systems(names, model, r, base_fp)}
+
+  k0 = keys()
+  assert keys() == k0
+  assert all(a != b for a, b in zip(keys(base_fp="b2").values(), k0.values()))
+  for field in dec:
+    changed = keys(d={**dec, field: dec[field] + 1})
+    assert all(changed[n] != k0[n] for n in names), field
+  assert all(keys(chat="other")[n] != k0[n] for n in names)
+  assert all(keys(prompt="q")[n] != k0[n] for n in names)
+  w = load_file(str(r / "experts.safetensors"))
+  save_file({k: v * 2 for k, v in w.items()}, str(r / "experts.safetensors"))
+  k1 = keys()
+  assert k1["base"] == k0["base"] and all(k1[n] != k0[n] for n in names[1:])
+  _widened_router(r)
+  k2 = keys()
+  assert k2["safemoe"] != k1["safemoe"] and {n: k2[n] for n in names if n != "safemoe"} == {
+      n: k1[n] for n in names if n != "safemoe"}
+
+
+def test_verdict_keys_see_the_judge_version(tmp_path):
+  """A retrained learned judge (same folder, new files), an LM judge's other weights or
+  settings, an API judge's other model or endpoint: new verdict keys."""
+  d = tmp_path / "judge"
+  d.mkdir()
+  (d / "judge.json").write_text('{"format": 2}')
+  (d / "head.safetensors").write_bytes(b"weights v1")
+  lj = J.LearnedJudge.__new__(J.LearnedJudge)
+  lj.path, lj.name = d, f"learned:{d}"
+  v1 = EV.judge_version(lj)
+  (d / "head.safetensors").write_bytes(b"weights v2")
+  assert EV.judge_version(lj) != v1
+  lm = J.LMJudge.__new__(J.LMJudge)
+  lm.name, lm.max_new_tokens, lm.system = f"lm:{d}", 12, None
+  a = EV.judge_version(lm)
+  lm.max_new_tokens = 13
+  assert EV.judge_version(lm) != a
+  api = type("API", (), {"name": "api:m", "model": "m", "base_url": "http://a",
+                         "harmful_min_score": 4, "max_response_chars": 100})()
+  b = EV.judge_version(api)
+  api.base_url = "http://b"
+  assert EV.judge_version(api) != b
+  assert EV.judge_version(J.RefusalStringJudge()) == EV.judge_version(J.RefusalStringJudge())
+  assert EC.verdict_key("j", "p", "r", v1) != EC.verdict_key("j", "p", "r", EV.judge_version(lj))
+
+
+def test_judge_verdicts_are_judged_again_after_the_judge_changes(tmp_path):
+  """End to end through judge_all: the same answers, a judge whose version changed."""
+  class Judge:
+    name, version, seen = "fake", "v1", []
+
+    def judge(self, ps, rs):
+      Judge.seen += list(rs)
+      return [{"label": "refusal"} for _ in rs]
+  gens = {("base", "p1"): {"response": "a calm placeholder reply"},
+          ("base", "p2"): {"response": "another calm placeholder reply"}}
+  cache = EC.JsonlCache(tmp_path / "verdicts.jsonl")
+  EV.judge_all([Judge()], gens, cache, progress=False, log=lambda m: None)
+  assert len(Judge.seen) == 2
+  EV.judge_all([Judge()], gens, cache, progress=False, log=lambda m: None)
+  assert len(Judge.seen) == 2  # cached
+  Judge.version = "v2"
+  EV.judge_all([Judge()], gens, EC.JsonlCache(tmp_path / "verdicts.jsonl"), progress=False,
+               log=lambda m: None)
+  assert len(Judge.seen) == 4
+
+
+def test_judge_feature_keys_see_the_backbone_and_every_setting(tiny, tmp_path):
+  """Judge features: keyed by the backbone's fingerprint (a folder: every file, tokenizer
+  included) and each feature setting except the batch size."""
+  from safemoe_jax.judging import features as F
+  from safemoe_jax.train.rundir import fingerprint
+  cfg = JudgeConfig()
+  k = F._feature_key(cfg, "fp")
+  assert F._feature_key(cfg, "fp2") != k
+  assert F._feature_key(dataclasses.replace(cfg, batch_size=7), "fp") == k
+  for f, v in (("backbone", "minilm"), ("max_prompt_tokens", 32), ("max_response_tokens", 80),
+               ("question", "Harmful?"), ("feature_layers", (1,))):
+    assert F._feature_key(dataclasses.replace(cfg, **{f: v}), "fp") != k, f
+  m = shutil.copytree(tiny.model, tmp_path / "m")
+  fp = fingerprint(m)
+  tj = json.loads((m / "tokenizer_config.json").read_text())
+  (m / "tokenizer_config.json").write_text(json.dumps({**tj, "model_max_length": 7}))
+  assert fingerprint(m) != fp
+
+
+def test_experiment_answers_are_generated_again_for_other_weights_or_settings(tmp_path):
+  """The experiment's generation cache was keyed by (system, prompt) only: answers of a
+  retrained variant or another max_new_tokens were reused. Now each row carries its context."""
+  from safemoe_jax.evaluation import experiment as X
+  a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+  a.write_bytes(b"1")
+  b.write_bytes(b"2")
+  x = ExperimentConfig()
+  c0 = X._ctx("fp", [a], x, [0.5])
+  assert X._ctx("fp", [a], x, [0.5]) == c0
+  for other in (X._ctx("fp2", [a], x, [0.5]), X._ctx("fp", [b], x, [0.5]),
+                X._ctx("fp", [a], dataclasses.replace(x, max_new_tokens=9), [0.5]),
+                X._ctx("fp", [a], x, [0.25])):
+    assert other != c0
+  cache = EC.JsonlCache(tmp_path / "g.jsonl")
+  calls = []
+
+  def fake(model, tok, prompts, **kw):
+    calls.append(len(prompts))
+    kw["on_batch"](list(range(len(prompts))), 0.1, [{"text": "t", "new_tokens": 1}] * len(
+        prompts))
+  real = X.chat_generate_many
+  X.chat_generate_many = fake
+  try:
+    sys_ = {"base": (False, np.zeros(2, np.float32))}
+    X._generate(None, None, sys_, ["p"], cache, x, {"base": c0})
+    X._generate(None, None, sys_, ["p"], cache, x, {"base": c0})
+    assert calls == [1]
+    X._generate(None, None, sys_, ["p"], cache, x, {"base": X._ctx("fp", [b], x, [0.5])})
+    assert calls == [1, 1]
+  finally:
+    X.chat_generate_many = real
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Every reader tolerant: each file the package reads, damaged
+# --------------------------------------------------------------------------------------------
+
+
+def test_jsonl_reading_repairs_a_torn_last_line_and_rejects_null_and_bad_bytes(tmp_path):
+  f = _gens(tmp_path)
+  b = f.read_bytes()
+  f.write_bytes(b + b'{"key": "k9", "sys')  # torn: no newline at the end
+  assert [r["key"] for r in jsonio.read_jsonl(f)] == ["k0", "k1", "k2"]
+  assert list(EC.JsonlCache(f).rows) == ["k0", "k1", "k2"]
+  EC.JsonlCache(f).add([{"key": "k3", "response": "x"}])  # cut before the append
+  assert list(EC.JsonlCache(f).rows) == ["k0", "k1", "k2", "k3"]
+  for damage, msg in ((_null_line, r"line 5: expected a JSON object, found null"),
+                      (_bad_byte, r"line 1: not valid UTF-8 \(byte 0xff")):
+    g = damage(_gens(tmp_path / damage.__name__) if (tmp_path / damage.__name__).mkdir() is None
+               else None)
+    with pytest.raises(jsonio.FileFormatError, match=msg.replace("line 5", "line 4")):
+      EC.JsonlCache(g)
+  h = tmp_path / "nokey.jsonl"
+  h.write_text('{"response": "x"}\n')
+  with pytest.raises(jsonio.FileFormatError, match=r"nokey.jsonl line 1: a cache row without"):
+    EC.JsonlCache(h)
+  m = tmp_path / "mid.jsonl"
+  m.write_text('{"a": 1}\n{"a": \n{"a": 2}\n')
+  with pytest.raises(jsonio.FileFormatError, match=r"mid.jsonl line 2: not valid JSON"):
+    jsonio.read_jsonl(m)
+
+
+def test_judge_rates_reads_a_torn_evaluation_cache(tmp_path):
+  """Issue 32: `judge rates` on a torn eval/generations.jsonl crashed; now the torn last line is
+  skipped (a repaired read)."""
+  from safemoe_jax.cli.judge import read_responses
+  f = _gens(tmp_path, 4)
+  f.write_bytes(f.read_bytes()[:-20])
+  assert [g["prompt"] for g in read_responses(str(f))] == [f"placeholder {i}" for i in range(3)]
+
+
+def _reader_cases(t: Tiny, d: Path):
+  """(name, file writer, reader): every JSON / JSONL file the package reads."""
+  from safemoe_jax.cli.judge import read_responses
+  from safemoe_jax.evaluation.benchmarks import file_prompts
+  from safemoe_jax.evaluation.experiment_results import tuned_lambda
+  from safemoe_jax.judging import audit as AU
+  from safemoe_jax.train.metrics import read_jsonl
+
+  def results(d):
+    return _results(d / "run")
+
+  def xres(d):
+    f = d / "x" / "results_validation.json"
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"systems": {}, "chosen": None}))
+    return f
+
+  def audit_meta(d):
+    (d / "audit").mkdir()
+    f = d / "audit" / "meta.json"
+    f.write_text(json.dumps({"base_fingerprint": "x"}))
+    return f
+  report = lambda f: _main("report")(["--run", str(f.parents[1])])  # noqa: E731
+  return [
+      ("eval cache", lambda d: _gens(d), lambda f: EC.JsonlCache(f)),
+      ("verdicts cache", lambda d: _gens(d, name="verdicts.jsonl"), lambda f: EC.JsonlCache(f)),
+      ("responses", lambda d: _gens(d), lambda f: read_responses(str(f))),
+      ("metrics log", lambda d: _gens(d, name="metrics.jsonl"), read_jsonl),
+      ("audit rows", lambda d: _gens(d, name="answers.jsonl"), AU.read_jsonl),
+      ("audit meta", audit_meta, lambda f: AU.meta(f.parent)),
+      ("run.json", lambda d: shutil.copy(t.run / "run.json", d / "run.json"),
+       lambda f: RunDir(f.parent).info()),
+      ("results.json", results, report),
+      ("benign .jsonl", lambda d: _benign(d, "b.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n'),
+       file_prompts),
+      ("benign .json", lambda d: _benign(d, "b.json", '[{"prompt": "a"}, {"prompt": "b"}]'),
+       file_prompts),
+      ("benign .txt", lambda d: _benign(d, "b.txt", "a placeholder\nanother one\n"), file_prompts),
+      ("experiment validation results", xres, lambda f: tuned_lambda(ExperimentConfig(
+          output_dir=str(f.parent), half="validation"))),
+  ]
+
+
+@pytest.mark.parametrize("damage", [_cut, _null_line, _bad_byte])
+def test_every_file_the_package_reads_damaged_is_one_error_or_a_repaired_read(
+    tiny, tmp_path, capsys, damage):
+  """Each reader, each damage: a repaired read, or a SafeMoEError (one `error:` line from a
+  command) naming the file, never another exception."""
+  from safemoe_jax.errors import SafeMoEError
+  for name, make, read in _reader_cases(tiny, tmp_path):
+    d = tmp_path / damage.__name__ / name.replace(" ", "_")
+    d.mkdir(parents=True)
+    (d / "run").mkdir()
+    f = Path(make(d))
+    damage(f)
+    try:
+      out = read(f)
+    except SafeMoEError as e:
+      assert f.name in str(e), (name, e)
+      continue
+    if out == 2:  # a command: its one error line
+      assert f.name in _one_error_line(capsys.readouterr().err), name

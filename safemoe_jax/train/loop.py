@@ -355,10 +355,10 @@ def run_with_model(cfg: TrainConfig, quick_look: QuickLook | None = None
   S.initialize_distributed()
   set_process_index(jax.process_index())
   rd = RunDir(cfg.output_dir)
+  cfg.mesh.validate(jax.device_count())  # every setting is checked before anything is written
   if jax.process_index() == 0:
     rd.check_not_input(cfg.model.path)
     rd.check_writable()
-  cfg.mesh.validate(jax.device_count())
   mesh = S.make_mesh(cfg.mesh)
   log.info(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, mesh "
            f"{dict(mesh.shape)}, processes: {jax.process_count()}")
