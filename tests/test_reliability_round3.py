@@ -757,3 +757,93 @@ def test_every_file_the_package_reads_damaged_is_one_error_or_a_repaired_read(
       continue
     if out == 2:  # a command: its one error line
       assert f.name in _one_error_line(capsys.readouterr().err), name
+
+
+# --------------------------------------------------------------------------------------------
+# 4. No output onto an input; whole files written atomically
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_second_evaluate_on_a_run_is_refused_while_one_holds_its_lock(tiny, tmp_path, capsys):
+  """Issue 32: two evaluates on one run both trained the SFT baseline, and the cache ended with
+  rows keyed to an sft_lora file that was then overwritten. evaluate holds the run's lock while
+  it trains and writes."""
+  r = _run_copy(tiny, tmp_path)
+  held = _hold_lock(r)
+  try:
+    before = _snapshot(r)
+    assert _main(E)(["--run", str(r), "--no-progress", "--systems", "base,sft",
+                     "--max-new-tokens", "4"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert re.search(r"output_dir \S+run is in use by another trainer \(evaluate pid \d+", line)
+    assert _snapshot(r) == before and not (r / "sft_lora.safetensors").exists()
+  finally:
+    held.release()
+
+
+def test_export_reserves_its_own_file_names_from_expert_names(tiny, tmp_path):
+  """Issue 32: an expert named README.md collided with export's model card and stopped the
+  export half-way. Export's own names (any case) are never an adapter folder."""
+  from safemoe_jax.tools.export import peft as EP
+  names = ["README.md", "router", "Router.json", "router.safetensors", ".safemoe-export", "ok"]
+  folders = EP._folder_names(names)
+  taken = {n.lower() for n in ("README.md", "router.json", "router.safetensors", "router",
+                               ".safemoe-export")}
+  assert len(set(folders)) == len(folders) and not {f.lower() for f in folders} & taken
+  r = write_run(tiny.model, tiny.data, tmp_path / "run", domains=("README.md", "router.json"))
+  out = tmp_path / "peft"
+  assert _main(EXPORT)(["peft", "--run", str(r), "--out", str(out)]) == 0
+  assert (out / "README.md").is_file() and (out / "router.json").is_file()
+  assert (out / "README.md_" / "adapter_model.safetensors").is_file()
+  assert (out / "router.json_" / "adapter_config.json").is_file()
+
+
+def test_export_may_write_again_where_it_wrote_and_with_overwrite_into_a_user_folder(
+    tiny, tmp_path, capsys):
+  r = _run_copy(tiny, tmp_path)
+  out = tmp_path / "peft"
+  for _ in range(2):  # its own folder again: allowed
+    assert _main(EXPORT)(["peft", "--run", str(r), "--out", str(out)]) == 0
+  mine = _user_folder(tmp_path)
+  assert _main(EXPORT)(["peft", "--run", str(r), "--out", str(mine)]) == 2
+  assert (mine / "README.md").read_text() == "my own notes\n"
+  assert _main(EXPORT)(["peft", "--run", str(r), "--out", str(mine), "--overwrite"]) == 0
+  assert (mine / "README.md").read_text().startswith("---")
+  # --overwrite never makes an input an output
+  assert _main(EXPORT)(["peft", "--run", str(r), "--out", str(r), "--overwrite"]) == 2
+  assert _main(EXPORT)(["peft", "--run", str(r), "--out", str(tiny.model), "--overwrite"]) == 2
+  capsys.readouterr()
+
+
+def test_a_failed_whole_file_write_leaves_the_old_file_and_no_temporary(tmp_path):
+  f = tmp_path / "results.json"
+  jsonio.write_json_atomic(f, {"v": 1})
+
+  class Boom:
+    pass
+  with pytest.raises(TypeError):
+    jsonio.write_json_atomic(f, {"v": 2, "x": Boom()}, default=None)
+  assert json.loads(f.read_text()) == {"v": 1}
+  real = Path.write_text
+
+  def half(self, text, *a, **k):  # the disk fills in the middle of the write
+    real(self, text[: len(text) // 2], *a, **k)
+    raise OSError(28, "No space left on device")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(Path, "write_text", half)
+    with pytest.raises(OSError):
+      jsonio.write_json_atomic(f, {"v": 3, "pad": "x" * 100})
+  assert json.loads(f.read_text()) == {"v": 1}
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_export_files_are_written_through_the_atomic_writer(tiny, tmp_path, monkeypatch):
+  """The export's JSON and cards: each through jsonio.write_text_atomic, never a plain
+  write_text of the final name."""
+  seen = []
+  real = jsonio.write_text_atomic
+  monkeypatch.setattr(jsonio, "write_text_atomic", lambda p, t: seen.append(Path(p).name) or
+                      real(p, t))
+  r = _run_copy(tiny, tmp_path)
+  assert _main(EXPORT)(["peft", "--run", str(r), "--out", str(tmp_path / "peft")]) == 0
+  assert {"README.md", "router.json", "adapter_config.json"} <= set(seen)

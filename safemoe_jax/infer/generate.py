@@ -388,5 +388,6 @@ class DecodingConfig:
       raise GenerateError(f"--top-p must be in (0, 1] and --temperature >= 0, got {self.top_p} "
                           f"and {self.temperature}")
     numbers.check(self, {"top_p": numbers.TOP_P, "max_new_tokens": numbers.Range(1)},
-                  GenerateError, names={"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
-                         "top_p": "--top-p", "seed": "--seed"})
+                  GenerateError, names={"max_new_tokens": "--max-new-tokens",
+                                        "temperature": "--temperature", "top_p": "--top-p",
+                                        "seed": "--seed"})

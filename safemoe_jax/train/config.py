@@ -82,7 +82,8 @@ class ResumeConfig:
 
 # The trainer's numbers that may be negative or are bounded above; every other one: finite and
 # >= 0 (core/numbers.py), after the specific checks above.
-TRAIN_RANGES = {"mesh.data": numbers.Range(-1), "experts.dropout": numbers.Range(0, 1, hi_open=True),
+TRAIN_RANGES = {"mesh.data": numbers.Range(-1),
+                "experts.dropout": numbers.Range(0, 1, hi_open=True),
                 "router.temperature": numbers.POSITIVE, "data.split.judge": numbers.UNIT,
                 "data.split.eval": numbers.UNIT, "data.split.validation": numbers.UNIT,
                 "data.harmful_min_score": numbers.ANY, "data.safe_max_score": numbers.ANY}

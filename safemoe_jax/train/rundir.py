@@ -120,7 +120,8 @@ class RunLock:
                         f"logs. Wait for it to finish (or stop it), or use another "
                         f"output_dir") from None
     os.ftruncate(self.fd, 0)
-    os.pwrite(self.fd, f"{'' if who == 'trainer' else who + ' '}pid {os.getpid()} on {socket.gethostname()}, since "
+    os.pwrite(self.fd, f"{'' if who == 'trainer' else who + ' '}pid {os.getpid()} on "
+                       f"{socket.gethostname()}, since "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
 
   def release(self) -> None:
