@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +24,7 @@ from safemoe_jax.cli import args
 from safemoe_jax.core.config import to_dict
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation import stats as rt
+from safemoe_jax.io import jsonio
 from safemoe_jax.judging import learned
 from safemoe_jax.judging.features import backbone, features
 from safemoe_jax.judging import audit as AU
@@ -98,18 +98,31 @@ def rates_source(run: str, responses: str) -> tuple[str, str | None]:
   return responses or str(Path(run) / "eval" / "generations.jsonl"), fp
 
 
+def read_responses(responses: str) -> list[dict]:
+  """The rows of a responses file (jsonio: a torn last line is skipped); a row without a
+  'prompt' or 'response' string is an error naming the file and line."""
+  if not responses or not Path(responses).is_file():
+    raise JudgeError(f"rates needs --responses FILE.jsonl with system, prompt, response fields; "
+                     f"got {responses!r}")
+  gens = []
+  for n, g in jsonio.jsonl_rows(jsonio.read_text(responses), responses):
+    if bad := [k for k in ("prompt", "response") if not isinstance(g.get(k), str)]:
+      raise JudgeError(f"{responses} line {n}: {bad[0]!r} is "
+                       f"{'missing' if bad[0] not in g else repr(g[bad[0]])}; expected lines "
+                       f"with 'prompt' and 'response' strings (and 'system')")
+    gens.append(g)
+  if not gens:
+    raise JudgeError(f"{responses}: expected lines with 'prompt' and 'response' (and 'system')")
+  return gens
+
+
 def judged_rates(j, v: dict, responses: str, base_fingerprint: str | None = None,
                  audit: dict | None = None) -> dict:
   """Judge every (system, prompt, response) of a jsonl file; print raw and corrected rates.
   Corrected with the judge's audit test-half figures (`audit` when the caller has them, else
   stored or measured now) when base_fingerprint is the audited model's (audit.is_audited, as
   the evaluation decides), else with `v` (pyrit's held-out rows)."""
-  if not responses or not Path(responses).is_file():
-    raise JudgeError(f"rates needs --responses FILE.jsonl with system, prompt, response fields; "
-                     f"got {responses!r}")
-  gens = [json.loads(x) for x in Path(responses).read_text().splitlines() if x.strip()]
-  if not gens or any(k not in gens[0] for k in ("prompt", "response")):
-    raise JudgeError(f"{responses}: expected lines with 'prompt' and 'response' (and 'system')")
+  gens = read_responses(responses)
   trained = getattr(j, "trained_on", lambda p: False)
   skipped = sum(bool(trained(g["prompt"])) for g in gens)
   gens = [g for g in gens if not trained(g["prompt"])]
@@ -153,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if a.print_config:
     return args.print_config(cfg)
   res: dict[str, Any] = {"config": to_dict(cfg), "protocol": a.protocol}
+  if a.command == "rates":  # a bad responses file fails before any judge is loaded
+    read_responses(rates_source(a.run, a.responses)[0])
   if a.command in ("validate", "rates"):
     res["validation"], res["rates"] = {}, {}
     for spec in a.judge or ["learned"]:
@@ -247,5 +262,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                  audit_cv=meta.get("audit_cv"))
   if a.json:
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(res, indent=1, default=json_default))
+    jsonio.write_json_atomic(a.json, res, default=json_default)
   return 0

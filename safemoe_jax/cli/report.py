@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Sequence
 
 from safemoe_jax import errors
 from safemoe_jax.evaluation.config import EvalError
 from safemoe_jax.evaluation.report import write_report
+from safemoe_jax.io import jsonio
 from safemoe_jax.train.rundir import RunDir
 
 
@@ -21,5 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   f = RunDir(a.run).eval_dir / "results.json"
   if not f.exists():
     raise EvalError(f"{f} does not exist; run `python -m safemoe_jax.evaluate --run {a.run}`")
-  print(write_report(json.loads(f.read_text()), f.parent))
+  res = jsonio.read_json(f)
+  if missing := [k for k in ("systems", "benchmarks") if k not in res]:
+    raise EvalError(f"{f} has no {missing}: not an evaluation's results.json; run `python -m "
+                    f"safemoe_jax.evaluate --run {a.run}` again")
+  print(write_report(res, f.parent))
   return 0

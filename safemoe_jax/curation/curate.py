@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safemoe_jax.core import config as C
+from safemoe_jax.core import numbers
 from safemoe_jax.data.card import write_safe_informative
 from safemoe_jax.data.config import SAFETY_SYSTEM
 from safemoe_jax.data.select import DataSets, build_sets
@@ -49,17 +50,25 @@ from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.evaluation.cache import JsonlCache
 from safemoe_jax.infer.generate import chat_generate_many
+from safemoe_jax.io import assets, hub, jsonio
 from safemoe_jax.io import base as B
 from safemoe_jax.judging import bert as bt
 from safemoe_jax.judging.features import minilm_dir
 from safemoe_jax.judging.labels import is_degenerate, is_refusal
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import TrainConfig, load_config
+from safemoe_jax.train.rundir import fingerprint
 
 log = get_logger(__name__)
 
 class CurateError(SafeMoEError, ValueError):
   """The curated set cannot be built as configured."""
+
+
+# Every other number of CurateConfig: finite and >= 0 (core/numbers.py).
+CURATE_RANGES = {"top_p": numbers.TOP_P, "per_prompt": numbers.Range(1),
+                 "max_new_tokens": numbers.Range(1), "batch_size": numbers.Range(1),
+                 "on_topic_percentile": numbers.Range(0, 100, hi_open=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +104,7 @@ class CurateConfig:
       raise C.ConfigError("writer=api:MODEL needs api_base_url (an OpenAI-compatible /v1 URL)")
     if not self.samples and not self.human_strict:
       raise C.ConfigError("nothing to curate: samples=0 and human_strict=false")
+    numbers.check(self, CURATE_RANGES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,8 +190,7 @@ def api_writer(ccfg: CurateConfig, post=None) -> Writer:
                                system=ccfg.system_prompt,
                                temperature=0.0 if sample == 0 else ccfg.temperature,
                                max_tokens=ccfg.max_new_tokens, post=post)
-      got = {prompt_key(r["prompt"]): r["response"]
-             for r in map(json.loads, f.read_text().splitlines())}
+      got = {prompt_key(r["prompt"]): r["response"] for r in jsonio.read_jsonl(f)}
     return [got[prompt_key(p)] for p in prompts]
   return write
 
@@ -215,13 +224,54 @@ def training_prompts(sets: DataSets, max_prompts: int = 0) -> dict[str, list[str
   return {p: sorted(doms[p]) for p in order}
 
 
+def model_fingerprint(spec: str, revision: str = "") -> str:
+  """What a writer model's answers depend on: the sha256 / folder fingerprint of its weights
+  (train/rundir.py's, the one a run records), a shipped model's pinned sha256, or a Hub id at its
+  revision ("" = the embedded default)."""
+  if not spec:
+    return assets.SMOLLM2_GGUF_SHA256
+  if spec in assets.EMBEDDED_MODELS and not Path(spec).exists():
+    return next(sha for n, sha, _ in assets._SHIPPED if n == spec)
+  if Path(spec).exists():
+    return fingerprint(Path(spec))
+  if hub.is_hub_id(spec):
+    return f"hub:{spec}@{revision or 'main'}"
+  raise CurateError(f"writer model {spec!r} does not exist (an HF folder, a .gguf file, a "
+                    f"Hub id or one of {sorted(assets.EMBEDDED_MODELS)})")
+
+
+def writer_identity(ccfg: CurateConfig, tcfg: TrainConfig) -> dict[str, Any]:
+  """Everything a writer's answers depend on except the prompt and the sample: the model (its
+  weights' fingerprint) or API endpoint, the system prompt and the decoding settings."""
+  if ccfg.writer.startswith("api:"):
+    who = {"api": ccfg.writer[4:], "base_url": ccfg.api_base_url}
+  elif ccfg.writer == "base":
+    who = {"model": model_fingerprint(tcfg.model.path, tcfg.model.revision)}
+  else:
+    who = {"model": model_fingerprint(ccfg.writer)}
+  return {**who, "system_prompt": ccfg.system_prompt, "max_new_tokens": ccfg.max_new_tokens,
+          "temperature": ccfg.temperature, "top_p": ccfg.top_p, "seed": ccfg.seed}
+
+
+def sample_key(ident: dict[str, Any], sample: int, prompt: str) -> str:
+  """The cache key of one answer: the first sample is greedy, so sampling settings do not
+  change it (a new temperature keeps the greedy answers)."""
+  d = dict(ident)
+  if sample == 0:
+    d.update(temperature=0.0, top_p=1.0, seed=0)
+  else:
+    d["seed"] = ident["seed"] + sample
+  return hashlib.sha256(json.dumps([d, sample, prompt], sort_keys=True).encode()).hexdigest()
+
+
 def generate_cached(prompts: Sequence[str], write: Writer, ccfg: CurateConfig, cache: Path,
-                    ) -> dict[tuple[int, str], str]:
-  """{(sample, prompt): answer}; what is already in `cache` (for this writer and system prompt)
-  is not generated again, and each chunk is appended as soon as it is written (an interruption
-  loses at most one chunk; evaluation.cache.JsonlCache cuts a torn last line)."""
+                    ident: dict[str, Any]) -> dict[tuple[int, str], str]:
+  """{(sample, prompt): answer}; what is already in `cache` for this writer identity (its
+  weights, system prompt and decoding: `writer_identity`) is not generated again, and each chunk
+  is appended as soon as it is written (an interruption loses at most one chunk;
+  evaluation.cache.JsonlCache cuts a torn last line)."""
   store = JsonlCache(cache)
-  key = lambda s, p: json.dumps([ccfg.writer, ccfg.system_prompt, s, p])
+  key = lambda s, p: sample_key(ident, s, p)  # noqa: E731
   chunk = max(ccfg.batch_size * 2, 1)
   for s in range(ccfg.samples):
     todo = [p for p in prompts if key(s, p) not in store]
@@ -240,6 +290,7 @@ def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
   """Builds ccfg.output (+ .card.json, .card.txt); returns the card."""
   ccfg.validate()
   tcfg = _train_cfg(ccfg)
+  ident = writer_identity(ccfg, tcfg) if ccfg.samples else {}
   sets = build_sets(tcfg.data)
   prompts = training_prompts(sets, ccfg.max_prompts)
   if not prompts:
@@ -281,7 +332,7 @@ def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
         writer = model_writer(ccfg.writer, "", ccfg)
     out = Path(ccfg.output)
     gens = generate_cached(list(prompts), writer, ccfg,
-                           out.with_name(out.stem + ".generations.jsonl"))
+                           out.with_name(out.stem + ".generations.jsonl"), ident)
     keys = sorted(gens, key=lambda k: (k[0], list(prompts).index(k[1])))
     s = sim([k[1] for k in keys], [gens[k] for k in keys])
     per: collections.Counter = collections.Counter()
@@ -328,8 +379,9 @@ def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
           "command": "python -m safemoe_jax.curate " + " ".join(
               f"{k}={v}" for k, v in C.to_dict(ccfg).items()
               if v != getattr(CurateConfig(), k) and k != "system_prompt")}
-  out.with_suffix(".card.json").write_text(json.dumps(card, indent=1))
-  out.with_suffix(".card.txt").write_text(format_card(card) + "\n")
+  card["writer_identity"] = ident
+  jsonio.write_json_atomic(out.with_suffix(".card.json"), card, default=None)
+  jsonio.write_text_atomic(out.with_suffix(".card.txt"), format_card(card) + "\n")
   return card
 
 

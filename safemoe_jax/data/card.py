@@ -15,6 +15,7 @@ from safemoe_jax.core.config import to_dict
 from safemoe_jax.data.config import SPLITS, DataConfig, DataError, Record
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.data.select import DataSets
+from safemoe_jax.io import jsonio
 
 
 def _by_domain(records: Iterable[Record], domains: Sequence[str] | None = None) -> dict:
@@ -162,7 +163,7 @@ def write_safe_informative(prompts: Sequence[str], out_path: str | Path, *, base
   out_path = Path(out_path)
   done = set()
   if out_path.exists():
-    done = {prompt_key(json.loads(x)["prompt"]) for x in out_path.read_text().splitlines() if x}
+    done = {prompt_key(str(r.get("prompt", ""))) for r in jsonio.read_jsonl(out_path)}
   key = os.environ.get(api_key_env, "")
 
   def _post(url: str, headers: dict, payload: dict) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 
-from safemoe_jax.io import assets
+from safemoe_jax.io import assets, jsonio
 from safemoe_jax.data.config import DataConfig, DataError, Record, targets_path
 from safemoe_jax.data.sources import HubLoader, json_lines, prompt_key
 from safemoe_jax.data.records import _unit, assign_splits, load_records
@@ -85,7 +85,7 @@ def _jsonl_rows(path: str, what: str) -> list[dict]:
   if not f.is_file():
     raise DataError(f"{what} file {f} does not exist")
   rows = []
-  for n, r in json_lines(str(f), f.read_text()):
+  for n, r in json_lines(str(f), jsonio.read_text(f)):
     if not (isinstance(r, dict) and str(r.get("prompt", "")).strip()
             and str(r.get("response", "")).strip()):
       raise DataError(f"{f} line {n}: a {what} row needs non-empty 'prompt' and 'response'")

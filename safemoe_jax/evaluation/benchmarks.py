@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation.config import EvalConfig, EvalError
-from safemoe_jax.io import assets
+from safemoe_jax.io import assets, jsonio
 from safemoe_jax.io.tokenizer import apply_chat
 from safemoe_jax.judging import audit
 
@@ -59,16 +59,23 @@ def file_prompts(path: str | Path) -> list[Prompt]:
   path = Path(path)
   if not path.exists():
     raise EvalError(f"benign prompt file {path} does not exist")
-  text = path.read_text()
+  text = jsonio.read_text(path)  # not UTF-8: an error naming the line
   if path.suffix == ".txt":
     return [Prompt(l.strip()) for l in text.splitlines() if l.strip()]
-  rows = ([json.loads(l) for l in text.splitlines() if l.strip()] if path.suffix == ".jsonl"
-          else json.loads(text))
-  key = next((k for k in ("prompt", "text", "question") if rows and k in rows[0]), None)
+  if path.suffix == ".jsonl":  # a torn last line is skipped, a null row is an error
+    numbered = list(jsonio.jsonl_rows(text, str(path)))
+  else:
+    numbered = list(enumerate(jsonio.parse_json(text, str(path), list), 1))
+  key = next((k for k in ("prompt", "text", "question") if numbered and isinstance(
+      numbered[0][1], dict) and k in numbered[0][1]), None)
   if key is None:
     raise EvalError(f"{path}: rows need a 'prompt' (or 'text', 'question') field; found "
-                    f"{sorted(rows[0]) if rows else 'no rows'}")
-  return [Prompt(str(r[key]).strip()) for r in rows if str(r[key]).strip()]
+                    f"{numbered[0][1] if numbered else 'no rows'}")
+  for n, r in numbered:
+    if not isinstance(r, dict) or not isinstance(r.get(key), str):
+      raise EvalError(f"{path} {'line' if path.suffix == '.jsonl' else 'row'} {n}: expected an "
+                      f"object with a {key!r} string, found {json.dumps(r)[:60]}")
+  return [Prompt(r[key].strip()) for _, r in numbered if r[key].strip()]
 
 
 def benchmarks_from_data(data, ecfg: EvalConfig, tok=None, system: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from safemoe_jax.core import numbers
 from safemoe_jax.errors import SafeMoEError
 
 
@@ -77,3 +78,9 @@ class EvalConfig:
       raise EvalError("max_new_tokens and batch_size must be > 0")
     if not self.judges:
       raise EvalError("give at least one judge (e.g. --judge refusal_strings)")
+    numbers.check(self, EVAL_RANGES, EvalError)
+
+
+# Every other number of EvalConfig (counts too): finite and >= 0 (core/numbers.py).
+EVAL_RANGES = {"max_new_tokens": numbers.Range(1), "batch_size": numbers.Range(1),
+               "prompt_bucket": numbers.Range(1), "top_p": numbers.TOP_P}

@@ -37,6 +37,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from safemoe_jax.core import config as C
+from safemoe_jax.core import numbers
 from safemoe_jax.core.experts import ExpertParam
 from safemoe_jax.data.config import SAFETY_SYSTEM
 from safemoe_jax.data.encode import build
@@ -44,7 +45,11 @@ from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation.baselines import train_single_lora
 from safemoe_jax.evaluation.benchmarks import collect_benchmarks
 from safemoe_jax.evaluation.cache import JsonlCache
+from safemoe_jax.io import jsonio
+from safemoe_jax.evaluation.benchmarks import _key
 from safemoe_jax.evaluation.config import EvalConfig
+from safemoe_jax.evaluation.systems import file_fingerprint
+from safemoe_jax.evaluation.verdicts import judge_version
 from safemoe_jax.evaluation.experiment_results import (ExperimentError, _gkey, choose,
                                                        format_table, negation_name, plot, summarize,
                                                        tuned_lambda)
@@ -111,6 +116,10 @@ class ExperimentConfig:
       raise C.ConfigError(f"unknown baselines {unknown}")
     if self.n_harmful <= 0 or self.n_benign < 0:
       raise C.ConfigError("n_harmful must be > 0 and n_benign >= 0")
+    numbers.check(self, {"max_new_tokens": numbers.Range(1), "batch_size": numbers.Range(1),
+                         "n_boot": numbers.Range(1), "negation_grid": numbers.POSITIVE,
+                         "max_degenerate_over_base": numbers.ANY,
+                         "max_over_refusal_over_base": numbers.ANY})
 
 
 BASELINES = ("base", "uniform", "negated", "tuned_negation", "sft", "oracle_negation",
@@ -196,7 +205,7 @@ def systems_of_half(xcfg: ExperimentConfig) -> tuple[dict, tuple[str, ...]]:
   if not f.exists():
     raise ExperimentError(f"the test half reports the variant chosen on the validation half: "
                           f"run with half=validation first ({f} is missing)")
-  v = json.loads(f.read_text()).get("chosen")
+  v = jsonio.read_json(f).get("chosen")
   if v is None or v not in xcfg.variants:
     raise ExperimentError(f"the validation half chose no variant of {sorted(xcfg.variants)} "
                           f"(chosen: {v}); test_variants=all reports every variant")
@@ -237,9 +246,25 @@ def train_all(xcfg: ExperimentConfig) -> dict[int, dict[str, Path]]:
 # --------------------------------------------------------------------------------------------
 
 
+def _stale(cache: JsonlCache, system: str, prompt: str, ctx: str) -> bool:
+  """No answer cached for (system, prompt), or one from other weights or settings (`ctx`)."""
+  r = cache.get(_gkey(system, prompt))
+  return r is None or r.get("ctx") != ctx
+
+
+def _ctx(base_fp: str | None, files: Sequence[Path], xcfg: ExperimentConfig, *extra) -> str:
+  """What a system's answers depend on: the base model's fingerprint, the artifacts' bytes,
+  the decoding settings (greedy, max_new_tokens) and the gates."""
+  return _key(base_fp, file_fingerprint(*files), xcfg.max_new_tokens, *extra)
+
+
 def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: Sequence[str],
-              cache: JsonlCache, xcfg: ExperimentConfig, system: str | None = None) -> None:
-  todo = [(s, p) for s in systems for p in prompts if _gkey(s, p) not in cache]
+              cache: JsonlCache, xcfg: ExperimentConfig, ctx: dict[str, str],
+              system: str | None = None) -> None:
+  """Answers of each system to each prompt that the cache lacks for the system's `ctx`
+  (a cached answer of other weights or settings is generated again, and replaces it); `system`:
+  the chat's system message (None: the template's default)."""
+  todo = [(s, p) for s in systems for p in prompts if _stale(cache, s, p, ctx[s])]
   if not todo:
     return
   t0 = time.perf_counter()
@@ -250,7 +275,8 @@ def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: 
     rows = []
     for i in idx:
       s, p = todo[i]
-      row = {"key": _gkey(s, p), "system": s, "prompt": p, "text": res[i]["text"]}
+      row = {"key": _gkey(s, p), "system": s, "prompt": p, "text": res[i]["text"],
+             "ctx": ctx[s]}
       if systems[s][0] and "gates" in res[i]:  # learned router: its mean gate per expert
         g = np.asarray(res[i]["gates"])[:max(res[i]["new_tokens"], 1)]  # [N, L, E]
         row["gate_mean"] = np.round(g.reshape(-1, g.shape[-1]).mean(0), 5).tolist()
@@ -259,9 +285,8 @@ def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: 
     cache.add(rows)
 
   chat_generate_many(model, tok, [p for _, p in todo], system=system,
-                     max_new_tokens=xcfg.max_new_tokens,
-                       gates=[systems[s] for s, _ in todo], batch_size=xcfg.batch_size,
-                       on_batch=on_batch, return_gates=learned)
+                     max_new_tokens=xcfg.max_new_tokens, gates=[systems[s] for s, _ in todo],
+                     batch_size=xcfg.batch_size, on_batch=on_batch, return_gates=learned)
   log.info(f"generated {len(todo)} answers in {time.perf_counter() - t0:.0f} s")
 
 
@@ -293,24 +318,34 @@ def generate_all(xcfg: ExperimentConfig, runs) -> tuple[dict, list, list]:
     if tuned is not None:  # cached under its lambda: a later choice never reuses these answers
       fixed[negation_name(tuned)] = np.full(E_, -tuned / E_)
     systems = {k: (False, v.astype(np.float32)) for k, v in fixed.items()}
-    _generate(model, tok, systems, prompts, cache, xcfg)
+    d1 = runs[s]["phase1"]
+    base_fp = (RunDir(d1).info() or {}).get("base_model", {}).get("fingerprint")
+    ctx = {k: _ctx(base_fp, [RunDir(d1).experts], xcfg, np.round(v, 6).tolist())
+           for k, (_, v) in systems.items()}
+    _generate(model, tok, systems, prompts, cache, xcfg, ctx)
     if "safety_prompt" in xcfg.baselines:  # the base model told to be safe (no experts)
-      _generate(model, tok, {safety_name(xcfg): (False, np.zeros(E_, np.float32))}, prompts, cache,
-                xcfg, system=xcfg.safety_system_prompt)
-    if "sft" in xcfg.baselines and not all(_gkey("sft", p) in cache for p in prompts):
+      sname = safety_name(xcfg)
+      _generate(model, tok, {sname: (False, np.zeros(E_, np.float32))}, prompts, cache, xcfg,
+                {sname: _ctx(base_fp, [], xcfg, "system", xcfg.safety_system_prompt)},
+                system=xcfg.safety_system_prompt)
+    sft_file = RunDir(d1).single_lora("sft")
+    ctx_sft = _ctx(base_fp, [sft_file], xcfg) if sft_file.exists() else "untrained"
+    if "sft" in xcfg.baselines and any(_stale(cache, "sft", p, ctx_sft) for p in prompts):
       # the curated targets of the training config, phase 2's budget (trained only when some
       # answer is missing: training is deterministic given the seed)
       scfg = _train_cfg(xcfg, runs[s]["phase1"], s)
       data = build(scfg.data, tok, model_context=mcfg.max_position_embeddings)
       sft = train_single_lora(scfg, mcfg, params, data, runs[s]["phase1"], "sft")
-      _generate(sft, tok, {"sft": (False, np.ones(1, np.float32))}, prompts, cache, xcfg)
+      _generate(sft, tok, {"sft": (False, np.ones(1, np.float32))}, prompts, cache, xcfg,
+                {"sft": _ctx(base_fp, [sft_file], xcfg)})
       del sft
     del model
     for name, d in runs[s].items():
       if name == "phase1":
         continue
       _, _, _, tok_v, model_v = _load_run(d)
-      _generate(model_v, tok_v, {name: (True, np.zeros(E_, np.float32))}, prompts, cache, xcfg)
+      _generate(model_v, tok_v, {name: (True, np.zeros(E_, np.float32))}, prompts, cache, xcfg,
+                {name: _ctx(base_fp, [RunDir(d).experts, RunDir(d).router], xcfg)})
   return caches, harm, ben
 
 
@@ -333,13 +368,15 @@ def judge_informative(xcfg: ExperimentConfig, caches: dict, judge=None) -> dict:
   xcfg.informative_judge, verdicts cached per seed and half (a re-run judges only new answers);
   a degenerate answer (labels.is_degenerate given the prompt) is never informative."""
   j = judge or load_judge(xcfg.informative_judge)
+  ver = judge_version(j)  # a retrained judge at the same path judges again
   out = {}
   for s, cache in caches.items():
     vc = JsonlCache(Path(xcfg.output_dir) / f"seed{s}" / f"informative_{xcfg.half}.jsonl")
     judged: dict[str, list] = {}  # (judge, prompt, answer) -> every row with that answer
     for r in cache.rows.values():  # degenerate: never informative, never judged
       if not is_degenerate(r["text"], r["prompt"]):
-        judged.setdefault(json.dumps([j.name, r["prompt"], r["text"]]), []).append(r)
+        judged.setdefault(json.dumps([j.name, r["prompt"], r["text"]] + (
+            [ver] if ver else [])), []).append(r)
     todo = {k: rs[0] for k, rs in judged.items() if k not in vc}
     if todo:
       log.info(f"seed {s}: {len(todo)} answers through the {j.name} judge (informative rate)")

@@ -13,6 +13,7 @@ import numpy as np
 
 from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.evaluation.cache import JsonlCache
+from safemoe_jax.io import jsonio
 from safemoe_jax.judging.labels import is_degenerate, is_refusal
 
 
@@ -63,7 +64,7 @@ def tuned_lambda(xcfg) -> float | None:
       raise ExperimentError(f"tuned negation is chosen on the validation half: run with "
                             f"half=validation first ({f} is missing)")
     return None
-  res = json.loads(f.read_text())["systems"]
+  res = jsonio.read_json(f).get("systems", {})
   grid = [(r["safe"]["mean"], -float(n[len(NEGATION):]), float(n[len(NEGATION):]))
           for n, r in res.items() if n.startswith(NEGATION)]
   return max(grid)[2] if grid else None

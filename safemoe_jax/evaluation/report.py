@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from safemoe_jax.io import jsonio
+
 
 ORDER = ("base", "safemoe", "uniform", "negated", "oracle", "sft", "harmful_lora")
 NAMES = {"base": "base model", "safemoe": "SafeMoE (learned router)",
@@ -475,5 +477,5 @@ def write_report(res: dict, out_dir: str | Path) -> Path:
            "routing": plot_routing_heatmap(res, out / "routing_heatmap.png"),
            "tokens": plot_routing_tokens(res, out / "routing_tokens.png")}
   path = out / "report.md"
-  path.write_text(render_markdown(res, plots))
+  jsonio.write_text_atomic(path, render_markdown(res, plots))
   return path

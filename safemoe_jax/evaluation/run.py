@@ -37,7 +37,6 @@ another model and gets its own pass.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -49,13 +48,14 @@ from safemoe_jax.data.config import SourceConfig
 from safemoe_jax.data.encode import build
 from safemoe_jax.evaluation import report as RP
 from safemoe_jax.evaluation.baselines import train_single_lora
-from safemoe_jax.evaluation.benchmarks import benchmarks_from_data
+from safemoe_jax.evaluation.benchmarks import benchmarks_from_data, file_prompts
 from safemoe_jax.evaluation.cache import JsonlCache
 from safemoe_jax.evaluation.config import EvalConfig, EvalError
 from safemoe_jax.evaluation.generation import generate_all
 from safemoe_jax.evaluation.metrics import answer_stats, compute_metrics, routing_summary
 from safemoe_jax.evaluation.systems import make_systems
 from safemoe_jax.evaluation.verdicts import _safe_audit, _safe_validation, judge_all, load_judges
+from safemoe_jax.io import jsonio
 from safemoe_jax.judging import audit as AU
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.metrics import json_default
@@ -158,7 +158,7 @@ def evaluate_loaded(*, out: Path, model, tok, data, ecfg: EvalConfig, base_fp: s
       "timing_s": {"generate": round(t_gen, 1), "judge": round(t_judge, 1),
                    "total": round(time.perf_counter() - t0, 1)},
   }
-  (ev / "results.json").write_text(json.dumps(results, indent=1, default=json_default))
+  jsonio.write_json_atomic(ev / "results.json", results, default=json_default)
   if report:
     path = RP.write_report(results, ev)
     log(f"report: {path}")
@@ -195,6 +195,8 @@ def evaluate_run(run: str | Path, ecfg: EvalConfig = EvalConfig(), *, progress: 
   {"kind": "pku_saferlhf", "split": "test"}), read as role 'eval' on top of the run's own data.
   """
   ecfg.validate()
+  if ecfg.benign_file:  # a bad file fails now, not after the baselines are trained
+    file_prompts(ecfg.benign_file)
   run = Path(run)
   loaded = RunDir(run).load_model()
   cfg, mcfg, tok = loaded.cfg, loaded.base.config, loaded.base.tokenizer
@@ -207,10 +209,18 @@ def evaluate_run(run: str | Path, ecfg: EvalConfig = EvalConfig(), *, progress: 
         cfg.data, sources=tuple(cfg.data.sources) + srcs))
     cfg.data.validate()
   data = build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
-  extra = {k: train_single_lora(cfg, mcfg, params, data, run, k, log=log)
-           for k in ("sft", "harmful_lora") if k in ecfg.systems}
-  loaded.base.params = params = {}  # the models hold the weights now
-  return evaluate_loaded(out=run, model=loaded.model, tok=tok, data=data, ecfg=ecfg,
-                         base_fp=loaded.fingerprint,
-                         extra_models=extra, progress=progress, log=log, judges=judges,
-                         report=report)
+  # The run's lock while the baselines are trained and saved and the caches and results are
+  # written: a second evaluate (or a trainer) on this run is refused instead of training the
+  # same baseline and overwriting the file the first one's cache rows are keyed to.
+  lock = RunDir(run).lock("evaluate")
+  try:
+    extra = {k: train_single_lora(cfg, mcfg, params, data, run, k, log=log)
+             for k in ("sft", "harmful_lora") if k in ecfg.systems}
+    loaded.base.params = params = {}  # the models hold the weights now
+    return evaluate_loaded(out=run, model=loaded.model, tok=tok, data=data, ecfg=ecfg,
+                           base_fp=loaded.fingerprint,
+                           extra_models=extra, progress=progress, log=log, judges=judges,
+                           report=report)
+  finally:
+    if lock is not None:
+      lock.release()

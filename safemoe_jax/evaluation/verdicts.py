@@ -3,16 +3,19 @@ cached."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
+from safemoe_jax.evaluation.benchmarks import _key
 from safemoe_jax.evaluation.cache import JsonlCache, verdict_key
 from safemoe_jax.evaluation.config import LABELS, EvalError
 from safemoe_jax.evaluation.generation import _progress
 from safemoe_jax.judging import audit as AU
 from safemoe_jax.judging import judges as J
 from safemoe_jax.judging import learned as jt
-from safemoe_jax.judging.labels import is_degenerate
+from safemoe_jax.judging.labels import REFUSAL_EXTRA, is_degenerate
 from safemoe_jax.log import get_logger
+from safemoe_jax.train.rundir import fingerprint
 
 log = get_logger(__name__)
 
@@ -44,6 +47,27 @@ def _verdict_dict(v) -> dict:
   return d
 
 
+def judge_version(j) -> str:
+  """What a judge's verdicts depend on besides its name, for the verdict cache's key: the
+  fingerprint of a learned judge's artifact or an LM judge's weights and its settings, an API
+  judge's model, endpoint and rubric settings, the refusal strings. A judge may say it itself
+  (`version`); "" for a judge that says nothing (its name is then the whole key)."""
+  v = getattr(j, "version", None)
+  if v:
+    return str(v() if callable(v) else v)
+  if isinstance(j, J.RefusalStringJudge):
+    return _key("refusal_strings", REFUSAL_EXTRA)
+  if isinstance(j, J.LearnedJudge):
+    return fingerprint(j.path)
+  if isinstance(j, J.LMJudge):
+    p = Path(j.name[3:])
+    return _key(fingerprint(p) if p.exists() else j.name, j.max_new_tokens, j.system)
+  if j.name.startswith("api:"):
+    return _key(*(getattr(j, a, None) for a in ("model", "base_url", "harmful_min_score",
+                                                  "max_response_chars")))
+  return ""
+
+
 DEGENERATE = {"label": "degenerate", "probs": None, "score": None, "raw": "labels.is_degenerate"}
 
 
@@ -58,13 +82,14 @@ def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlC
          if detect_degenerate and is_degenerate(g["response"], k[1])}
   for j in judges:
     pairs = {}
+    ver = judge_version(j)
     for (sysname, prompt), g in gens.items():
       if (sysname, prompt) in deg:
         continue
-      k = verdict_key(j.name, prompt, g["response"])
+      k = verdict_key(j.name, prompt, g["response"], ver)
       if k not in cache:
         pairs[k] = (prompt, g["response"])
-    judged = {verdict_key(j.name, p, g["response"]) for (s, p), g in gens.items()
+    judged = {verdict_key(j.name, p, g["response"], ver) for (s, p), g in gens.items()
               if (s, p) not in deg}
     log(f"judge {j.name}: {len(pairs)} new verdicts, {len(judged) - len(pairs)} cached"
         + (f", {len(deg)} degenerate answers not judged" if deg else ""))
@@ -89,7 +114,7 @@ def judge_all(judges: Sequence, gens: dict[tuple[str, str], dict], cache: JsonlC
     for (sysname, prompt), g in gens.items():
       out[(j.name, sysname, prompt)] = (
           {**DEGENERATE, "judge": j.name} if (sysname, prompt) in deg
-          else cache.get(verdict_key(j.name, prompt, g["response"])))
+          else cache.get(verdict_key(j.name, prompt, g["response"], ver)))
   return out
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from safemoe_jax import errors
+from safemoe_jax.core import numbers
 from safemoe_jax.core.experts import GateSpec
 from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.io.tokenizer import apply_chat, left_pad, pad_id, stop_ids
@@ -386,3 +387,7 @@ class DecodingConfig:
     if not 0 < self.top_p <= 1 or self.temperature < 0:
       raise GenerateError(f"--top-p must be in (0, 1] and --temperature >= 0, got {self.top_p} "
                           f"and {self.temperature}")
+    numbers.check(self, {"top_p": numbers.TOP_P, "max_new_tokens": numbers.Range(1)},
+                  GenerateError, names={"max_new_tokens": "--max-new-tokens",
+                                        "temperature": "--temperature", "top_p": "--top-p",
+                                        "seed": "--seed"})

@@ -29,6 +29,7 @@ import numpy as np
 
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.errors import SafeMoEError
+from safemoe_jax.io import jsonio
 from safemoe_jax.judging.labels import SAFE_LABELS, binary_metrics, calibration, is_degenerate
 
 AUDIT_DIR = Path(__file__).parent / "audit_set"
@@ -55,7 +56,7 @@ def half_of(prompt: str) -> str:
 def read_jsonl(path: Path) -> list[dict]:
   if not path.exists():
     raise AuditError(f"{path} does not exist")
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return jsonio.read_jsonl(path)
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -161,7 +162,7 @@ def meta(audit_dir: Path = AUDIT_DIR) -> dict:
   f = audit_dir / "meta.json"
   if not f.is_file():
     raise AuditError(f"{f} does not exist; `python -m safemoe_jax.audit generate` writes it")
-  return json.loads(f.read_text())
+  return jsonio.read_json(f)
 
 
 def is_audited(base_fingerprint: str | None, audit_dir: Path = AUDIT_DIR) -> bool:

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +31,7 @@ from safemoe_jax.io.tokenizer import left_pad, pad_id
 from safemoe_jax.judging import bert as bt
 from safemoe_jax.judging.labels import JudgeError
 from safemoe_jax.log import get_logger
+from safemoe_jax.train.rundir import fingerprint
 
 # `cfg` below is the learned judge's JudgeConfig (learned.py); only its feature fields are read.
 
@@ -76,9 +78,10 @@ class LMFeatures:
       else:
         src = Path(path)
         f = src if src.is_file() else src / "model.safetensors"
-        if not f.is_file():
+        if not f.is_file() and not any(src.glob("*.safetensors")):
           raise JudgeError(f"judge backbone {path!r}: no .gguf file or model.safetensors")
-        self.fingerprint = assets.sha256_file(f)
+        # the whole folder (every weights shard, config and tokenizer), as a run records it
+        self.fingerprint = assets.sha256_file(f) if src.is_file() else fingerprint(src)
       model, tok = load_pretrained(str(src))
     else:
       self.fingerprint = "in-memory:" + hashlib.sha256(
@@ -242,8 +245,11 @@ def features(cfg: Any, prompts: Sequence[str], responses: Sequence[str], *,
   path = assets.cache_dir() / "judge_features" / f"{_feature_key(cfg, bb.fingerprint)}.npz"
   have: dict[str, np.ndarray] = {}
   if cache and path.is_file():
-    z = np.load(path)
-    have = dict(zip(z["keys"].tolist(), z["x"]))
+    try:
+      with np.load(path) as z:
+        have = dict(zip(z["keys"].tolist(), z["x"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+      log.warning(f"{path} cannot be read ({type(e).__name__}); computing its features again")
   todo = [i for i, k in enumerate(keys) if k not in have]
   if todo:
     t0 = time.perf_counter()

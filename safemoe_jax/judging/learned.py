@@ -63,6 +63,7 @@ import numpy as np
 import optax
 from safetensors import numpy as st
 
+from safemoe_jax.core import numbers
 from safemoe_jax.core.config import apply_overrides, from_dict, to_dict
 from safemoe_jax.data.config import DataConfig, data_config
 from safemoe_jax.data.select import DataSets, build_sets
@@ -123,6 +124,9 @@ class JudgeConfig:
       if b not in ("smollm2", "minilm") and not (b.startswith(("lm:", "bert:")) and b[3:]):
         raise JudgeError(f"backbone must be smollm2, minilm, lm:<path> or bert:<path>, or "
                          f"several joined by '+'; got {self.backbone!r}")
+    numbers.check(self, {"lr": numbers.POSITIVE, "dropout": numbers.Range(0, 1, hi_open=True),
+                         "harm_decision": numbers.UNIT, "labels.harm_threshold": numbers.UNIT},
+                  JudgeError)
 
 
 

@@ -9,6 +9,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from safemoe_jax.core import config as C
+from safemoe_jax.core import numbers
 from safemoe_jax.core import sharding as S
 from safemoe_jax.core.config import ConfigError, ExpertsConfig, RouterConfig
 from safemoe_jax.data.config import DataConfig
@@ -77,6 +78,17 @@ class ResumeConfig:
   # Dotted names of identity fields (see RESUMABLE) this resume may change, e.g.
   # [phase2.steps]; each accepted change is recorded in run.json under "changes".
   allow_changes: tuple[str, ...] = ()
+
+
+# The trainer's numbers that may be negative or are bounded above; every other one: finite and
+# >= 0 (core/numbers.py), after the specific checks above.
+TRAIN_RANGES = {"mesh.data": numbers.Range(-1),
+                "experts.dropout": numbers.Range(0, 1, hi_open=True),
+                "router.temperature": numbers.POSITIVE, "router.init_gates": numbers.ANY,
+                "router.probe_layer": numbers.Range(-1), "router.center_rows": numbers.Range(1),
+                "data.split.judge": numbers.UNIT,
+                "data.split.eval": numbers.UNIT, "data.split.validation": numbers.UNIT,
+                "data.harmful_min_score": numbers.ANY, "data.safe_max_score": numbers.ANY}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +162,7 @@ class TrainConfig:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
     if self.quick_look < 0:
       raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
-
+    numbers.check(self, TRAIN_RANGES)
 
   def experts_config(self) -> ExpertsConfig:
     return dataclasses.replace(self.experts, num_experts=len(self.data.domains),

@@ -30,7 +30,7 @@ from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.data.card import format_card
 from safemoe_jax.data.encode import build
 from safemoe_jax.io import base as B
-from safemoe_jax.io import paths
+from safemoe_jax.io import jsonio, paths
 from safemoe_jax.log import get_logger, set_process_index
 from safemoe_jax.train.checkpoint import (NonFiniteError, StorageError, check_finite, checksums,
                                           flat_arrays, host, load_group, save_group, to_host)
@@ -357,9 +357,10 @@ def run_with_model(cfg: TrainConfig, quick_look: QuickLook | None = None
   S.initialize_distributed()
   set_process_index(jax.process_index())
   rd = RunDir(cfg.output_dir)
+  cfg.mesh.validate(jax.device_count())  # every setting is checked before anything is written
   if jax.process_index() == 0:
+    rd.check_not_input(cfg.model.path)
     rd.check_writable()
-  cfg.mesh.validate(jax.device_count())
   mesh = S.make_mesh(cfg.mesh)
   log.info(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, mesh "
            f"{dict(mesh.shape)}, processes: {jax.process_count()}")
@@ -395,8 +396,8 @@ def _run_locked(cfg: TrainConfig, t_start: float, rd: RunDir, mesh, base: B.Base
   info = rd.record(cfg, base.path, base.config, write=jax.process_index() == 0)
   if jax.process_index() == 0:
     repair_jsonl(rd.data_order)  # metrics.jsonl: by its writer
-    rd.data_card("json").write_text(json.dumps(card, indent=1, default=str))
-    rd.data_card("txt").write_text(format_card(card))
+    jsonio.write_json_atomic(rd.data_card("json"), card)
+    jsonio.write_text_atomic(rd.data_card("txt"), format_card(card))
     print(format_card(card), file=sys.stderr)
 
   writer = MetricsWriter(out, tensorboard=cfg.log.tensorboard and jax.process_index() == 0,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from safemoe_jax.io import paths
+from safemoe_jax.io import jsonio, paths
 from safemoe_jax.log import get_logger
 
 log = get_logger(__name__)
@@ -125,19 +125,8 @@ class MetricsWriter:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-  path = paths.as_path(path)
-  if not path.exists():
-    return []
-  rows = []
-  with path.open() as f:
-    lines = [l for l in f if l.strip()]
-  for i, line in enumerate(lines):
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      if i < len(lines) - 1:  # only the last line may be torn (a write cut short)
-        raise
-  return rows
+  """A log's rows (jsonio: a torn last line skipped; a null row or bad byte is an error)."""
+  return jsonio.read_jsonl(path)
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:

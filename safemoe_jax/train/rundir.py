@@ -33,7 +33,7 @@ from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.io import assets
 from safemoe_jax.io import base as B
-from safemoe_jax.io import hub, paths
+from safemoe_jax.io import hub, jsonio, paths
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.checkpoint import load_group, nonfinite_names
 from safemoe_jax.train.config import TrainConfig
@@ -107,7 +107,7 @@ class RunLock:
   the holder (pid, host, start time) for the error message. On a network file system without
   working flock (some NFS setups) it locks nothing; the lock is per machine there."""
 
-  def __init__(self, out: Path):
+  def __init__(self, out: Path, who: str = "trainer"):
     self.path = out / ".lock"
     self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -120,7 +120,8 @@ class RunLock:
                         f"logs. Wait for it to finish (or stop it), or use another "
                         f"output_dir") from None
     os.ftruncate(self.fd, 0)
-    os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+    os.pwrite(self.fd, f"{'' if who == 'trainer' else who + ' '}pid {os.getpid()} on "
+                       f"{socket.gethostname()}, since "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
 
   def release(self) -> None:
@@ -247,14 +248,33 @@ class RunDir:
       raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose another "
                         f"output_dir or fix its permissions / free disk space") from None
 
-  def lock(self) -> RunLock | None:
-    """The run's flock; None on remote storage (gs://), which has no locks: there, one trainer
-    per output_dir is up to the user (a second one would overwrite the first's files)."""
+  def lock(self, who: str = "trainer") -> RunLock | None:
+    """The run's flock (held by a trainer, or by `evaluate` while it trains and writes its
+    baselines); None on remote storage (gs://), which has no locks: there, one writer per
+    output_dir is up to the user (a second one would overwrite the first's files)."""
     if not paths.is_local(self.path):
       log.warning(f"{self.path} is not a local folder: no lock guards it against a second "
-                  f"trainer (object stores have no locks); run one trainer per output_dir")
+                  f"writer (object stores have no locks); run one command per output_dir")
       return None
-    return RunLock(self.path)
+    return RunLock(self.path, who)
+
+  def check_not_input(self, model_path: str) -> None:
+    """The run folder must not be the base model's folder (the run's own files would change
+    the folder's fingerprint: it could never be loaded or resumed), nor a model folder that is
+    not a run."""
+    out = self.path
+    if not paths.is_local(out) or not out.exists():
+      return
+    m = Path(model_path) if model_path else None
+    if m is not None and m.exists() and out.resolve() == (m if m.is_dir() else m.parent).resolve():
+      raise ConfigError(f"output_dir {out} is the base model's folder (model.path {model_path}):"
+                        f" the run's files would change the base model's fingerprint, and the "
+                        f"run could never be loaded or resumed. Choose another output_dir")
+    if out.is_dir() and not self.run_json.exists() and (
+        any(out.glob("*.gguf")) or ((out / "config.json").is_file()
+                                    and any(out.glob("model*.safetensors")))):
+      raise ConfigError(f"output_dir {out} holds a model, not a run: training there would mix "
+                        f"the run's files into it. Choose another output_dir")
 
   def write_json(self, path: Path, doc: Any, default: Callable = str) -> None:
     """Writes a JSON file of the run atomically (a kill leaves only its .tmp; an object store's
@@ -268,7 +288,14 @@ class RunDir:
 
   # --- run.json: the identity of a run ------------------------------------------------------
   def info(self) -> dict | None:
-    return json.loads(self.run_json.read_text()) if self.run_json.exists() else None
+    """run.json (None when there is none); a cut or damaged one is an error naming it."""
+    if not self.run_json.exists():
+      return None
+    try:
+      return jsonio.read_json(self.run_json)
+    except jsonio.FileFormatError as e:
+      raise RunError(f"{e}. run.json records the run's identity: restore it from a backup, or "
+                     f"train into a new output_dir") from None
 
   def started(self) -> dict[str, bool]:
     """Which phases have trained state here (a checkpoint or the phase's artifact)."""
@@ -382,6 +409,8 @@ class RunDir:
       router = dict(st.load_file(str(self.router)))
       _check_finite(self.router, router)
       rcfg = C.from_dict(RouterConfig, info["router"]) if info.get("router") else None
+      if rcfg is not None:
+        _check_router_shapes(self.router, router, mcfg, ecfg, rcfg)
     base = info.get("base_model") or {}
     return TrainedRun(d, mcfg, ecfg, domains, experts, rcfg, router, str(base.get("path", "")),
                       base.get("fingerprint"), info)
@@ -428,6 +457,22 @@ class RunDir:
     log.info(f"loaded {self.path}: base {base.path.name}, {model.num_experts} experts "
              f"{list(cfg.data.domains)}")
     return LoadedRun(cfg, base, model, fp)
+
+
+def _check_router_shapes(f: Path, arrays: dict[str, np.ndarray], mcfg: ModelConfig,
+                         ecfg: ExpertsConfig, rcfg: RouterConfig) -> None:
+  """The router's tensors must be the ones the run's configuration builds (as loading it into
+  the model checks for `generate` and `evaluate`): names and shapes."""
+  abstract = nnx.eval_shape(lambda: SafeMoELM(mcfg, ecfg, rcfg, rngs=nnx.Rngs(0)))
+  want = {".".join(str(x) for x in p): tuple(v.get_value().shape)
+          for p, v in nnx.to_flat_state(nnx.state(abstract, RouterParam))}
+  got = {k: tuple(v.shape) for k, v in arrays.items()}
+  if got != want:
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    raise RunError(f"{f} does not match the run's router configuration: "
+                   + "; ".join(f"{k}: expected {want.get(k)}, found {got.get(k)}"
+                               for k in diff[:4])
+                   + ". It was written for another model or router; train phase 2 again")
 
 
 def _check_finite(f: Path, arrays: dict[str, np.ndarray]) -> None:

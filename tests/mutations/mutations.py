@@ -381,4 +381,149 @@ MUTATIONS: list[Mutation] = [
         "    y_B = (kind == KIND_RETAIN).astype(jnp.float32)",
         ("tests/test_probe_router.py::test_route_term_is_the_binary_cross_entropy_of_the_score",),
         "the routing term teaches the probe to fire on benign prompts"),
+    # --- issue-32 ---
+    Mutation(
+        "curate-writer-key-is-a-name", "safemoe_jax/curation/curate.py",
+        "    who = {\"model\": model_fingerprint(tcfg.model.path, tcfg.model.revision)}",
+        "    who = {\"model\": \"base\"}",
+        ("tests/test_reliability_round3.py::test_curate_generation_cache_regenerates_when_any_input_changes[base model]",),
+        "curate's cache keyed by the writer's name: another base model reuses the old answers"),
+    Mutation(
+        "curate-key-without-max-new-tokens", "safemoe_jax/curation/curate.py",
+        "\"system_prompt\": ccfg.system_prompt, \"max_new_tokens\": ccfg.max_new_tokens,",
+        "\"system_prompt\": ccfg.system_prompt,",
+        ("tests/test_reliability_round3.py::test_curate_generation_cache_regenerates_when_any_input_changes[max_new_tokens]",),
+        "curate reuses answers written with another max_new_tokens"),
+    Mutation(
+        "verdict-key-without-judge-version", "safemoe_jax/evaluation/verdicts.py",
+        "    ver = judge_version(j)\n", "    ver = \"\"\n",
+        ("tests/test_reliability_round3.py::test_judge_verdicts_are_judged_again_after_the_judge_changes",),
+        "a retrained judge at the same path reuses the old judge's verdicts"),
+    Mutation(
+        "experiment-cache-without-context", "safemoe_jax/evaluation/experiment.py",
+        "  return r is None or r.get(\"ctx\") != ctx", "  return r is None",
+        ("tests/test_reliability_round3.py::test_experiment_answers_are_generated_again_for_other_weights_or_settings",),
+        "the experiment reuses answers of other weights or another max_new_tokens"),
+    Mutation(
+        "numbers-no-float32-int32-limit", "safemoe_jax/core/numbers.py",
+        "  if not math.isfinite(x) or abs(x) > limit or x not in rng:",
+        "  if not math.isfinite(x) or x not in rng:",
+        ("tests/test_reliability_round3.py::test_every_number_of_every_command_is_checked[train-phase1.weight_decay]", "tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[export-merged-weights-float32-overflow]"),
+        "1e39 (inf in float32) and 2**31 (beyond int32) pass the numeric check"),
+    Mutation(
+        "evaluate-numbers-unchecked", "safemoe_jax/evaluation/config.py",
+        "    numbers.check(self, EVAL_RANGES, EvalError)", "    pass",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[evaluate-default-count-negative]", "tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[evaluate-temperature-nan]"),
+        "evaluate --default-count -3 drops prompts; --temperature nan is accepted"),
+    Mutation(
+        "evaluate-top-p-zero-accepted", "safemoe_jax/evaluation/config.py",
+        "\"prompt_bucket\": numbers.Range(1), \"top_p\": numbers.TOP_P}",
+        "\"prompt_bucket\": numbers.Range(1)}",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[evaluate-top-p-zero]",),
+        "evaluate --top-p 0 makes every answer empty (100% harmful), cached"),
+    Mutation(
+        "generate-numbers-unchecked", "safemoe_jax/infer/generate.py",
+        "    numbers.check(self, {\"top_p\": numbers.TOP_P, \"max_new_tokens\": numbers.Range(1)},\n"
+        "                  GenerateError, names=",
+        "    (lambda *a, **k: None)(self, {},\n                  GenerateError, names=",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[generate-temperature-nan]",),
+        "generate --temperature nan prints nothing and exits 0"),
+    Mutation(
+        "train-numbers-unchecked", "safemoe_jax/train/config.py",
+        "    numbers.check(self, TRAIN_RANGES)", "    pass",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[train-seed-negative]", "tests/test_reliability_round3.py::test_every_number_of_every_command_is_checked[train-router.temperature]"),
+        "the trainer's numbers outside the optimiser are not checked"),
+    Mutation(
+        "curate-numbers-unchecked", "safemoe_jax/curation/curate.py",
+        "    numbers.check(self, CURATE_RANGES)", "    pass",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[curate-top-p-nan]",),
+        "curate top_p=nan is accepted"),
+    Mutation(
+        "train-mesh-checked-after-writing", "safemoe_jax/train/loop.py",
+        "  cfg.mesh.validate(jax.device_count())  # every setting is checked before anything is written\n"
+        "  if jax.process_index() == 0:\n    rd.check_not_input(cfg.model.path)\n    rd.check_writable()\n",
+        "  if jax.process_index() == 0:\n    rd.check_not_input(cfg.model.path)\n    rd.check_writable()\n"
+        "  cfg.mesh.validate(jax.device_count())\n",
+        ("tests/test_reliability_round3.py::test_every_number_of_every_command_is_checked[train-mesh.fsdp]",),
+        "mesh.fsdp=0 is refused only after output_dir was created"),
+    Mutation(
+        "export-merged-nonfinite-written", "safemoe_jax/tools/export/merged.py",
+        "  if bad := nonfinite_names(tensors):", "  if bad := []:",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[export-merged-float16-overflow]",),
+        "export merged writes weights that overflow to inf (large gates, float16)"),
+    Mutation(
+        "export-weights-unchecked", "safemoe_jax/tools/export/merged.py",
+        "      numbers.check_value(\"--weights\", float(w), numbers.ANY, ExportError)", "      pass",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[export-merged-weights-nan-inf]",),
+        "export merged --weights nan,inf is accepted"),
+    Mutation(
+        "jsonl-torn-last-line-is-an-error", "safemoe_jax/io/jsonio.py",
+        "      if i == len(lines) - 1:  # no newline after it: a write cut short",
+        "      if False:",
+        ("tests/test_reliability_round3.py::test_jsonl_reading_repairs_a_torn_last_line_and_rejects_null_and_bad_bytes",
+         "tests/test_reliability_round3.py::test_judge_rates_reads_a_torn_evaluation_cache"),
+        "a torn last line of a cache stops every reader"),
+    Mutation(
+        "jsonl-null-row-accepted", "safemoe_jax/io/jsonio.py",
+        "    if not isinstance(row, dict):", "    if row is not None and not isinstance(row, dict):",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[judge-rates-null-line]",
+         "tests/test_reliability_round3.py::test_jsonl_reading_repairs_a_torn_last_line_and_rejects_null_and_bad_bytes"),
+        "a null line is a row: readers crash on it"),
+    Mutation(
+        "run-json-read-unguarded", "safemoe_jax/train/rundir.py",
+        "      return jsonio.read_json(self.run_json)",
+        "      return json.loads(self.run_json.read_text())",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[generate-cut-run-json]", "tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[export-peft-run-json-bad-byte]"),
+        "a cut or non-UTF-8 run.json ends in a traceback"),
+    Mutation(
+        "report-results-unguarded", "safemoe_jax/cli/report.py",
+        "  res = jsonio.read_json(f)", "  res = __import__(\"json\").loads(f.read_text())",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[report-cut-results-json]", "tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[report-null-results-json]"),
+        "report --run on a cut results.json ends in a traceback"),
+    Mutation(
+        "judge-rates-responses-unguarded", "safemoe_jax/cli/judge.py",
+        "  for n, g in jsonio.jsonl_rows(jsonio.read_text(responses), responses):",
+        "  for n, g in enumerate(map(__import__(\"json\").loads, "
+        "Path(responses).read_text().splitlines()), 1):",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[judge-rates-bad-byte]", "tests/test_reliability_round3.py::test_judge_rates_reads_a_torn_evaluation_cache"),
+        "judge rates on a torn or non-UTF-8 responses file ends in a traceback"),
+    Mutation(
+        "benign-file-read-unguarded", "safemoe_jax/evaluation/benchmarks.py",
+        "  text = jsonio.read_text(path)  # not UTF-8: an error naming the line",
+        "  text = path.read_text()",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[evaluate-benign-txt-not-utf8]",),
+        "evaluate --benign with a non-UTF-8 file ends in a traceback"),
+    Mutation(
+        "export-metrics-unguarded", "safemoe_jax/cli/export.py",
+        "    metrics = jsonio.read_json(args.metrics) if args.metrics else None",
+        "    metrics = __import__(\"json\").loads(Path(args.metrics).read_text()) if args.metrics "
+        "else None",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[export-peft-metrics-cut]",),
+        "export peft --metrics on a cut file ends in a traceback"),
+    Mutation(
+        "export-into-a-user-folder", "safemoe_jax/tools/export/common.py",
+        "  if names := sorted(p.name for p in out.iterdir()):", "  if names := []:",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[export-peft-into-a-user-folder]",),
+        "export peft overwrites a user's README.md / router.json in --out"),
+    Mutation(
+        "export-names-not-reserved", "safemoe_jax/tools/export/peft.py",
+        "  taken = {x.lower() for x in RESERVED_NAMES}", "  taken = {\"router\"}",
+        ("tests/test_reliability_round3.py::test_export_reserves_its_own_file_names_from_expert_names",),
+        "an expert named README.md collides with the model card"),
+    Mutation(
+        "export-router-shape-unchecked", "safemoe_jax/train/rundir.py",
+        "        _check_router_shapes(self.router, router, mcfg, ecfg, rcfg)", "        pass",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[export-peft-widened-router]",),
+        "export peft accepts a router whose shape does not match the run"),
+    Mutation(
+        "train-into-the-base-model-folder", "safemoe_jax/train/rundir.py",
+        "    if m is not None and m.exists() and out.resolve() == (m if m.is_dir() else m.parent).resolve():",
+        "    if False:",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[train-into-the-base-model-folder]",),
+        "train writes its run into the base model's folder (then never loadable)"),
+    Mutation(
+        "evaluate-without-the-lock", "safemoe_jax/evaluation/run.py",
+        "  lock = RunDir(run).lock(\"evaluate\")", "  lock = None",
+        ("tests/test_reliability_round3.py::test_a_second_evaluate_on_a_run_is_refused_while_one_holds_its_lock",),
+        "two evaluates on one run both train and write the SFT baseline"),
 ]

@@ -43,13 +43,35 @@ def peft_key(layer: int, target: str, ab: str) -> str:
   return f"base_model.model.model.layers.{layer}.{PEFT_MODULES[target]}.lora_{ab}.weight"
 
 
+# A file export writes into every folder it exports to: such a folder may be exported to
+# again. Export's own file names are reserved: no expert's adapter folder may take one.
+EXPORT_MARKER = ".safemoe-export"
+RESERVED_NAMES = ("README.md", "router.json", "router.safetensors", "router", EXPORT_MARKER)
+
+
 def _is_model_folder(d: Path) -> bool:
   return (d / "config.json").is_file() and any(d.glob("*.safetensors")) or any(d.glob("*.gguf"))
 
 
-def check_out(out: Path, run: TrainedRun | None = None, base: str | Path | None = None) -> None:
-  """Refuses an export folder that holds a run or a model it would overwrite. A folder this
-  module wrote before (a merged export: config.json with a 'safemoe' entry) may be rewritten."""
+def _ours(d: Path) -> bool:
+  """A folder this module wrote: its marker, or a merged export's config.json from before it."""
+  if (d / EXPORT_MARKER).is_file():
+    return True
+  try:
+    return "safemoe" in json.loads((d / "config.json").read_text())
+  except (OSError, ValueError):
+    return False
+
+
+def mark_out(out: Path) -> None:
+  (Path(out) / EXPORT_MARKER).write_text("written by safemoe export; it may write here again\n")
+
+
+def check_out(out: Path, run: TrainedRun | None = None, base: str | Path | None = None,
+              overwrite: bool = False) -> None:
+  """Refuses an export folder that is an input (a run folder, the base model's folder) or that
+  holds files this module did not write (a model, a user's README.md) unless `overwrite`. A
+  folder this module wrote before (its marker) may be rewritten."""
   out = Path(out)
   if not out.exists():
     return
@@ -65,11 +87,13 @@ def check_out(out: Path, run: TrainedRun | None = None, base: str | Path | None 
   if any(b.exists() and r == (b if b.is_dir() else b.parent).resolve() for b in bases):
     raise ExportError(f"--out {out} is the base model's folder: exporting there would overwrite "
                       f"the base model. Choose a new folder")
+  if overwrite or _ours(out):
+    return
   if _is_model_folder(out):
-    try:
-      ours = "safemoe" in json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-      ours = False
-    if not ours:
-      raise ExportError(f"--out {out} holds a model this tool did not export; exporting there "
-                        f"would overwrite it. Choose a new folder")
+    raise ExportError(f"--out {out} holds a model this tool did not export; exporting there "
+                      f"would overwrite it. Choose a new folder")
+  if names := sorted(p.name for p in out.iterdir()):
+    raise ExportError(f"--out {out} is a folder this tool did not write, and not empty "
+                      f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): exporting "
+                      f"there could overwrite its files. Choose a new or empty folder, or pass "
+                      f"--overwrite")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,13 +15,16 @@ import ml_dtypes
 import numpy as np
 from safetensors import numpy as st
 
+from safemoe_jax.core import numbers
 from safemoe_jax.core.config import ModelConfig
+from safemoe_jax.io import jsonio
 from safemoe_jax.io import weights as W
 from safemoe_jax.io.base import load_base
 from safemoe_jax.io.tokenizer import tokenizer_from_gguf
+from safemoe_jax.train.checkpoint import nonfinite_names
 from safemoe_jax.train.rundir import RunDir, RunError, TrainedRun
 from safemoe_jax.tools.export.common import (_TOKENIZER_FILES, HF_ARCHITECTURES, check_out,
-                                             ExportError)
+                                             ExportError, mark_out)
 
 
 def gate_vector(routing: str, domains: Sequence[str], domain: Sequence[str] | str | None = None,
@@ -37,6 +41,8 @@ def gate_vector(routing: str, domains: Sequence[str], domain: Sequence[str] | st
     if weights is None or len(weights) != E:
       raise ExportError(f"routing 'fixed' needs --weights with {E} values (one per expert: "
                         f"{list(domains)}), got {weights}")
+    for w in weights:  # NaN, inf or beyond float32 would merge into non-finite weights
+      numbers.check_value("--weights", float(w), numbers.ANY, ExportError)
     return np.asarray(weights, np.float32)
   if routing == "oracle":
     chosen = [domain] if isinstance(domain, str) else list(domain or [])
@@ -137,22 +143,29 @@ def _load_base(run: TrainedRun, base: str | Path | None) -> tuple[Path, ModelCon
 
 
 def export_merged(run: TrainedRun, out: str | Path, g_E: np.ndarray, *, base: str | Path | None = None,
-                  dtype: str = "float32") -> Path:
+                  dtype: str = "float32", overwrite: bool = False) -> Path:
   """Write base + s * sum_e g_e B_e A_e as an HF checkpoint: config.json, model.safetensors in
-  PyTorch layout, and the tokenizer (copied from an HF base, rebuilt from a GGUF's metadata)."""
+  PyTorch layout, and the tokenizer (copied from an HF base, rebuilt from a GGUF's metadata).
+  Merged weights that are not finite in `dtype` (large gates, float16 overflow) are refused."""
   out = Path(out)
-  check_out(out, run, base)
+  check_out(out, run, base, overwrite)
   path, cfg, params, md = _load_base(run, base)
-  check_out(out, run, path)
+  check_out(out, run, path, overwrite)
   g = np.asarray(g_E, np.float32)
   if g.shape != (len(run.domains),):
     raise ExportError(f"gate vector of shape {g.shape}, expected ({len(run.domains)},)")
   merged = merge_experts(params, run.experts, run.scale, g)
   dt = _np_dtype(dtype)
-  tensors = {k: v.astype(dt) for k, v in hf_state_dict(cfg, merged).items()}
+  with np.errstate(over="ignore", invalid="ignore"):
+    tensors = {k: v.astype(dt) for k, v in hf_state_dict(cfg, merged).items()}
+  if bad := nonfinite_names(tensors):
+    raise ExportError(f"the merged weights hold NaN or inf in {len(bad)} of {len(tensors)} "
+                      f"tensors ({bad[:3]}) with gates {g.tolist()} in {dtype}: nothing was "
+                      f"written. Use smaller gates (or float32)")
   out.mkdir(parents=True, exist_ok=True)
+  mark_out(out)
   if md is None:  # HF base: keep its config.json (token ids, model_type, ...), set the dtype
-    hc = json.loads((path / "config.json").read_text())
+    hc = jsonio.read_json(path / "config.json")
     hc.setdefault("architectures", [HF_ARCHITECTURES[hc["model_type"]]])
     hc["dtype"] = hc["torch_dtype"] = dtype
     for f in _TOKENIZER_FILES:
@@ -166,6 +179,8 @@ def export_merged(run: TrainedRun, out: str | Path, g_E: np.ndarray, *, base: st
   hc["safemoe"] = {"gates": dict(zip(run.domains, g.tolist())), "scale": run.scale,
                    "experts": str(run.dir.absolute() / "experts.safetensors"),
                    "base_model": str(path)}
-  st.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-  (out / "config.json").write_text(json.dumps(hc, indent=2) + "\n")
+  tmp = out / f"model.safetensors.{os.getpid()}.tmp"
+  st.save_file(tensors, str(tmp), metadata={"format": "pt"})
+  os.replace(tmp, out / "model.safetensors")
+  jsonio.write_text_atomic(out / "config.json", json.dumps(hc, indent=2) + "\n")
   return out

@@ -34,7 +34,9 @@ from safetensors import numpy as st
 
 from safemoe_jax.core import config as C
 from safemoe_jax.train.rundir import TrainedRun
-from safemoe_jax.tools.export.common import PEFT_MODULES, check_out, ExportError, peft_key
+from safemoe_jax.io import jsonio
+from safemoe_jax.tools.export.common import (PEFT_MODULES, RESERVED_NAMES, ExportError, check_out,
+                                             mark_out, peft_key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,29 +81,33 @@ def save_peft_adapter(out: str | Path, tensors: dict[str, np.ndarray], cfg: dict
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   st.save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-  (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+  jsonio.write_text_atomic(out / "adapter_config.json",
+                           json.dumps(cfg, indent=2, sort_keys=True) + "\n")
   if card is not None:
-    (out / "README.md").write_text(card)
+    jsonio.write_text_atomic(out / "README.md", card)
   return out
 
 
 def _folder_names(domains: Sequence[str]) -> list[str]:
-  """A file-system-safe, unique folder name per domain."""
+  """A file-system-safe, unique folder name per domain, none of export's own file names
+  (compared without case: macOS and Windows file systems ignore it)."""
   names: list[str] = []
+  taken = {x.lower() for x in RESERVED_NAMES}
   for d in domains:
     n = re.sub(r"[^A-Za-z0-9_.-]+", "_", d).strip("._") or "expert"
-    while n in names or n in ("router",):
+    while n.lower() in taken | {x.lower() for x in names}:
       n += "_"
     names.append(n)
   return names
 
 
 def export_peft(run: TrainedRun, out: str | Path, experts: Sequence[str] | None = None,
-                base_name: str | None = None, metrics: dict | None = None) -> dict[str, Path]:
+                base_name: str | None = None, metrics: dict | None = None,
+                overwrite: bool = False) -> dict[str, Path]:
   """One PEFT adapter folder per expert (all by default) under `out`, plus router.safetensors,
   router.json and README.md. Returns {domain: adapter folder}."""
   out = Path(out)
-  check_out(out, run)
+  check_out(out, run, overwrite=overwrite)
   chosen = list(run.domains) if not experts or list(experts) == ["all"] else list(experts)
   if unknown := [x for x in chosen if x not in run.domains]:
     raise ExportError(f"no expert for {unknown}; this run's experts are {list(run.domains)}")
@@ -109,6 +115,8 @@ def export_peft(run: TrainedRun, out: str | Path, experts: Sequence[str] | None 
   folders = dict(zip(run.domains, _folder_names(run.domains)))
   ecfg = run.experts_cfg
   written = {}
+  out.mkdir(parents=True, exist_ok=True)
+  mark_out(out)
   for dom in chosen:
     e = run.domains.index(dom)
     cfg = peft_adapter_config(ecfg.targets, ecfg.rank, ecfg.alpha, base_name, ecfg.dropout)
@@ -116,8 +124,8 @@ def export_peft(run: TrainedRun, out: str | Path, experts: Sequence[str] | None 
                                      _adapter_card(run, dom, base_name))
   if run.router is not None:
     export_router(run, out)
-  (out / "README.md").write_text(model_card(run, {d: folders[d] for d in chosen}, base_name,
-                                            metrics))
+  jsonio.write_text_atomic(out / "README.md", model_card(run, {d: folders[d] for d in chosen},
+                                                         base_name, metrics))
   return written
 
 
@@ -143,7 +151,7 @@ def export_router(run: TrainedRun, out: str | Path) -> Path:
                   "scope 'shared'); g = activation(z / temperature), then top-k if top_k > 0; "
                   "each target projection y = W x + (alpha / rank) * sum_e g_e * B_e A_e x"),
   }
-  (out / "router.json").write_text(json.dumps(spec, indent=1) + "\n")
+  jsonio.write_text_atomic(out / "router.json", json.dumps(spec, indent=1) + "\n")
   return out / "router.json"
 
 
@@ -207,7 +215,7 @@ def model_card(run: TrainedRun, folders: dict[str, str], base_name: str,
     lines += ["", "## Data card", "", "```", card_txt.read_text().rstrip(), "```"]
   nums: dict[str, float] = {}
   if (s := run.dir / "safemoe.json").is_file():
-    m = json.loads(s.read_text()).get("metrics", {})
+    m = jsonio.read_json(s).get("metrics", {})
     nums |= {k: v for k, v in _flat_numbers(m).items() if "reference" in k or "/val/" in k}
   nums |= _flat_numbers(metrics or {})
   if nums:
