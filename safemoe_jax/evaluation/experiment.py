@@ -393,10 +393,17 @@ def run(xcfg: ExperimentConfig) -> dict:
   root = Path(xcfg.output_dir)
   root.mkdir(parents=True, exist_ok=True)
   (root / "experiment.json").write_text(json.dumps(C.to_dict(xcfg), indent=1))
+  t0 = time.perf_counter()
   runs = train_all(xcfg)
+  t1 = time.perf_counter()
   caches, harm, ben = generate_all(xcfg, runs)
+  t2 = time.perf_counter()
   informative = judge_informative(xcfg, caches) if xcfg.informative_judge else None
   res = summarize(xcfg, caches, harm, ben, informative)
+  # this invocation's wall time per stage (work found in the caches costs nothing here)
+  res["wall_time_s"] = {"train": round(t1 - t0, 1), "generate": round(t2 - t1, 1),
+                        "judge_and_summary": round(time.perf_counter() - t2, 1)}
+  log.info(f"wall time: {res['wall_time_s']}")
   if xcfg.half == "validation":
     res["chosen"] = choose(res, xcfg)
     log.info(f"chosen on the validation half: {res['chosen']}")
