@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from safemoe_jax import errors
 from safemoe_jax.core.config import ConfigError, from_dict
+from safemoe_jax.core.frozen import Frozen, FrozenDict
 
 
 class DataError(errors.SafeMoEError, ValueError):
@@ -27,7 +28,7 @@ PYRIT_DOMAINS = ("exploits", "hate_speech", "info_integrity", "privacy", "repres
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceConfig:
+class SourceConfig(Frozen):
   name: str = ""  # unique; prefixes record ids, names the source in errors and the card
   kind: str = "local"  # one of KINDS
   # A file (local, or a wheel kind's replacement file), a glob inside the pinned wheel, a Hub
@@ -35,10 +36,10 @@ class SourceConfig:
   path: str = ""
   hf_config: str = ""  # Hub config name (HarmBench "standard"; Safety-Tuned LLaMAs set name)
   split: str = ""  # Hub split to read ("" = the kind's default)
-  columns: dict = dataclasses.field(default_factory=dict)  # our field -> column (over defaults)
-  domain_map: dict = dataclasses.field(default_factory=dict)  # source label -> domain
+  columns: FrozenDict = FrozenDict()  # our field -> column (over defaults)
+  domain_map: FrozenDict = FrozenDict()  # source label -> domain
   domains: tuple[str, ...] = ()  # domains given to every row (a one-domain local file)
-  labels: dict = dataclasses.field(default_factory=dict)  # labels given to every row
+  labels: FrozenDict = FrozenDict()  # labels given to every row
   role: Literal["", "auto", "eval"] = ""  # eval: all its prompts go to the eval split
   # A domain outside data.domains: error, skip the row, keep it as a non-expert label.
   on_unknown_domain: Literal["", "error", "skip", "keep"] = ""
@@ -172,12 +173,12 @@ def data_config(d: dict | None = None) -> DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Kind:
+class Kind(Frozen):
   path: str  # default path / glob / dataset id / URL
   split: str = "train"
   hf_config: str = ""
-  columns: dict = dataclasses.field(default_factory=dict)  # our field -> column
-  domain_map: dict = dataclasses.field(default_factory=dict)
+  columns: FrozenDict = FrozenDict()  # our field -> column
+  domain_map: FrozenDict = FrozenDict()
   role: str = "auto"
   on_unknown_domain: str = "error"
   exclude: tuple[str, ...] = ()

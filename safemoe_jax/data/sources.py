@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import yaml
 
 from safemoe_jax.core.config import ConfigError
+from safemoe_jax.core.frozen import Frozen, FrozenDict
 from safemoe_jax.io import assets
 from safemoe_jax.data.config import KINDS, STL_BENIGN_SETS, DataError, Kind, SourceConfig
 
@@ -35,7 +36,7 @@ from safemoe_jax.data.config import KINDS, STL_BENIGN_SETS, DataError, Kind, Sou
 
 
 @dataclasses.dataclass(frozen=True)
-class _Src:
+class _Src(Frozen):
   """A SourceConfig with the kind's defaults filled in."""
   name: str
   kind: str
@@ -43,16 +44,16 @@ class _Src:
   path: str
   split: str
   hf_config: str
-  columns: dict
-  domain_map: dict
+  columns: FrozenDict
+  domain_map: FrozenDict
   role: str
   on_unknown_domain: str
   on_bad_row: str
   exclude: tuple[str, ...]
   domains: tuple[str, ...]
-  labels: dict
+  labels: FrozenDict
   max_rows: int
-  user_columns: dict  # what the config itself mapped
+  user_columns: FrozenDict  # what the config itself mapped
   needs_response: bool  # rows without a response are bad rows (prompt-only for eval sources)
 
 

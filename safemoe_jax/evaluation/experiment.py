@@ -37,6 +37,7 @@ from safetensors.numpy import load_file, save_file
 
 from safemoe_jax.core import config as C
 from safemoe_jax.core.experts import ExpertParam
+from safemoe_jax.core.frozen import Frozen, FrozenDict
 from safemoe_jax.data.encode import build
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation.baselines import train_single_lora
@@ -60,13 +61,13 @@ log = get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
+class ExperimentConfig(Frozen):
   output_dir: str = "runs/experiment"
   train_config: str = ""  # YAML of every run ("" = the embedded default)
   train_overrides: tuple[str, ...] = ()  # for every run, e.g. [data.phase2_targets=...]
   seeds: tuple[int, ...] = (0, 1, 2)
   # name -> overrides of phase 2 (router.*, objective.*, data.phase2_*, phase2.*)
-  variants: dict = dataclasses.field(default_factory=dict)
+  variants: FrozenDict = FrozenDict()
   controls: tuple[str, ...] = ()  # variants also trained over random experts of matched norm
   only_variants: tuple[str, ...] = ()  # run just these of `variants` (() = all of them)
   baselines: tuple[str, ...] = ("base", "uniform", "negated", "tuned_negation", "sft")
