@@ -36,6 +36,9 @@ class SourceConfig(Frozen):
   path: str = ""
   hf_config: str = ""  # Hub config name (HarmBench "standard"; Safety-Tuned LLaMAs set name)
   split: str = ""  # Hub split to read ("" = the kind's default)
+  # Hub dataset: branch, tag or commit to pin ("" = the kind's default: the Hub's default
+  # branch); safety_tuned_llamas: the commit of github.com/vinid/safety-tuned-llamas to read.
+  revision: str = ""
   columns: FrozenDict = FrozenDict()  # our field -> column (over defaults)
   domain_map: FrozenDict = FrozenDict()  # source label -> domain
   domains: tuple[str, ...] = ()  # domains given to every row (a one-domain local file)
@@ -177,6 +180,7 @@ class Kind(Frozen):
   path: str  # default path / glob / dataset id / URL
   split: str = "train"
   hf_config: str = ""
+  revision: str = ""  # the default SourceConfig.revision ("" = the Hub's default branch)
   columns: FrozenDict = FrozenDict()  # our field -> column
   domain_map: FrozenDict = FrozenDict()
   role: str = "auto"
@@ -219,6 +223,7 @@ PKU_TO_BEAVERTAILS = {
 # Safety-Tuned LLaMAs' evaluation folder also holds benign control sets: their prompts are
 # labelled prompt_safe (scored for over-refusal, never as harmful).
 STL_BENIGN_SETS = ("I-Alpaca", "I-PhysicalSafetySafe")
+STL_COMMIT = "36a4b8d5c2177ed165bf61f59b590161394f7f12"  # vinid/safety-tuned-llamas, 2024-05-09
 
 
 SCORER = "pyrit/datasets/scorer_evals"
@@ -283,8 +288,11 @@ KINDS: dict[str, Kind] = {
     # in github.com/vinid/safety-tuned-llamas data/evaluation (not on the Hub): hf_config names
     # the set (I-MaliciousInstructions, I-CoNa, I-Controversial, Q-Harm = HarmfulQ; the benign
     # controls I-Alpaca and I-PhysicalSafetySafe are labelled prompt_safe, see STL_BENIGN_SETS).
+    # Read at a pinned commit (the repository's main on 2024-05-09, "adding citation", after
+    # Q-Harm was added), never the moving branch; a source's `revision` reads another one.
     "safety_tuned_llamas": Kind("https://raw.githubusercontent.com/vinid/safety-tuned-llamas/"
-                                "main/data/evaluation/{set}.json", hf_config="I-CoNa",
+                                "{revision}/data/evaluation/{set}.json", hf_config="I-CoNa",
+                                revision=STL_COMMIT,
                                 columns={"prompt": "text"}, role="eval", response=False),
     # XSTest: split train; prompt, type, label ("safe" | "unsafe"), focus, note
     "xstest": Kind("Paul/XSTest", columns={"prompt": "prompt", "prompt_label": "label",

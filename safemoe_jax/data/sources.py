@@ -44,6 +44,7 @@ class _Src(Frozen):
   path: str
   split: str
   hf_config: str
+  revision: str  # "" = the Hub's default branch
   columns: FrozenDict
   domain_map: FrozenDict
   role: str
@@ -62,7 +63,8 @@ def _resolve(src: SourceConfig) -> _Src:
   cols = {**k.columns, **src.columns}
   path = src.path or k.path
   if src.kind == "safety_tuned_llamas":
-    path = path.replace("{set}", src.hf_config or k.hf_config)
+    path = path.replace("{set}", src.hf_config or k.hf_config).replace(
+        "{revision}", src.revision or k.revision)
   if src.kind == "local" and not path:
     raise ConfigError(f"data.sources[{src.name}]: a local source needs `path` (jsonl, json, csv "
                       f"or parquet file)")
@@ -71,7 +73,7 @@ def _resolve(src: SourceConfig) -> _Src:
   if src.kind == "safety_tuned_llamas" and (src.hf_config or k.hf_config) in STL_BENIGN_SETS:
     labels.setdefault("prompt_safe", True)
   return _Src(src.name or src.kind, src.kind, k, path, src.split or k.split,
-              src.hf_config or k.hf_config, cols, {**k.domain_map, **src.domain_map}, role,
+              src.hf_config or k.hf_config, src.revision or k.revision, cols, {**k.domain_map, **src.domain_map}, role,
               src.on_unknown_domain or k.on_unknown_domain, src.on_bad_row or "error",
               src.exclude or k.exclude, src.domains, labels, src.max_rows,
               dict(src.columns), k.response and role != "eval")
@@ -254,7 +256,8 @@ def _table(src: _Src, hub_loader: HubLoader):
       ds = hub_loader("json", data_files=src.path, field="instructions", split="train")
     return ds, src.path, "instruction"
   with _hub_errors(src, src.path):
-    ds = hub_loader(src.path, name=src.hf_config or None, split=src.split)
+    pin = {"revision": src.revision} if src.revision else {}
+    ds = hub_loader(src.path, name=src.hf_config or None, split=src.split, **pin)
   return ds, f"{src.path}[{src.hf_config + ':' if src.hf_config else ''}{src.split}]", "row"
 
 
