@@ -251,7 +251,7 @@ def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: 
 def _load_run(d: Path):
   """(TrainConfig, model config, base params, tokenizer, model) of a finished run."""
   r = RunDir(d).load_model()
-  return r.cfg, r.base.config, r.base.params, r.base.tokenizer, r.model
+  return r.cfg, r.base.config, r.host_params(), r.base.tokenizer, r.model
 
 
 def generate_all(xcfg: ExperimentConfig, runs) -> tuple[dict, list, list]:
