@@ -81,6 +81,27 @@ def _export_merged(family: str, out: Path, dest: Path, capsys) -> None:
   assert {k: rope.get(k) for k in want} == want, rope
 
 
+@pytest.mark.parametrize("family", sorted(HUB_IDS))
+def test_generation_takes_each_familys_config_as_a_static_argument(family):
+  """The fast tier's share of the matrix: generation jits with the model graph (and so its
+  config) as a static argument, which needs a hashable config, for every family's quirks."""
+  import numpy as np
+  from flax import nnx
+  from safemoe_jax.core.config import ExpertsConfig
+  from safemoe_jax.core.model import SafeMoELM
+  from safemoe_jax.infer.generate import generate
+  from safemoe_jax.io.weights import config_from_hf
+  cfg = config_from_hf(F.tiny_config(family, vocab_size=64))
+  assert cfg.qkv_bias == (family == "qwen2.5-0.5b")
+  model = SafeMoELM(cfg, ExpertsConfig(num_experts=2, rank=2), rngs=nnx.Rngs(0))
+  hash(nnx.split(model)[0])
+  ids = np.array([[0, 5, 6, 7]], np.int32)
+  out = generate(model, ids, np.array([[0, 1, 1, 1]], np.int32), max_new_tokens=3, eos_ids=[1],
+                 pad_id=0, routing="uniform")
+  assert np.asarray(out["tokens"]).shape[0] == 1
+
+
+@pytest.mark.slow
 def test_every_command_on_a_llama3_rope_checkpoint_by_hub_id(offline_hub, tmp_path, monkeypatch,
                                                             capsys):
   """Llama-3.2's config (llama3 RoPE scaling, tied embeddings) through train, resume, generate,
