@@ -410,4 +410,16 @@ MUTATIONS: list[Mutation] = [
         "      ):",
         ("tests/test_families.py::test_every_command_on_a_llama3_rope_checkpoint_by_hub_id",),
         "`generate --model org/name` is refused although train accepts the same Hub id"),
+    Mutation(
+        "remote-output-written-locally", "safemoe_jax/io/paths.py",
+        "  return Path(os.fspath(path)) if is_local(path) else epath.Path(os.fspath(path))",
+        "  return Path(os.fspath(path))",
+        ("tests/test_paths.py::test_a_gs_run_folder_through_a_real_fsspec_backend",),
+        "a gs:// output_dir becomes a local folder named gs: (nothing reaches the bucket)"),
+    Mutation(
+        "missing-storage-backend-unchecked", "safemoe_jax/io/paths.py",
+        "  missing = [pkg for mod, pkg in BACKENDS.get(scheme, ()) if not _importable(mod)]",
+        "  missing = []",
+        ("tests/test_paths.py::test_a_missing_storage_backend_is_one_error_line",),
+        "train output_dir=gs://... without gcsfs runs until epath raises an ImportError"),
 ]
