@@ -143,12 +143,15 @@ def test_every_command_on_a_llama3_rope_checkpoint_by_hub_id(offline_hub, tmp_pa
   _export_merged(family, out, tmp_path / "merged", capsys)
 
 
+# Llama-3.1 (the shipped 8B config's model) only: each whole run costs about half a minute on 2
+# cores, and the slow tier's budget is small; the other families' configs are hashed and jitted
+# by the fast test above, their weights by the parity tests (test_model, test_export).
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(set(HUB_IDS) - {"llama-3.2-1b"}))
+@pytest.mark.parametrize("family", ["llama-3.1-8b"])
 def test_each_family_trains_generates_and_exports_by_hub_id(family, offline_hub, tmp_path,
                                                            capsys):
-  """The other families' quirks through the commands that hash or rewrite the config: train
-  (both phases, with validation), generate from the run, export a merged checkpoint."""
+  """Another family's quirks through the commands that hash or rewrite the config: train (both
+  phases, with validation), generate from the run, export a merged checkpoint."""
   hub_id, ov, out = _checkpoint(family, offline_hub, tmp_path)
   assert train_cmd.main(ov) == 0, capsys.readouterr().err[-3000:]
   _check_run(family, hub_id, out)
