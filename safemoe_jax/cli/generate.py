@@ -1,6 +1,6 @@
 """`safemoe generate --prompt TEXT [--prompt TEXT ...] [--run DIR | --model PATH] [key=value ...]`:
-chat with the embedded default model, a base model (HF folder, .gguf or Hub id), or a trained run (its
-base model, experts and router; `routing=base|uniform|negated` for the baselines).
+chat with the embedded default model, a base model (HF folder, .gguf or Hub id), or a trained
+run (its base model, experts and router; `routing=base|uniform|negated` for the baselines).
 
     safemoe generate --prompt "What is the capital of France?"
     safemoe generate --run runs/embedded_default --prompt "How do I pick a lock?" max_new_tokens=64

@@ -73,7 +73,8 @@ def _resolve(src: SourceConfig) -> _Src:
   if src.kind == "safety_tuned_llamas" and (src.hf_config or k.hf_config) in STL_BENIGN_SETS:
     labels.setdefault("prompt_safe", True)
   return _Src(src.name or src.kind, src.kind, k, path, src.split or k.split,
-              src.hf_config or k.hf_config, src.revision or k.revision, cols, {**k.domain_map, **src.domain_map}, role,
+              src.hf_config or k.hf_config, src.revision or k.revision, cols,
+              {**k.domain_map, **src.domain_map}, role,
               src.on_unknown_domain or k.on_unknown_domain, src.on_bad_row or "error",
               src.exclude or k.exclude, src.domains, labels, src.max_rows,
               dict(src.columns), k.response and role != "eval")

@@ -1,10 +1,11 @@
 """Hugging Face Hub model ids -> a local snapshot folder (safetensors, config, tokenizer only).
 
-`model.path` is a local HF folder, a .gguf file, or a Hub id (`org/name`). A Hub id is fetched with
-`huggingface_hub.snapshot_download` into the usual Hub cache (`HF_HUB_CACHE` / `HF_HOME`), reading
-only what we load: config and tokenizer files, then the safetensors the index names (or
-model.safetensors); no pickle weights, no custom code, no duplicate consolidated.* weights. `HF_TOKEN` (or `hf auth login`) gives access
-to gated models such as Llama; `model.revision` pins a branch, tag or commit. With
+`model.path` is a local HF folder, a .gguf file, or a Hub id (`org/name`, or `name` such as gpt2).
+A Hub id is fetched with `huggingface_hub.snapshot_download` into the usual Hub cache
+(`HF_HUB_CACHE` / `HF_HOME`), reading only what we load: config and tokenizer files, then the
+safetensors the index names (or model.safetensors); no pickle weights, no custom code, no
+duplicate consolidated.* weights. `HF_TOKEN` (or `hf auth login`) gives access to gated models
+such as Llama; `model.revision` pins a branch, tag or commit. With
 `HF_HUB_OFFLINE=1` the cached snapshot is used without any network access.
 """
 
