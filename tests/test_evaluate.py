@@ -192,7 +192,7 @@ def test_tiny_run_evaluates_caches_and_reports(tiny_run):
 
   # A second run with the same settings generates and judges nothing new.
   loaded = train_rundir.RunDir(out).load_model()
-  cfg, mcfg, params, tok, model, fp = (loaded.cfg, loaded.base.config, loaded.base.params,
+  cfg, mcfg, params, tok, model, fp = (loaded.cfg, loaded.base.config, loaded.host_params(),
                                        loaded.base.tokenizer, loaded.model, loaded.fingerprint)
   data = data_encode.build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
   extra = {"sft": eval_baselines.train_single_lora(cfg, mcfg, params, data, out, "sft", log=quiet)}

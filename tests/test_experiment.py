@@ -279,12 +279,12 @@ def test_choose_takes_the_safest_variant_within_the_limits(tmp_path):
   # the test half trains and answers with the chosen variant and its control only
   (tmp_path / "results_validation.json").write_text(json.dumps({"chosen": "d"}))
   test = X.ExperimentConfig(**{**X.C.to_dict(xcfg), "half": "test", "variants": xcfg.variants})
-  assert X.systems_of_half(test) == ({"d": []}, ("d",))
+  assert X.systems_of_half(test) == ({"d": ()}, ("d",))
   assert X.systems_of_half(X.ExperimentConfig(**{**X.C.to_dict(test), "variants": xcfg.variants,
                                                  "test_variants": "all"}))[0] == xcfg.variants
   small = X.ExperimentConfig(**{**X.C.to_dict(xcfg), "variants": xcfg.variants,
                                  "only_variants": ("b", "d")})
-  assert X.systems_of_half(small) == ({"b": [], "d": []}, ())
+  assert X.systems_of_half(small) == ({"b": (), "d": ()}, ())
   assert XR.choose(res, small) == "d"  # a is not run
   with pytest.raises(ConfigError, match="only_variants"):
     X.ExperimentConfig(variants={"a": []}, only_variants=("z",)).validate()

@@ -96,3 +96,33 @@ def test_gated_or_unreachable_dataset_is_one_clear_error(exc, fix):
   with pytest.raises(data_cfg.DataError, match="dataset walledai/AdvBench could not be loaded") as e:
     data_records.load_records(cfg, hub_loader=load)
   assert fix in str(e.value) and "fix:" in str(e.value)
+
+
+def test_dataset_revisions_are_pinned_and_passed_to_the_loader():
+  """`revision` reaches datasets.load_dataset for a Hub dataset; the Safety-Tuned LLaMAs files are
+  read at a pinned commit of their repository (never the moving main branch), or at the source's
+  own revision."""
+  seen: list = []
+
+  def load(path, name=None, split=None, **kw):
+    import datasets
+    seen.append((path, kw.get("revision"), kw.get("data_files")))
+    if path == "json":
+      return datasets.load_dataset("json", data_files=str(FIX / Path(kw["data_files"]).name),
+                                   field=kw["field"], split=split)
+    return datasets.load_dataset("json", data_files=str(FIX / "xstest.jsonl"), split="train")
+
+  sources = [{"name": "x_pinned", "kind": "xstest", "revision": "abc1234"},
+             {"name": "x_default", "kind": "xstest"},
+             {"name": "stl", "kind": "safety_tuned_llamas", "hf_config": "I-CoNa"},
+             {"name": "stl_other", "kind": "safety_tuned_llamas", "hf_config": "I-CoNa",
+              "revision": "v2"}]
+  cfg = data_cfg.data_config({"sources": sources, "domains": ["privacy_violation"]})
+  data_records.load_records(cfg, hub_loader=load)
+  assert ("Paul/XSTest", "abc1234", None) in seen and ("Paul/XSTest", None, None) in seen
+  urls = [f for p, _, f in seen if p == "json"]
+  assert urls == [f"https://raw.githubusercontent.com/vinid/safety-tuned-llamas/"
+                  f"{data_cfg.STL_COMMIT}/data/evaluation/I-CoNa.json",
+                  "https://raw.githubusercontent.com/vinid/safety-tuned-llamas/v2/data/"
+                  "evaluation/I-CoNa.json"], urls
+  assert len(data_cfg.STL_COMMIT) == 40 and "/main/" not in urls[0]

@@ -136,3 +136,69 @@ def test_a_shipped_models_name_resolves_to_its_wheels_and_a_local_path_wins(tmp_
   rd = RunDir(tmp_path / "run")
   assert rd.base_path(str(tmp_path / "gone.gguf"), assets.QWEN05_GGUF_SHA256) == fake
   assert rd.base_path(str(tmp_path / "gone.gguf"), "0" * 64) == tmp_path / "gone.gguf"
+
+
+def test_ids_without_an_organisation_are_hub_ids(tiny_model, offline_cache, tmp_path, monkeypatch):
+  snap = write_hub_cache(offline_cache, "gpt2", tiny_model)
+  assert hub.is_hub_id("gpt2") and hub.is_hub_id("distilgpt2")
+  assert hub.resolve_model("gpt2") == (snap, "gpt2")
+  for not_an_id in ("model.safetensors", "weights.gguf", "config.yaml", "a/b/c", "",
+                    "qwen2.5-coder-0.5b-instruct"):  # files, paths, a shipped model's name
+    assert not hub.is_hub_id(not_an_id), not_an_id
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "gpt2").mkdir()
+  assert not hub.is_hub_id("gpt2")  # a local folder of that name wins
+
+
+def _fake_hub(monkeypatch, tmp_path, files: dict[str, bytes]) -> list[str]:
+  """snapshot_download over a repo holding `files`, with the Hub's own pattern matching; returns
+  the list of files fetched."""
+  from huggingface_hub.utils import filter_repo_objects
+  fetched: list[str] = []
+  snap = tmp_path / "snapshots" / COMMIT
+
+  def download(repo_id, revision=None, allow_patterns=None, token=None, **kw):
+    assert revision in (None, COMMIT), revision
+    for name in filter_repo_objects(list(files), allow_patterns=allow_patterns):
+      (snap / name).parent.mkdir(parents=True, exist_ok=True)
+      (snap / name).write_bytes(files[name])
+      fetched.append(name)
+    snap.mkdir(parents=True, exist_ok=True)
+    return str(snap)
+
+  monkeypatch.setattr(hub.huggingface_hub, "snapshot_download", download)
+  return fetched
+
+
+def test_download_fetches_the_indexed_shards_never_consolidated_weights(monkeypatch, tmp_path):
+  """Mistral-7B-Instruct-v0.3's repository holds its weights twice: HF shards with an index, and
+  consolidated.safetensors (Mistral's own layout, ~14.5 GB). Only what the loader reads is
+  fetched."""
+  shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+  index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shards[0],
+                                          "model.layers.0.self_attn.q_proj.weight": shards[1],
+                                          "lm_head.weight": shards[2]}}
+  files = {"config.json": b"{}", "params.json": b"{}", "tokenizer.json": b"{}",
+           "tokenizer.model": b"x", "tokenizer_config.json": b"{}", "generation_config.json": b"{}",
+           "consolidated.safetensors": b"x", "pytorch_model.bin": b"x",
+           "model.safetensors.index.json": json.dumps(index).encode(),
+           **{s: b"x" for s in shards}}
+  fetched = _fake_hub(monkeypatch, tmp_path, files)
+  path, hub_id = hub.resolve_model("mistralai/Mistral-7B-Instruct-v0.3")
+  assert hub_id == "mistralai/Mistral-7B-Instruct-v0.3" and path.name == COMMIT
+  assert sorted(fetched) == sorted(["config.json", "tokenizer.json", "tokenizer_config.json",
+                                    "generation_config.json", "model.safetensors.index.json",
+                                    *shards])
+
+
+def test_download_without_an_index_fetches_model_safetensors_only(monkeypatch, tmp_path):
+  fetched = _fake_hub(monkeypatch, tmp_path, {"config.json": b"{}", "model.safetensors": b"x",
+                                              "consolidated.safetensors": b"x"})
+  hub.resolve_model("org/single-file")
+  assert sorted(fetched) == ["config.json", "model.safetensors"]
+
+
+def test_a_repo_with_only_consolidated_weights_is_refused(monkeypatch, tmp_path):
+  _fake_hub(monkeypatch, tmp_path / "b", {"config.json": b"{}", "consolidated.safetensors": b"x"})
+  with pytest.raises(ConfigError, match=r"no \.safetensors weights in the Hugging Face layout"):
+    hub.resolve_model("org/consolidated-only")

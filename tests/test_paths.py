@@ -4,11 +4,17 @@ treating it as remote."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
+import fsspec
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
+from flax import nnx
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.utils import stringify_path
 from safetensors.numpy import load_file
 
 from safemoe_jax.io import paths
@@ -75,3 +81,73 @@ def test_training_to_a_remote_output_dir(as_remote, tmp_path):
   for k, v in load_file(str(as_remote / "router.safetensors")).items():
     np.testing.assert_array_equal(v, router[k])
   assert summary["artifacts"]["router"] == str(as_remote / "router.safetensors")
+
+
+class _GsMemory(MemoryFileSystem):
+  """fsspec's in-memory filesystem answering for gs:// (a bucket in this process)."""
+  protocol = ("gs", "gcs")
+  store: dict = {}
+  pseudo_dirs = [""]
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = stringify_path(path)
+    for p in ("gs://", "gcs://"):
+      path = path.removeprefix(p)
+    return MemoryFileSystem._strip_protocol(path)
+
+
+@pytest.fixture
+def gs_memory(monkeypatch):
+  """gs:// through epath's real fsspec backend, onto fsspec's memory filesystem."""
+  from etils.epath import backend as epath_backend
+  for name in ("gs", "gcs"):  # fsspec's registry (restored afterwards)
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, name, _GsMemory)
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  _GsMemory.store.clear()
+  yield _GsMemory()
+  _GsMemory.store.clear()
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_a_gs_run_folder_through_a_real_fsspec_backend(gs_memory):
+  """What the trainer itself writes to a gs:// output_dir (run.json, the summary, append-only logs,
+  the experts and router artifacts) goes through epath's fsspec backend into the bucket, and
+  reads back; nothing touches the local disk."""
+  from safemoe_jax.train.checkpoint import load_group, save_group
+  rd = RunDir("gs://bucket/run")
+  assert isinstance(rd.path, epath.Path) and rd.lock() is None
+  rd.path.mkdir(parents=True, exist_ok=True)
+  rd.write_json(rd.summary, {"x": 1})
+  assert json.loads(rd.summary.read_text()) == {"x": 1}
+  assert gs_memory.exists("/bucket/run/safemoe.json")
+  log = open_append(rd.path / "metrics.jsonl")
+  assert isinstance(log, paths.RemoteAppend)
+  log.write('{"step": 1}\n')
+  log.close()
+  gs_memory.pipe("/bucket/run/metrics.jsonl", gs_memory.cat("/bucket/run/metrics.jsonl") + b'{"st')
+  log = open_append(rd.path / "metrics.jsonl")  # a torn last line is dropped on open
+  log.write('{"step": 2}\n')
+  log.close()
+  assert read_jsonl(rd.path / "metrics.jsonl") == [{"step": 1}, {"step": 2}]
+  state = nnx.State({"w": nnx.Param(jnp.arange(6.0).reshape(2, 3))})
+  save_group(rd.experts, state, {"kind": "test"})
+  assert gs_memory.exists("/bucket/run/experts.safetensors")
+  back = nnx.State({"w": nnx.Param(jnp.zeros((2, 3)))})
+  load_group(rd.experts, back)
+  np.testing.assert_array_equal(np.asarray(back["w"].get_value()), np.arange(6.0).reshape(2, 3))
+
+
+def test_a_missing_storage_backend_is_one_error_line(monkeypatch, capsys):
+  """A fresh install has no gcsfs: `train output_dir=gs://...` says which extra to install."""
+  from safemoe_jax.cli import train as train_cmd
+  monkeypatch.setattr(paths, "_importable", lambda m: m != "gcsfs")
+  assert train_cmd.main(["output_dir=gs://bucket/run"]) == 2
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "needs gcsfs, which is not installed" in lines[0], err
+  assert "safemoe_jax[tpu]" in lines[0] and "Traceback" not in err
+  monkeypatch.setattr(paths, "_importable", lambda m: True)
+  paths.require_backend("gs://bucket/run")  # installed: no error
+  with pytest.raises(paths.PathError, match=r"ftp:// is not a location"):
+    paths.require_backend("ftp://host/run")

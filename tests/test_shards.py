@@ -4,6 +4,8 @@ safetensors (in chunks) and GGUF equal slices of the whole tensor."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -80,3 +82,101 @@ def test_bench_load_writes_a_sharded_checkpoint_the_reader_loads(tmp_path):
   reader = shards.open_reader(tmp_path, "bfloat16")
   for k, v in full.items():
     np.testing.assert_array_equal(reader.read(k), v, err_msg=k)
+
+
+# A Llama shape every mesh axis of 8 divides, written as sharded safetensors with an index.
+SMALL_HF = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8,
+            "head_dim": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
+            "tie_word_embeddings": False, "rope_theta": 10000.0, "hidden_act": "silu"}
+MESHES = {"fsdp8": S.MeshConfig(data=1, fsdp=8), "tensor8": S.MeshConfig(data=1, tensor=8),
+          "replicated8": S.MeshConfig(data=8), "2x2x2": S.MeshConfig(data=2, fsdp=2, tensor=2)}
+
+
+class _Counting:
+  """A file object that counts the bytes its reads return."""
+
+  def __init__(self, fh, counter: list[int]):
+    self.fh, self.counter = fh, counter
+
+  def read(self, n=-1):
+    b = self.fh.read(n)
+    self.counter[0] += len(b)
+    return b
+
+  def readinto(self, buf):
+    n = self.fh.readinto(buf)
+    self.counter[0] += n or 0
+    return n
+
+  def __getattr__(self, name):
+    return getattr(self.fh, name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.fh.close()
+
+
+def _bytes_read_child(folder: str) -> None:
+  import builtins
+  import json
+  import jax
+  assert jax.device_count() == 8, jax.devices()
+  tensor_bytes = json.loads((Path(folder) / "model.safetensors.index.json").read_text())[
+      "metadata"]["total_size"]
+  eager = B.load_base(folder, with_tokenizer=False)
+  want = _flat(eager.model(ECFG, RCFG, seed=3))
+  counter = [0]
+  weights.open = lambda *a, **k: _Counting(builtins.open(*a, **k), counter)
+  result = {}
+  for name, mcfg in MESHES.items():
+    lazy = B.load_base(folder, with_tokenizer=False, lazy=True)  # reads the headers only
+    counter[0] = 0
+    got = _flat(lazy.sharded_model(ECFG, RCFG, 3, S.make_mesh(mcfg), S.DEFAULT_RULES))
+    result[name] = counter[0] / tensor_bytes
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {k}")
+  print("RATIOS", json.dumps(result))
+
+
+def test_loading_reads_each_byte_once_per_host(tmp_path):
+  """One host, 8 devices, four meshes (parameters split on rows, on columns, both, or replicated
+  over 8 devices): the bytes read from the checkpoint are at most 1.1x its share (here the
+  whole checkpoint), and the sharded model equals the eager one."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from safemoe_jax.tools.bench_load import write_random_checkpoint
+  write_random_checkpoint(tmp_path / "ckpt", SMALL_HF, "float32", shard_bytes=200_000)
+  assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 1
+  root = Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(root),
+                                                               os.environ.get("PYTHONPATH", "")]))
+  r = subprocess.run([sys.executable, "-c", "from tests.test_shards import _bytes_read_child; "
+                      f"_bytes_read_child({str(tmp_path / 'ckpt')!r})"], cwd=root, env=env,
+                     capture_output=True, text=True, timeout=300)
+  line = [l for l in r.stdout.splitlines() if l.startswith("RATIOS ")]
+  assert r.returncode == 0 and line, r.stdout[-2000:] + r.stderr[-4000:]
+  ratios = json.loads(line[0][7:])
+  assert set(ratios) == set(MESHES)
+  for name, ratio in ratios.items():
+    assert 1.0 <= ratio <= 1.1, ratios
+
+
+def test_a_column_slice_reads_its_own_bytes(tiny_llama, monkeypatch):
+  """A host whose devices hold half of a tensor's columns reads about half of it."""
+  import builtins
+  reader = shards.open_reader(tiny_llama.path)
+  _, full = weights.load_hf_checkpoint(tiny_llama.path)
+  counter = [0]
+  monkeypatch.setattr(weights, "open", lambda *a, **k: _Counting(builtins.open(*a, **k), counter),
+                      raising=False)
+  key = "layers.down"  # ours (L, mlp, embed) = the source's (embed, mlp): mlp is its columns
+  L, F, D = full[key].shape
+  got = reader.read(key, (slice(None), slice(0, F // 2), slice(None)))
+  np.testing.assert_array_equal(got, full[key][:, :F // 2])
+  assert counter[0] == full[key][:, :F // 2].nbytes, (counter[0], full[key].nbytes)

@@ -1,6 +1,6 @@
 """`safemoe generate --prompt TEXT [--prompt TEXT ...] [--run DIR | --model PATH] [key=value ...]`:
-chat with the embedded default model, a base model (HF folder or .gguf), or a trained run (its
-base model, experts and router; `routing=base|uniform|negated` for the baselines).
+chat with the embedded default model, a base model (HF folder, .gguf or Hub id), or a trained
+run (its base model, experts and router; `routing=base|uniform|negated` for the baselines).
 
     safemoe generate --prompt "What is the capital of France?"
     safemoe generate --run runs/embedded_default --prompt "How do I pick a lock?" max_new_tokens=64
@@ -15,7 +15,7 @@ from typing import Sequence
 from safemoe_jax import errors
 from safemoe_jax.cli import args
 from safemoe_jax.infer.generate import DecodingConfig, GenerateError, chat_generate
-from safemoe_jax.io import assets
+from safemoe_jax.io import assets, hub
 from safemoe_jax.io.base import load_pretrained
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.rundir import RunDir
@@ -30,8 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   help="a user message (repeat for a batch)")
   src = ap.add_mutually_exclusive_group()
   src.add_argument("--model", default=None,
-                   help="HF folder, .gguf file or a shipped model's name (qwen2.5-coder-0.5b-instruct; "
-                        "default: embedded SmolLM2-135M-Instruct)")
+                   help="HF folder, .gguf file, Hub id (org/name, the Hub cache) or a shipped "
+                        "model's name (qwen2.5-coder-0.5b-instruct; default: embedded "
+                        "SmolLM2-135M-Instruct)")
   src.add_argument("--run", default=None, help="a trained run folder (experts and router)")
   ap.add_argument("--system", default=None, help="optional system message (= system=...)")
   ap.add_argument("--max-new-tokens", type=int, default=None)
@@ -47,10 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not a.prompt:
     ap.error("give at least one --prompt")
   cfg.validate()
-  if a.model is not None and not Path(a.model).exists() and a.model not in assets.EMBEDDED_MODELS:
+  if (a.model is not None and not Path(a.model).exists() and a.model not in assets.EMBEDDED_MODELS
+      and not hub.is_hub_id(a.model)):
     raise GenerateError(f"--model {a.model} does not exist (an HF folder with config.json "
-                        f"and safetensors, a .gguf file, or one of {sorted(assets.EMBEDDED_MODELS)}; "
-                        f"the Hub is not used)")
+                        f"and safetensors, a .gguf file, a Hub id org/name, or one of "
+                        f"{sorted(assets.EMBEDDED_MODELS)})")
   t0 = time.perf_counter()
   system, routing = cfg.system, "learned"  # no experts: the base model
   if a.run is not None:

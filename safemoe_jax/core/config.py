@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from safemoe_jax.core.frozen import Frozen, FrozenDict, freeze
 from safemoe_jax.errors import SafeMoEError
 
 
@@ -26,7 +27,7 @@ class ConfigError(SafeMoEError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Frozen):
   vocab_size: int = 256
   hidden_size: int = 64  # D
   intermediate_size: int = 128  # F (SwiGLU width)
@@ -36,8 +37,9 @@ class ModelConfig:
   head_dim: int = 16  # hd
   rope_theta: float = 10000.0
   # Llama-3.1 style RoPE scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
-  # "high_freq_factor", "original_max_position_embeddings"}; None for plain RoPE.
-  rope_scaling: dict | None = None
+  # "high_freq_factor", "original_max_position_embeddings"}; None for plain RoPE. A FrozenDict
+  # (a dict given here is frozen): the config is hashed by jit and the trainer.
+  rope_scaling: FrozenDict | None = None
   rms_norm_eps: float = 1e-5
   max_position_embeddings: int = 2048
   tie_embeddings: bool = False  # SmolLM2 ties the LM head to the input embedding
@@ -264,10 +266,10 @@ def _check_type(path: str, tp: Any, value: Any) -> Any:
       return tuple(_check_type(f"{path}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
     inner = args[0] if args else Any
     return tuple(_check_type(f"{path}[{i}]", inner, v) for i, v in enumerate(value))
-  if origin is dict or tp is dict:
+  if origin is dict or tp in (dict, FrozenDict):
     if not isinstance(value, dict):
       raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-    return dict(value)
+    return freeze(value)  # configs are hashed: a mapping is a FrozenDict
   if dataclasses.is_dataclass(tp):
     if isinstance(value, tp):
       return value

@@ -127,6 +127,17 @@ def _log_once(key: tuple, msg: str) -> None:
     log.info(msg)
 
 
+def fitting_mesh(m: MeshConfig) -> MeshConfig:
+  """`m`, or all devices data-parallel (same rules) where it does not fit this machine (a run
+  trained on a pod, loaded for evaluation on fewer devices)."""
+  try:
+    m.shape(jax.device_count())
+    return m
+  except ConfigError as e:
+    log.warning(f"the run's mesh does not fit this machine ({e}); loading data-parallel")
+    return MeshConfig(rules=m.rules)
+
+
 def logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                  rules: Sequence[tuple[str, MeshAxes]]) -> P:
   """PartitionSpec of an array of `shape` whose dims have logical names `axes`.

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from safemoe_jax import errors
 from safemoe_jax.core.config import ConfigError, from_dict
+from safemoe_jax.core.frozen import Frozen, FrozenDict
 
 
 class DataError(errors.SafeMoEError, ValueError):
@@ -34,7 +35,7 @@ SAFETY_SYSTEM = ("You are a safe and helpful assistant. If a request could cause
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceConfig:
+class SourceConfig(Frozen):
   name: str = ""  # unique; prefixes record ids, names the source in errors and the card
   kind: str = "local"  # one of KINDS
   # A file (local, or a wheel kind's replacement file), a glob inside the pinned wheel, a Hub
@@ -42,10 +43,13 @@ class SourceConfig:
   path: str = ""
   hf_config: str = ""  # Hub config name (HarmBench "standard"; Safety-Tuned LLaMAs set name)
   split: str = ""  # Hub split to read ("" = the kind's default)
-  columns: dict = dataclasses.field(default_factory=dict)  # our field -> column (over defaults)
-  domain_map: dict = dataclasses.field(default_factory=dict)  # source label -> domain
+  # Hub dataset: branch, tag or commit to pin ("" = the kind's default: the Hub's default
+  # branch); safety_tuned_llamas: the commit of github.com/vinid/safety-tuned-llamas to read.
+  revision: str = ""
+  columns: FrozenDict = FrozenDict()  # our field -> column (over defaults)
+  domain_map: FrozenDict = FrozenDict()  # source label -> domain
   domains: tuple[str, ...] = ()  # domains given to every row (a one-domain local file)
-  labels: dict = dataclasses.field(default_factory=dict)  # labels given to every row
+  labels: FrozenDict = FrozenDict()  # labels given to every row
   role: Literal["", "auto", "eval"] = ""  # eval: all its prompts go to the eval split
   # A domain outside data.domains: error, skip the row, keep it as a non-expert label.
   on_unknown_domain: Literal["", "error", "skip", "keep"] = ""
@@ -179,12 +183,13 @@ def data_config(d: dict | None = None) -> DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Kind:
+class Kind(Frozen):
   path: str  # default path / glob / dataset id / URL
   split: str = "train"
   hf_config: str = ""
-  columns: dict = dataclasses.field(default_factory=dict)  # our field -> column
-  domain_map: dict = dataclasses.field(default_factory=dict)
+  revision: str = ""  # the default SourceConfig.revision ("" = the Hub's default branch)
+  columns: FrozenDict = FrozenDict()  # our field -> column
+  domain_map: FrozenDict = FrozenDict()
   role: str = "auto"
   on_unknown_domain: str = "error"
   exclude: tuple[str, ...] = ()
@@ -225,6 +230,7 @@ PKU_TO_BEAVERTAILS = {
 # Safety-Tuned LLaMAs' evaluation folder also holds benign control sets: their prompts are
 # labelled prompt_safe (scored for over-refusal, never as harmful).
 STL_BENIGN_SETS = ("I-Alpaca", "I-PhysicalSafetySafe")
+STL_COMMIT = "36a4b8d5c2177ed165bf61f59b590161394f7f12"  # vinid/safety-tuned-llamas, 2024-05-09
 
 
 SCORER = "pyrit/datasets/scorer_evals"
@@ -289,8 +295,11 @@ KINDS: dict[str, Kind] = {
     # in github.com/vinid/safety-tuned-llamas data/evaluation (not on the Hub): hf_config names
     # the set (I-MaliciousInstructions, I-CoNa, I-Controversial, Q-Harm = HarmfulQ; the benign
     # controls I-Alpaca and I-PhysicalSafetySafe are labelled prompt_safe, see STL_BENIGN_SETS).
+    # Read at a pinned commit (the repository's main on 2024-05-09, "adding citation", after
+    # Q-Harm was added), never the moving branch; a source's `revision` reads another one.
     "safety_tuned_llamas": Kind("https://raw.githubusercontent.com/vinid/safety-tuned-llamas/"
-                                "main/data/evaluation/{set}.json", hf_config="I-CoNa",
+                                "{revision}/data/evaluation/{set}.json", hf_config="I-CoNa",
+                                revision=STL_COMMIT,
                                 columns={"prompt": "text"}, role="eval", response=False),
     # XSTest: split train; prompt, type, label ("safe" | "unsafe"), focus, note
     "xstest": Kind("Paul/XSTest", columns={"prompt": "prompt", "prompt_label": "label",

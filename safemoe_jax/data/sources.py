@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import yaml
 
 from safemoe_jax.core.config import ConfigError
+from safemoe_jax.core.frozen import Frozen, FrozenDict
 from safemoe_jax.io import assets
 from safemoe_jax.data.config import KINDS, STL_BENIGN_SETS, DataError, Kind, SourceConfig
 
@@ -35,7 +36,7 @@ from safemoe_jax.data.config import KINDS, STL_BENIGN_SETS, DataError, Kind, Sou
 
 
 @dataclasses.dataclass(frozen=True)
-class _Src:
+class _Src(Frozen):
   """A SourceConfig with the kind's defaults filled in."""
   name: str
   kind: str
@@ -43,16 +44,17 @@ class _Src:
   path: str
   split: str
   hf_config: str
-  columns: dict
-  domain_map: dict
+  revision: str  # "" = the Hub's default branch
+  columns: FrozenDict
+  domain_map: FrozenDict
   role: str
   on_unknown_domain: str
   on_bad_row: str
   exclude: tuple[str, ...]
   domains: tuple[str, ...]
-  labels: dict
+  labels: FrozenDict
   max_rows: int
-  user_columns: dict  # what the config itself mapped
+  user_columns: FrozenDict  # what the config itself mapped
   needs_response: bool  # rows without a response are bad rows (prompt-only for eval sources)
 
 
@@ -61,7 +63,8 @@ def _resolve(src: SourceConfig) -> _Src:
   cols = {**k.columns, **src.columns}
   path = src.path or k.path
   if src.kind == "safety_tuned_llamas":
-    path = path.replace("{set}", src.hf_config or k.hf_config)
+    path = path.replace("{set}", src.hf_config or k.hf_config).replace(
+        "{revision}", src.revision or k.revision)
   if src.kind == "local" and not path:
     raise ConfigError(f"data.sources[{src.name}]: a local source needs `path` (jsonl, json, csv "
                       f"or parquet file)")
@@ -70,7 +73,8 @@ def _resolve(src: SourceConfig) -> _Src:
   if src.kind == "safety_tuned_llamas" and (src.hf_config or k.hf_config) in STL_BENIGN_SETS:
     labels.setdefault("prompt_safe", True)
   return _Src(src.name or src.kind, src.kind, k, path, src.split or k.split,
-              src.hf_config or k.hf_config, cols, {**k.domain_map, **src.domain_map}, role,
+              src.hf_config or k.hf_config, src.revision or k.revision, cols,
+              {**k.domain_map, **src.domain_map}, role,
               src.on_unknown_domain or k.on_unknown_domain, src.on_bad_row or "error",
               src.exclude or k.exclude, src.domains, labels, src.max_rows,
               dict(src.columns), k.response and role != "eval")
@@ -253,7 +257,8 @@ def _table(src: _Src, hub_loader: HubLoader):
       ds = hub_loader("json", data_files=src.path, field="instructions", split="train")
     return ds, src.path, "instruction"
   with _hub_errors(src, src.path):
-    ds = hub_loader(src.path, name=src.hf_config or None, split=src.split)
+    pin = {"revision": src.revision} if src.revision else {}
+    ds = hub_loader(src.path, name=src.hf_config or None, split=src.split, **pin)
   return ds, f"{src.path}[{src.hf_config + ':' if src.hf_config else ''}{src.split}]", "row"
 
 

@@ -53,9 +53,10 @@ def generate(run: Path, out_dir: Path = AUDIT_DIR, *, systems: Sequence[str] = S
   loaded = RunDir(run).load_model()
   cfg, mcfg, tok, model = loaded.cfg, loaded.base.config, loaded.base.tokenizer, loaded.model
   data = build(cfg.data, tok, model_context=mcfg.max_position_embeddings)
-  extra = {k: train_single_lora(cfg, mcfg, loaded.base.params, data, run, k, log=log)
-           for k in ("sft", "harmful_lora") if k in systems}
-  loaded.base.params = {}
+  lora = [k for k in ("sft", "harmful_lora") if k in systems]
+  params = loaded.host_params() if lora else {}
+  extra = {k: train_single_lora(cfg, mcfg, params, data, run, k, log=log) for k in lora}
+  del params
   benches = audit_prompts(data, counts)
   for b in benches:
     log(f"audit prompts {b.name:14s} {b.kind:8s} {len(b.prompts)}")

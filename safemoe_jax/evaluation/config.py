@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from safemoe_jax.core import numbers
+from safemoe_jax.core.frozen import Frozen, FrozenDict
 from safemoe_jax.errors import SafeMoEError
 
 
@@ -28,12 +29,12 @@ class EvalError(SafeMoEError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Frozen):
   systems: tuple[str, ...] = DEFAULT_SYSTEMS
   judges: tuple[str, ...] = ("refusal_strings",)  # judges.load_judge specs; the first leads
   # Prompts per benchmark (0 = all), chosen by a seeded hash of the prompt, so a smaller count
   # is a subset of a larger one. Defaults: 235 offline harmful + 100 benign prompts.
-  counts: dict = dataclasses.field(default_factory=lambda: {
+  counts: FrozenDict = FrozenDict({
       "advbench": 60, "harmbench": 40, "donotanswer": 40, "pyrit_heldout": 0,
       "benign_edgy": 100})
   default_count: int = 100  # benchmarks not named in `counts` (Hub sets, held-out domains)

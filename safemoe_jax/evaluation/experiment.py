@@ -40,6 +40,7 @@ from safemoe_jax.core import config as C
 from safemoe_jax.core import numbers
 from safemoe_jax.core.experts import ExpertParam
 from safemoe_jax.data.config import SAFETY_SYSTEM
+from safemoe_jax.core.frozen import Frozen, FrozenDict
 from safemoe_jax.data.encode import build
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation.baselines import train_single_lora
@@ -67,13 +68,13 @@ log = get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
+class ExperimentConfig(Frozen):
   output_dir: str = "runs/experiment"
   train_config: str = ""  # YAML of every run ("" = the embedded default)
   train_overrides: tuple[str, ...] = ()  # for every run, e.g. [data.phase2_targets=...]
   seeds: tuple[int, ...] = (0, 1, 2)
   # name -> overrides of phase 2 (router.*, objective.*, data.phase2_*, phase2.*)
-  variants: dict = dataclasses.field(default_factory=dict)
+  variants: FrozenDict = FrozenDict()
   controls: tuple[str, ...] = ()  # variants also trained over random experts of matched norm
   only_variants: tuple[str, ...] = ()  # run just these of `variants` (() = all of them)
   # oracle_negation: gates -lambda/E on harmful prompts and 0 on benign ones (the prompt's label):
@@ -293,7 +294,7 @@ def _generate(model, tok, systems: dict[str, tuple[bool, np.ndarray]], prompts: 
 def _load_run(d: Path):
   """(TrainConfig, model config, base params, tokenizer, model) of a finished run."""
   r = RunDir(d).load_model()
-  return r.cfg, r.base.config, r.base.params, r.base.tokenizer, r.model
+  return r.cfg, r.base.config, r.host_params(), r.base.tokenizer, r.model
 
 
 def generate_all(xcfg: ExperimentConfig, runs) -> tuple[dict, list, list]:

@@ -200,7 +200,6 @@ def evaluate_run(run: str | Path, ecfg: EvalConfig = EvalConfig(), *, progress: 
   run = Path(run)
   loaded = RunDir(run).load_model()
   cfg, mcfg, tok = loaded.cfg, loaded.base.config, loaded.base.tokenizer
-  params = loaded.base.params
   ecfg = fit_context(ecfg, mcfg.max_position_embeddings, log)  # before any LoRA is trained
   if extra_sources:
     srcs = tuple(C.from_dict(SourceConfig, {**d, "role": "eval"}, "--source")
@@ -214,9 +213,10 @@ def evaluate_run(run: str | Path, ecfg: EvalConfig = EvalConfig(), *, progress: 
   # same baseline and overwriting the file the first one's cache rows are keyed to.
   lock = RunDir(run).lock("evaluate")
   try:
-    extra = {k: train_single_lora(cfg, mcfg, params, data, run, k, log=log)
-             for k in ("sft", "harmful_lora") if k in ecfg.systems}
-    loaded.base.params = params = {}  # the models hold the weights now
+    lora = [k for k in ("sft", "harmful_lora") if k in ecfg.systems]
+    params = loaded.host_params() if lora else {}  # their own models over the same base weights
+    extra = {k: train_single_lora(cfg, mcfg, params, data, run, k, log=log) for k in lora}
+    del params  # the models hold the weights now
     return evaluate_loaded(out=run, model=loaded.model, tok=tok, data=data, ecfg=ecfg,
                            base_fp=loaded.fingerprint,
                            extra_models=extra, progress=progress, log=log, judges=judges,

@@ -9,6 +9,7 @@ at close, and there is no lock (one trainer per output_dir is up to the user).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from etils import epath
 
+from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.log import get_logger
 
 log = get_logger(__name__)
@@ -31,6 +33,41 @@ def is_local(path: PathLike) -> bool:
 def as_path(path: PathLike) -> Path:
   """A pathlib.Path for a local folder, an epath.Path (same API) for anything else."""
   return Path(os.fspath(path)) if is_local(path) else epath.Path(os.fspath(path))
+
+
+# What each object store needs beyond fsspec (module, pip package): epath writes through
+# fsspec's filesystem for the scheme; Orbax talks to Cloud Storage through google-cloud-storage.
+BACKENDS = {"gs": (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage")),
+            "s3": (("s3fs", "s3fs"),), "az": (("adlfs", "adlfs"),)}
+EXTRA = "pip install 'safemoe_jax[tpu]' (or '[gpu]')"
+
+
+class PathError(SafeMoEError, ValueError):
+  """A location this installation cannot write."""
+
+
+def require_backend(path: PathLike, what: str = "output_dir") -> None:
+  """One clear error, before anything runs, when `path` is on storage whose client library is
+  not installed (a fresh `pip install safemoe_jax` has no gcsfs: gs:// ended in an ImportError)."""
+  if is_local(path):
+    return
+  scheme = os.fspath(path).split("://", 1)[0].lower()
+  if scheme not in (*BACKENDS, "hf"):
+    raise PathError(f"{what}={os.fspath(path)}: {scheme}:// is not a location epath can write "
+                    f"(supported: a local folder, gs://, s3://, az://, hf://)")
+  missing = [pkg for mod, pkg in BACKENDS.get(scheme, ()) if not _importable(mod)]
+  if missing:
+    fix = f"{EXTRA}, or pip install {' '.join(missing)}" if scheme == "gs" else \
+        f"pip install {' '.join(missing)}"
+    raise PathError(f"{what}={os.fspath(path)} needs {' and '.join(missing)}, which "
+                    f"{'is' if len(missing) == 1 else 'are'} not installed: {fix}")
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a missing parent package (google)
+    return False
 
 
 def absolute(path: Path) -> Path:
@@ -49,7 +86,8 @@ class RemoteAppend:
     if text and not text.endswith("\n"):
       log.warning(f"{self.path}: removed a torn last line")
       text = text[:text.rfind("\n") + 1]
-    self.text, self.dirty, self.last = text, False, 0.0
+    # -inf, not 0: time.monotonic() may count from boot, and the first write must go out at once
+    self.text, self.dirty, self.last = text, False, -float("inf")
 
   def write(self, s: str) -> int:
     self.text += s

@@ -5,8 +5,11 @@ The model is built abstractly (`nnx.eval_shape`: shapes only), each parameter's 
 from the logical-axis rules (`sharding.state_shardings`), and every base parameter is made with
 `jax.make_array_from_callback`: the callback reads only that device's slice of the checkpoint
 (safetensors: plain reads of the rows it needs; GGUF: one tensor dequantised at a time), cast to
-the parameter dtype. No device and no process ever holds the whole base model; a process holds
-its own devices' shards plus one source tensor (GGUF: one stacked parameter, see `GgufReader`).
+the parameter dtype. Each process reads its block of a parameter (the box around its devices'
+slices) once, and cuts each device's slice from it: every byte of the checkpoint is read once
+per host, however the parameter is split or replicated over the host's devices. No device and
+no process ever holds the whole base model; a process holds its own devices' shards plus its
+block of one parameter (GGUF: one stacked parameter, see `GgufReader`).
 The trainable groups (experts, router) are made exactly as `SafeMoELM(...)` makes them, from
 the same random stream, and placed on their shardings: bit-identical to an eager model.
 
@@ -162,6 +165,24 @@ def abstract_sharded(cfg: ModelConfig, ecfg: ExpertsConfig | None, rcfg: RouterC
   return graphdef, state, {p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
 
 
+def host_box(indices: Sequence[Index], shape: tuple[int, ...]) -> Index:
+  """The smallest box (one slice per axis) covering every given device slice of `shape`."""
+  box = []
+  for d, n in enumerate(shape):
+    spans = [(idx[d] if d < len(idx) else slice(None)).indices(n)[:2] for idx in indices]
+    box.append(slice(min(a for a, _ in spans), max(b for _, b in spans)))
+  return tuple(box)
+
+
+def _within(idx: Index, box: Index, shape: tuple[int, ...]) -> Index:
+  """Device slice `idx` of the parameter, relative to the block read for `box`."""
+  out = []
+  for d, n in enumerate(shape):
+    a, b, _ = (idx[d] if d < len(idx) else slice(None)).indices(n)
+    out.append(slice(a - box[d].start, b - box[d].start))
+  return tuple(out)
+
+
 def sharded_model(reader: BaseReader, ecfg: ExpertsConfig | None, rcfg: RouterConfig | None,
                   seed: int, mesh, rules: Sequence[tuple[str, Any]],
                   cfg: ModelConfig | None = None) -> SafeMoELM:
@@ -190,8 +211,14 @@ def sharded_model(reader: BaseReader, ecfg: ExpertsConfig | None, rcfg: RouterCo
       var.set_value(jax.device_put(trained[path].get_value(), sh))
     elif key in reader.shapes:
       shape = var.get_value().shape
+      # This host's block of the parameter (the box around its devices' slices) is read once;
+      # each device's slice is cut from it in memory. Per-device reads read a row-sharded
+      # tensor's rows for every column shard, and a replicated one once per replica.
+      box = host_box(list(sh.addressable_devices_indices_map(shape).values()), shape)
+      block = reader.read(key, box)
       var.set_value(jax.make_array_from_callback(
-          shape, sh, lambda idx, key=key: reader.read(key, idx)))
+          shape, sh, lambda idx, block=block, box=box: block[_within(idx, box, shape)]))
+      del block
     else:
       raise WeightsError(f"model parameter {key} is neither a base weight nor trainable")
   return nnx.merge(graphdef, state)

@@ -92,7 +92,7 @@ def run_eval_bench(systems: Sequence[str], prompts: int = 0, batch_size: int | N
   t0 = time.perf_counter()
   if run:
     loaded = RunDir(run).load_model()
-    cfg, mcfg, params, tok, model = (loaded.cfg, loaded.base.config, loaded.base.params,
+    cfg, mcfg, params, tok, model = (loaded.cfg, loaded.base.config, loaded.host_params(),
                                      loaded.base.tokenizer, loaded.model)
     _, sft = eval_models(cfg, mcfg, params)
     if RunDir(run).single_lora("sft").exists():

@@ -13,6 +13,7 @@ from safemoe_jax.core import numbers
 from safemoe_jax.core import sharding as S
 from safemoe_jax.core.config import ConfigError, ExpertsConfig, RouterConfig
 from safemoe_jax.data.config import DataConfig
+from safemoe_jax.io import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,9 @@ class TrainConfig:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
     if self.quick_look < 0:
       raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
+    self.mesh.validate()  # its axis sizes; the device count is checked when the run starts
     numbers.check(self, TRAIN_RANGES)
+    paths.require_backend(self.output_dir)  # gs:// needs gcsfs: one error line, not an ImportError
 
   def experts_config(self) -> ExpertsConfig:
     return dataclasses.replace(self.experts, num_experts=len(self.data.domains),

@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import numpy as np
 from flax import nnx
 from safetensors import numpy as st
 
 from safemoe_jax.core import config as C
+from safemoe_jax.core import sharding as S
 from safemoe_jax.core.config import ConfigError, ExpertsConfig, ModelConfig, RouterConfig
 from safemoe_jax.core.experts import ExpertParam, RouterParam, target_dims
 from safemoe_jax.core.model import SafeMoELM
@@ -34,8 +36,9 @@ from safemoe_jax.errors import SafeMoEError
 from safemoe_jax.io import assets
 from safemoe_jax.io import base as B
 from safemoe_jax.io import hub, jsonio, paths
+from safemoe_jax.io import weights as W
 from safemoe_jax.log import get_logger
-from safemoe_jax.train.checkpoint import load_group, nonfinite_names
+from safemoe_jax.train.checkpoint import host, load_group, nonfinite_names
 from safemoe_jax.train.config import TrainConfig
 
 log = get_logger(__name__)
@@ -154,9 +157,16 @@ class LoadedRun:
   """A finished run as a model: its TrainConfig, base model, SafeMoE model (experts and router
   loaded) and the base model's fingerprint."""
   cfg: TrainConfig
-  base: B.Base
+  base: B.Base  # lazy: its weights live in `model`, sharded (base.params is {})
   model: SafeMoELM
   fingerprint: str
+
+  def host_params(self) -> dict[str, np.ndarray]:
+    """The base weights gathered to this host, in SafeMoELM.load_base's layout: for what builds
+    its own model over them (the SFT and harmful-LoRA baselines)."""
+    keys = set(W.expected_shapes(self.base.config))
+    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(self.model))}
+    return {k: host(v.get_value()) for k, v in flat.items() if k in keys}
 
 
 def _metadata(path: Path) -> dict[str, Any]:
@@ -431,9 +441,12 @@ class RunDir:
                      f"(fingerprint {now[:12]} vs {recorded_fp[:12]}); {fix}")
     return now
 
-  def load_model(self) -> LoadedRun:
+  def load_model(self, mesh: S.MeshConfig | None = None) -> LoadedRun:
     """A finished run as a model: its TrainConfig, the base model it was trained on (checked by
-    fingerprint), experts and router loaded."""
+    fingerprint), experts and router loaded. Built as training builds it: abstractly, then every
+    array on its sharding over `mesh` (default: the run's mesh.*, or all devices data-parallel
+    where that does not fit this machine), each device's base shard read from the checkpoint;
+    no device ever holds the whole model unless the mesh replicates it."""
     info = self.info()
     if info is None:
       raise RunError(f"{self.path} has no run.json: not a training output directory (train "
@@ -446,10 +459,12 @@ class RunDir:
                        f"command again to resume it)")
     base = B.load_base(cfg.model.path, revision=cfg.model.revision,
                        param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype,
-                       remat=cfg.model.remat)
+                       remat=cfg.model.remat, lazy=True)
     fp = self.check_base(base.path, info.get("base_model", {}).get("fingerprint"),
                          "set model.path to the original weights")
-    model = base.model(cfg.experts_config(), cfg.router, cfg.seed)
+    mcfg = mesh or S.fitting_mesh(cfg.mesh)
+    model = base.sharded_model(cfg.experts_config(), cfg.router, cfg.seed, S.make_mesh(mcfg),
+                               mcfg.rules)
     for f, filt in ((self.experts, ExpertParam), (self.router, RouterParam)):
       state = nnx.state(model, filt)
       load_group(f, state)

@@ -526,4 +526,77 @@ MUTATIONS: list[Mutation] = [
         "  lock = RunDir(run).lock(\"evaluate\")", "  lock = None",
         ("tests/test_reliability_round3.py::test_a_second_evaluate_on_a_run_is_refused_while_one_holds_its_lock",),
         "two evaluates on one run both train and write the SFT baseline"),
+    # --- issue-31a ---
+    Mutation(
+        "config-mapping-field-not-frozen", "safemoe_jax/core/frozen.py",
+        "      object.__setattr__(obj, f.name, freeze(v))\n",
+        "      pass\n",
+        ("tests/test_config_values.py",),
+        "a dict given to a config in code (config_from_hf's rope_scaling) stays a dict: unhashable"),
+    Mutation(
+        "config-frozendict-shallow", "safemoe_jax/core/frozen.py",
+        "    super().__init__((k, freeze(v)) for k, v in dict(*args, **kwargs).items())",
+        "    super().__init__(dict(*args, **kwargs))",
+        ("tests/test_config_values.py",),
+        "a FrozenDict keeps nested lists and dicts as they came: the config hashes no more"),
+    Mutation(
+        "hub-fetches-every-safetensors", "safemoe_jax/io/hub.py",
+        "      return sorted(set(json.loads(idx.read_text())[\"weight_map\"].values()))",
+        "      return [\"*.safetensors\"]",
+        ("tests/test_hub_model.py::test_download_fetches_the_indexed_shards_never_consolidated_weights",),
+        "Mistral's consolidated.safetensors (~14.5 GB) is downloaded beside its shards"),
+    Mutation(
+        "hub-id-needs-an-organisation", "safemoe_jax/io/hub.py",
+        "_HUB_ID = re.compile(r\"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$\")",
+        "_HUB_ID = re.compile(r\"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$\")",
+        ("tests/test_hub_model.py::test_ids_without_an_organisation_are_hub_ids",),
+        "`gpt2` is not recognised as a Hub id"),
+    Mutation(
+        "stl-read-from-moving-branch", "safemoe_jax/data/config.py",
+        "                                revision=STL_COMMIT,\n",
+        "                                revision=\"main\",\n",
+        ("tests/test_hub_data.py::test_dataset_revisions_are_pinned_and_passed_to_the_loader",),
+        "the Safety-Tuned LLaMAs files are read from the moving main branch"),
+    Mutation(
+        "dataset-revision-dropped", "safemoe_jax/data/sources.py",
+        "    pin = {\"revision\": src.revision} if src.revision else {}\n",
+        "    pin = {}\n",
+        ("tests/test_hub_data.py::test_dataset_revisions_are_pinned_and_passed_to_the_loader",),
+        "a source's revision never reaches load_dataset: the dataset is read from its default branch"),
+    Mutation(
+        "load-reads-per-device", "safemoe_jax/io/shards.py",
+        "          shape, sh, lambda idx, block=block, box=box: block[_within(idx, box, shape)]))",
+        "          shape, sh, lambda idx, key=key: reader.read(key, idx)))",
+        ("tests/test_shards.py::test_loading_reads_each_byte_once_per_host",),
+        "every device reads its own slice from disk: all rows again for each column shard"),
+    Mutation(
+        "column-slice-reads-whole-rows", "safemoe_jax/io/weights.py",
+        "      if cstep == 1 and c1 > c0 and (c1 - c0) < 0.9 * self.shape[1]:",
+        "      if False:",
+        ("tests/test_shards.py::test_a_column_slice_reads_its_own_bytes",),
+        "a host holding half the columns reads the whole rows"),
+    Mutation(
+        "eval-load-replicated", "safemoe_jax/train/rundir.py",
+        "    mcfg = mesh or S.fitting_mesh(cfg.mesh)\n",
+        "    mcfg = S.MeshConfig(rules=cfg.mesh.rules)\n",
+        ("tests/test_sharded_eval.py",),
+        "evaluation ignores the run's mesh: every device holds the whole model"),
+    Mutation(
+        "generate-refuses-hub-ids", "safemoe_jax/cli/generate.py",
+        "      and not hub.is_hub_id(a.model)):",
+        "      ):",
+        ("tests/test_families.py::test_every_command_on_a_llama3_rope_checkpoint_by_hub_id",),
+        "`generate --model org/name` is refused although train accepts the same Hub id"),
+    Mutation(
+        "remote-output-written-locally", "safemoe_jax/io/paths.py",
+        "  return Path(os.fspath(path)) if is_local(path) else epath.Path(os.fspath(path))",
+        "  return Path(os.fspath(path))",
+        ("tests/test_paths.py::test_a_gs_run_folder_through_a_real_fsspec_backend",),
+        "a gs:// output_dir becomes a local folder named gs: (nothing reaches the bucket)"),
+    Mutation(
+        "missing-storage-backend-unchecked", "safemoe_jax/io/paths.py",
+        "  missing = [pkg for mod, pkg in BACKENDS.get(scheme, ()) if not _importable(mod)]",
+        "  missing = []",
+        ("tests/test_paths.py::test_a_missing_storage_backend_is_one_error_line",),
+        "train output_dir=gs://... without gcsfs runs until epath raises an ImportError"),
 ]
