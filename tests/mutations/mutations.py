@@ -573,7 +573,8 @@ MUTATIONS: list[Mutation] = [
         "column-slice-reads-whole-rows", "safemoe_jax/io/weights.py",
         "      if cstep == 1 and c1 > c0 and (c1 - c0) < 0.9 * self.shape[1]:",
         "      if False:",
-        ("tests/test_shards.py::test_a_column_slice_reads_its_own_bytes",),
+        ("tests/test_shards.py::test_a_column_slice_reads_its_own_bytes",
+         "tests/test_shards.py::test_loading_reads_each_byte_once_per_host"),
         "a host holding half the columns reads the whole rows"),
     Mutation(
         "eval-load-replicated", "safemoe_jax/train/rundir.py",
