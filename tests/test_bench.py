@@ -12,7 +12,7 @@ import pytest
 from safemoe_jax.tools import aot as bench_aot
 from safemoe_jax.tools import bench
 from safemoe_jax.tools import bench_eval
-from safemoe_jax.tools import flops as bench_flops
+from safemoe_jax.core import flops as bench_flops
 from safemoe_jax.core.config import ModelConfig
 from tests.prereq import missing
 

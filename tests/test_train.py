@@ -280,3 +280,66 @@ def test_phase2_with_curated_targets_a_contrast_and_a_retain_term(tiny, tmp_path
   assert all(r["source"] == "curated" for r in t.records)
   b = next(iter(d.train_iterator(2)))
   assert "kind" in b and b["kind"].shape == (cfg.data.batch_size,)
+
+
+def test_step_meter_tokens_per_s_mfu_and_goodput():
+  from safemoe_jax.train.metrics import StepMeter
+  m = StepMeter(lambda seq: 100.0 * seq, peak_flops=1e3, devices=2)
+  first = m(10.0, 4, 0.5)  # the compiling step: not productive time
+  assert first["tokens_per_s"] == 20.0 and first["goodput"] == 0.0
+  assert first["mfu"] == 400.0 * 10.0 / 0.5 / (1e3 * 2)  # model FLOPs/s over 2 devices' peak
+  assert m(8.0, 2, 0.25)["mfu"] == 200.0 * 8.0 / 0.25 / 2e3  # the step's own length
+  assert m.steady == 0.25
+  assert "mfu" not in StepMeter(lambda seq: 1.0, None, 1)(1.0, 1, 1.0)  # no known peak (CPU)
+
+
+@pytest.mark.slow
+def test_steps_log_throughput_mfu_goodput_and_profile_steps_write_a_trace(tiny, tmp_path,
+                                                                          monkeypatch):
+  from safemoe_jax.core.flops import train_flops_per_token
+  model_dir, data = tiny
+  out = tmp_path / "run"
+  monkeypatch.setattr(train_loop, "device_peak_flops", lambda: (1e9, "a test peak"))
+  cfg = train_cfg.load_config(None, tiny_run.overrides(model_dir, data, out, **{
+      "phase1.steps": 4, "phase2.steps": 0, "profile.steps": "[2,3]",
+      "log.tensorboard": True}))
+  _, model = train_loop.run_with_model(cfg)
+  rows = _rows(out, "phase1/train")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  e = cfg.experts_config()
+  for r in rows:
+    assert r["tokens_per_s"] == pytest.approx(r["input_tokens"] / r["step_time_s"], rel=1e-9)
+    fl = r["mfu"] * 1e9 * 1 / r["tokens_per_s"]  # model FLOPs per token (1 device)
+    assert fl == pytest.approx(train_flops_per_token(model.cfg, 64, "phase1", e.num_experts,
+                                                     e.rank, e.targets)["total"], rel=1e-9)
+  good = [r["goodput"] for r in rows]
+  assert good[0] == 0.0 and all(0 < g < 1 for g in good[1:]) and good[1] < good[3]
+  traces = list((out / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, list((out / "profile").rglob("*"))
+  tags = _tensorboard_tags(out / "tensorboard")
+  for k in ("tokens_per_s", "mfu", "goodput"):
+    assert tags.count(f"phase1/train/{k}") == 4, sorted(set(tags))
+
+
+def _tensorboard_tags(folder: Path) -> list[str]:
+  """The scalar tags of every record of the TensorBoard event files in `folder` (TFRecords:
+  length, its CRC, the Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2
+  tags = []
+  for f in folder.rglob("events.out.tfevents.*"):
+    data, i = f.read_bytes(), 0
+    while i < len(data):
+      n = int.from_bytes(data[i:i + 8], "little")
+      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      tags += [v.tag for v in ev.summary.value]
+      i += 12 + n + 4
+  return tags
+
+
+@pytest.mark.parametrize("steps, match", [("[3]", r"\[first, last\]"), ("[3,2]", "first <= last"),
+                                          ("[5,9]", "ends after phase1's 6 steps")])
+def test_profile_steps_must_lie_inside_the_phase(tiny, tmp_path, steps, match):
+  model_dir, data = tiny
+  with pytest.raises(ConfigError, match=match):
+    train_cfg.load_config(None, tiny_run.overrides(model_dir, data, tmp_path,
+                                                   **{"profile.steps": steps}))

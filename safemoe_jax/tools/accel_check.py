@@ -13,7 +13,7 @@ the others):
   aot_vs_real       in that process, the AOT tool's compiled memory for the phase-1 step
                     (tools/aot.aot_compile on these devices) against the device's real peak
                     after running it (n/a where the backend reports no memory statistics: CPU)
-  step_mfu          its step time, tokens/s and MFU (model FLOPs, tools/flops.py) against the
+  step_mfu          its step time, tokens/s and MFU (model FLOPs, core/flops.py) against the
                     device's peak (CPU: a matmul measured here)
   sigterm_resume    a tiny run of the trainer as a user starts it, SIGTERM at a step: exit 143 and
                     a checkpoint at that step; the same command again resumes there and ends with
@@ -55,7 +55,7 @@ from safemoe_jax.log import get_logger
 from safemoe_jax.tools import accel_fixture as F
 from safemoe_jax.tools import aot, bench
 from safemoe_jax.tools.bench_load import LLAMA32_1B, write_random_checkpoint
-from safemoe_jax.tools.flops import device_peak_flops, train_flops_per_token
+from safemoe_jax.core.flops import device_peak_flops, train_flops_per_token
 from safemoe_jax.train import checkpoint as ckpt
 from safemoe_jax.train import loop as train_loop
 from safemoe_jax.train.config import load_config

