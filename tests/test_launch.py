@@ -145,6 +145,33 @@ def test_notebook_installs_from_a_wheel_built_from_this_checkout(tmp_path):
     pip_spec(str(tmp_path))
 
 
+def test_notebook_has_a_colab_link_and_installs_the_extra_of_its_runtime(tmp_path, monkeypatch):
+  nb = json.loads(NOTEBOOK.read_text())
+  intro = "".join(nb["cells"][0]["source"])
+  assert "](https://colab.research.google.com/github/" in intro
+  assert "/blob/main/launch/safemoe_colab_tpu.ipynb)" in intro and "colab-badge.svg" in intro
+  cell = next(src for tags, src in _code_cells(nb) if "def pip_spec" in src)
+  ns: dict = {"SOURCE": str(ROOT), "OUTPUT_DIR": str(tmp_path / "out")}
+  exec(compile(cell, "<install cell>", "exec"), ns)  # already installed here: installs nothing
+  runtime_extra, pip_spec = ns["runtime_extra"], ns["pip_spec"]
+  for var in ("COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE"):
+    monkeypatch.delenv(var, raising=False)
+  exists = {"/dev/accel0": False, "/dev/vfio/0": False, "/dev/nvidia0": False}
+  monkeypatch.setattr(ns["Path"], "exists", lambda self: exists.get(str(self), False))
+  monkeypatch.setattr(ns["shutil"], "which", lambda name: None)
+  assert runtime_extra() == ""  # a CPU runtime: plain jax
+  exists["/dev/nvidia0"] = True
+  assert runtime_extra() == "gpu"  # never the TPU extra (libtpu) on a GPU runtime
+  monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+  assert runtime_extra() == "tpu"
+  url = "git+https://example.invalid/you/safemoe_jax.git"
+  assert pip_spec(url, extra="gpu") == f"safemoe_jax[gpu] @ {url}"
+  assert pip_spec(url, extra="") == f"safemoe_jax @ {url}"
+  assert pip_spec(str(ROOT), extra="gpu") == f"{ROOT}[gpu]" and pip_spec(str(ROOT), extra="") == \
+      str(ROOT)
+  assert "pip_spec(SOURCE, extra=EXTRA)" in cell and "EXTRA = runtime_extra()" in cell
+
+
 @pytest.mark.parametrize("ignores_term", [False, True])
 def test_multihost_launcher_stops_the_others_when_one_process_fails(tmp_path, ignores_term):
   # CI once saw process 1 of 2 end with an error while process 0 waited in a collective for it:
