@@ -204,3 +204,26 @@ def test_answer_flops_equal_a_hand_count():
          "paths": {}, "floor": {"matmul_flops_per_s": 2e11, "answer_flops": 4e12, "floor_s": 20.0,
                                 "old_over_floor": 2.4}}
   assert "the old path's generation is 2.40x that" in bench_eval.format_eval(doc)
+
+
+@pytest.mark.slow
+def test_aot_compiles_phase2_with_its_objective_and_the_load(tmp_path):
+  """On this host's CPU device (the TPU path is the same code with compile-only devices): the
+  configured NPO + retain terms run the frozen model forward too, and the load is a program."""
+  import jax
+  from safemoe_jax.core import sharding as S
+  from safemoe_jax.core.config import ExpertsConfig, ObjectiveConfig, RouterConfig
+  e, r = ExpertsConfig(num_experts=2, rank=4, alpha=8.0, targets=("q", "k", "v")), RouterConfig()
+  mc, dev = S.MeshConfig(), jax.devices()[:1]
+  npo = ObjectiveConfig(contrast="npo", retain_coef=1.0)
+  plain = bench_aot.aot_compile(bench.TINY, e, r, mc, dev, "phase2", 4, 32)
+  full = bench_aot.aot_compile(bench.TINY, e, r, mc, dev, "phase2", 4, 32, objective=npo)
+  assert (plain["objective"], full["objective"]) == ("nll", "nll+npo+retain(1)")
+  # one more forward pass of the whole model: about 1.5x the step's FLOPs (4N -> 6N per token)
+  assert full["compiled_flops_per_chip"] > 1.3 * plain["compiled_flops_per_chip"], (full, plain)
+  from safemoe_jax.tools.aot_load import aot_load
+  load = aot_load(bench.TINY, e, r, S.make_mesh(mc, dev), mc.rules)
+  state = 4 * (512 * 128 * 2 + 4 * (128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 384 + 2 * 128)
+               + 128)  # float32 base of TINY (untied head), + the experts and router below
+  assert load["load_bytes_per_chip_unpadded"] > state and load["load_bytes_per_chip"] >= \
+      load["load_bytes_per_chip_unpadded"]

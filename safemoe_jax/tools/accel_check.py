@@ -392,8 +392,8 @@ def check_llama3_rope_train(s: Settings) -> tuple[str, dict, str]:
   data = F.write_data(work / "data.jsonl")
   out = work / "llama3_rope_run"
   summary = train_loop.run(load_config(None, F.train_overrides(model, data, out)))
-  ce = {p: summary["metrics"][p].get("ce") for p in ("phase1", "phase2")}
-  ok = all(v is not None and math.isfinite(v) for v in ce.values()) and all(
+  ce = {p: float(summary["metrics"][p].get("ce", "nan")) for p in ("phase1", "phase2")}
+  ok = all(math.isfinite(v) for v in ce.values()) and all(
       (out / f).exists() for f in ("experts.safetensors", "router.safetensors"))
   return ("pass" if ok else "FAIL"), {"last_ce": ce}, "" if ok else "no finite loss or artifact"
 

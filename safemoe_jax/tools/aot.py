@@ -29,7 +29,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from safemoe_jax.core import sharding as S
-from safemoe_jax.core.config import ExpertsConfig, ModelConfig, RouterConfig
+from safemoe_jax.core.config import ExpertsConfig, ModelConfig, ObjectiveConfig, RouterConfig
 from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.io.assets import AssetError, cache_dir, sha256_file
 from safemoe_jax.io import shards
@@ -38,6 +38,7 @@ from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import load_config
 from safemoe_jax.train.steps import forward_loss, make_train_step
 from safemoe_jax.core.flops import CHIPS, train_flops_per_token
+from safemoe_jax.tools.aot_load import aot_load, objective_name
 from safemoe_jax.tools.bench import TINY, _log, _memory_analysis, _nbytes, optimizer
 
 log = get_logger(__name__)
@@ -221,20 +222,25 @@ def _abstract(tree, shardings):
 
 
 def aot_compile(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh_cfg, devices,
-                phase: str, batch: int, seq: int, accum: int = 1) -> dict[str, Any]:
-  """Lower and compile one phase's train step for `devices`; memory per chip."""
+                phase: str, batch: int, seq: int, accum: int = 1,
+                objective: ObjectiveConfig | None = None) -> dict[str, Any]:
+  """Lower and compile one phase's train step for `devices`; memory per chip. `objective`:
+  phase 2's configured terms, as the trainer passes them (NPO and the retain term add the
+  frozen model's forward pass and its logits)."""
   mesh = S.make_mesh(mesh_cfg, devices)
   rules = mesh_cfg.rules
   abs_model = nnx.eval_shape(lambda: SafeMoELM(mcfg, ecfg, rcfg, rngs=nnx.Rngs(0)))
   group, routing = ("experts", "oracle") if phase == "phase1" else ("router", "learned")
   tx = optimizer()
-  step_fn, params, frozen = make_train_step(abs_model, group, tx, routing, accum)
+  objective = objective if phase == "phase2" else None
+  step_fn, params, frozen = make_train_step(abs_model, group, tx, routing, accum,
+                                            objective=objective)
   opt = jax.eval_shape(tx.init, params)
   p_sh = S.state_shardings(params, mesh, rules)
   o_sh = S.state_shardings(opt, mesh, rules)
   f_sh = S.state_shardings(frozen, mesh, rules)
   batch_abs = _batch_abs(mesh, rules, (accum, batch // accum) if accum > 1 else (batch,), seq,
-                         ecfg.num_experts)
+                         ecfg.num_experts, kinds=objective is not None and not objective.plain)
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng_abs = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   args = (_abstract(params, p_sh), _abstract(opt, o_sh), _abstract(frozen, f_sh), batch_abs,
@@ -245,25 +251,35 @@ def aot_compile(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh
     compiled = jitted.lower(*args).compile()
   mem = _memory_analysis(compiled) or {}
   total = mem.get("argument", 0) + mem.get("temp", 0) + mem.get("output", 0) - mem.get("alias", 0)
-  return {"phase": phase, "batch": batch, "seq": seq, "mesh": dict(mesh.shape),
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # per device, after partitioning
+  return {"phase": phase, "compiled_flops_per_chip": cost.get("flops"), "batch": batch, "seq": seq, "mesh": dict(mesh.shape),
+          "objective": objective_name(objective),
           "compile_s": round(time.perf_counter() - t0, 1), "bytes_per_chip": mem,
           "total_bytes_per_chip": total, "state_bytes_per_chip": _shard_bytes(args[:3]),
           "state_bytes_unsharded": _nbytes(args[:3])}
 
 
-def _batch_abs(mesh, rules, lead: tuple[int, ...], seq: int, E: int) -> dict[str, Any]:
+def _batch_abs(mesh, rules, lead: tuple[int, ...], seq: int, E: int, kinds: bool = False
+               ) -> dict[str, Any]:
+  """The trainer's batch, abstract; `kinds`: phase 2's row kind (target, harmful, retain)."""
   bsh = S.batch_sharding(mesh, len(lead) + 1, batch_dim=len(lead) - 1, rules=rules)
   out = {k: jax.ShapeDtypeStruct(lead + (seq,), jnp.int32, sharding=bsh)
          for k in ("input_ids", "attention_mask", "loss_mask", "prompt_mask")}
   out["domains"] = jax.ShapeDtypeStruct(lead + (E,), jnp.float32, sharding=bsh)
+  if kinds:
+    out["kind"] = jax.ShapeDtypeStruct(lead, jnp.int32, sharding=S.batch_sharding(
+        mesh, len(lead), batch_dim=len(lead) - 1, rules=rules))
   return out
+
 
 
 def aot_load_and_eval(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh_cfg,
                       devices, routing: str, batch: int, seq: int) -> dict[str, Any]:
-  """The trainer's other device work: loading (shards.sharded_model fills the placement that
-  shards.abstract_sharded gives, one shard at a time: a chip's peak is its shards of the model)
-  and the validation forward pass (train/loop.make_val_fn), compiled."""
+  """The trainer's other device work, compiled: loading (shards.sharded_model fills the placement
+  that shards.abstract_sharded gives, one shard at a time: a chip's peak is its shards of the
+  model, laid out by the compiler: tools/aot_load.py) and the validation forward pass
+  (train/loop.make_val_fn)."""
   mesh = S.make_mesh(mesh_cfg, devices)
   rules = mesh_cfg.rules
   graphdef, state, flat_sh = shards.abstract_sharded(mcfg, ecfg, rcfg, mesh, rules)
@@ -272,7 +288,7 @@ def aot_load_and_eval(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig
     leaves.append(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
                                        sharding=flat_sh[p]))
     v.set_value(leaves[-1])
-  load = _shard_bytes(leaves)
+  load = aot_load(mcfg, ecfg, rcfg, mesh, rules)
 
   def val(st, b):  # as make_val_fn
     _, m = forward_loss(nnx.merge(graphdef, st), b, routing)
@@ -284,7 +300,7 @@ def aot_load_and_eval(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig
                                                         ecfg.num_experts)).compile()
   mem = _memory_analysis(compiled) or {}
   total = mem.get("argument", 0) + mem.get("temp", 0) + mem.get("output", 0) - mem.get("alias", 0)
-  return {"load_bytes_per_chip": load, "model_bytes_unsharded": _nbytes(leaves),
+  return {**load, "model_bytes_unsharded": _nbytes(leaves),
           "val_bytes_per_chip": mem, "val_total_bytes_per_chip": total,
           "val_compile_s": round(time.perf_counter() - t0, 1)}
 
@@ -348,7 +364,8 @@ def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[s
       pc = getattr(cfg, phase)
       accum = pc.grad_accum
       try:
-        r = aot_compile(mcfg, ecfg, cfg.router, mesh_cfg, td.devices, phase, B, seq, accum)
+        r = aot_compile(mcfg, ecfg, cfg.router, mesh_cfg, td.devices, phase, B, seq, accum,
+                        objective=cfg.objective)
       except Exception as e:  # does not fit: XLA says how much it needs
         need = _oom_bytes(e)
         if need is None:
@@ -370,7 +387,7 @@ def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[s
            f"of {chip['hbm_bytes'] / 2**30:.0f} (compiled in {r.get('compile_s')}s)", quiet)
       if find_max_batch:
         r["max_batch"] = max_batch(mcfg, ecfg, cfg.router, mesh_cfg, td.devices, phase, seq,
-                                   accum, B, r, chip["hbm_bytes"], quiet)
+                                   accum, B, r, chip["hbm_bytes"], quiet, objective=cfg.objective)
       row["phases"][phase] = r
     out["topologies"][topo] = row
     if partial is not None:
@@ -380,7 +397,7 @@ def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[s
 
 
 def max_batch(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, seq, accum, B0, r0, hbm,
-              quiet, max_compiles: int = 5) -> dict[str, Any]:
+              quiet, max_compiles: int = 5, objective=None) -> dict[str, Any]:
   """Largest global batch (a multiple of the data shards) whose step fits HBM per chip.
 
   Memory is close to affine in the batch: predict from two compiles, then bracket the limit
@@ -389,14 +406,14 @@ def max_batch(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, seq, accum, B0, r0, hb
   unit = shape[0] * shape[1] * accum
   B1 = B0 * 2
   tried = {B0: float(r0["total_bytes_per_chip"])}
-  tried[B1] = _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, B1, seq, accum)
+  tried[B1] = _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, B1, seq, accum, objective)
   per = max((tried[B1] - tried[B0]) / (B1 - B0), 1.0)
   fixed = tried[B0] - per * B0
   b = min(int((hbm - fixed) // per), 64 * B1) // unit * unit
   for _ in range(max_compiles):
     if b < unit or b in tried:
       break
-    tried[b] = _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, b, seq, accum)
+    tried[b] = _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, b, seq, accum, objective)
     _log(f"  {phase} batch {b}: {tried[b] / 2**30:.2f} GiB/chip", quiet)
     fit = [k for k, v in tried.items() if v <= hbm]
     over = [k for k, v in tried.items() if v > hbm]
@@ -420,10 +437,12 @@ def max_batch(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, seq, accum, B0, r0, hb
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
 
-def _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, batch, seq, accum) -> float:
+def _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, batch, seq, accum,
+                    objective=None) -> float:
   """Bytes per chip of a step, or what the compiler said it needs when it does not fit."""
   try:
-    return aot_compile(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, batch, seq, accum)[
+    return aot_compile(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, batch, seq, accum,
+                       objective=objective)[
         "total_bytes_per_chip"]
   except Exception as e:
     need = _oom_bytes(e)
