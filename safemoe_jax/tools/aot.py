@@ -201,12 +201,14 @@ def find_libtpu(download: bool = False, quiet: bool = False) -> Path | None:
   return dest
 
 
-def tpu_topology(name: str, libtpu: Path):
-  """Compile-only TPU devices of a topology such as 'v5e:2x4' (no TPU needed)."""
+def tpu_topology(name: str, libtpu: Path, slices: int = 1):
+  """Compile-only TPU devices of a topology such as 'v5e:2x4' (no TPU needed); `slices` > 1:
+  that many such slices joined by DCN (multislice: each device has its slice_index)."""
   os.environ["TPU_LIBRARY_PATH"] = str(libtpu)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes may hold the lock
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a Cloud TPU VM: no metadata server
-  return topologies.get_topology_desc(platform="tpu", topology_name=name)
+  return topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                      **({"num_slices": slices} if slices > 1 else {}))
 
 
 def chip_of(topology: str) -> dict[str, Any]:
@@ -326,20 +328,24 @@ def aot_model_config(cfg, model_config_file: str | None) -> ModelConfig:
                              compute_dtype=cfg.model.compute_dtype, remat=cfg.model.remat)
 
 
-def fit_mesh(mesh_cfg, n: int):
-  """The config's mesh if it fits n chips, else FSDP over all of them (noted in the report)."""
+def fit_mesh(mesh_cfg, n: int, slices: int = 1):
+  """The config's mesh if it fits n chips, else FSDP over all of them (noted in the report);
+  over several slices only the data axis may cross them: data = the slices, FSDP within one."""
   try:
     mesh_cfg.validate(n)
-    return mesh_cfg, None
+    if mesh_cfg.shape(n)[0] % slices == 0:
+      return mesh_cfg, None
+    raise ValueError(f"mesh.data is not a multiple of the {slices} slices")
   except Exception as e:
-    fitted = dataclasses.replace(mesh_cfg, data=1, fsdp=n // mesh_cfg.tensor)
-    return fitted, f"config mesh does not fit {n} chips ({e}); used data=1 fsdp={fitted.fsdp}"
+    fitted = dataclasses.replace(mesh_cfg, data=slices, fsdp=n // slices // mesh_cfg.tensor)
+    return fitted, (f"config mesh does not fit {n} chips ({e}); used data={slices} "
+                    f"fsdp={fitted.fsdp}")
 
 
 def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[str],
             model_config_file: str | None = None, find_max_batch: bool = True,
-            tiny: bool = False, quiet: bool = False, partial: Path | None = None
-            ) -> dict[str, Any]:
+            tiny: bool = False, quiet: bool = False, partial: Path | None = None,
+            slices: int = 1) -> dict[str, Any]:
   libtpu = find_libtpu(download=True, quiet=quiet)
   if libtpu is None:
     raise SystemExit(f"error: libtpu is not available; `pip download {libtpu_spec()}` failed. "
@@ -355,10 +361,12 @@ def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[s
          "router": dataclasses.asdict(cfg.router), "batch": B, "seq": seq, "topologies": {}}
   for topo in topologies:
     chip = chip_of(topo)
-    td = tpu_topology(topo, libtpu)
+    td = tpu_topology(topo, libtpu, slices)
+    topo = topo if slices == 1 else f"{slices}x{topo}"  # e.g. 2xv5e:2x4: two v5e-8 slices
     n = len(td.devices)
-    mesh_cfg, note = fit_mesh(cfg.mesh, n)
-    row: dict[str, Any] = {"chips": n, "device_kind": td.devices[0].device_kind, **chip,
+    mesh_cfg, note = fit_mesh(cfg.mesh, n, S.num_slices(td.devices))
+    row: dict[str, Any] = {"chips": n, "slices": S.num_slices(td.devices),
+                           "device_kind": td.devices[0].device_kind, **chip,
                            "mesh_note": note, "phases": {}}
     for phase in ("phase1", "phase2"):
       pc = getattr(cfg, phase)
