@@ -251,3 +251,33 @@ def test_tpu_ahead_of_time_compile_for_two_v5e_slices(tmp_path, capsys):
     assert r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and r["fits"]
     assert 0 < r["load_bytes_per_chip"] < 0.6 * r["model_bytes_unsharded"]
   assert t["phases"]["phase2"]["objective"] == "nll+npo+retain(1)"  # the embedded default's
+
+
+def test_libtpu_is_pinned_for_every_jax_the_tpu_extra_allows():
+  """pyproject's jax bounds, tools/libtpu_pins.JAX_LIBTPU and the sha256 pins agree: every jax
+  the tpu extra admits has its libtpu series pinned for each CPython, and the installed jax's
+  `tpu` extra names the series the table gives it."""
+  import importlib.metadata
+  import re
+  import tomllib
+  import jax
+  from packaging.specifiers import SpecifierSet
+  from safemoe_jax.tools import libtpu_pins as pins
+  proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  spec = lambda reqs, name: SpecifierSet(next(r for r in reqs if r.startswith(name))[len(name):]
+                                         .split("#")[0].strip())
+  core, tpu = spec(proj["dependencies"], "jax"), spec(proj["optional-dependencies"]["tpu"],
+                                                      "jax[tpu]")
+  assert any(s.operator == "<" for s in core) and any(s.operator == "<" for s in tpu)
+  for v in ("0.10.3", "0.11.0"):  # the next jax is not admitted before its libtpu is pinned
+    assert v not in core and v not in tpu
+  admitted = [v for v in pins.JAX_LIBTPU if v in tpu]
+  assert admitted == list(pins.JAX_LIBTPU) and all(v in core for v in admitted)
+  for series in pins.JAX_LIBTPU.values():
+    for py in ("cp311-cp311", "cp312-cp312", "cp313-cp313", "cp314-cp314"):
+      assert any(re.fullmatch(rf"libtpu-{re.escape(series)}(\.\d+)?-{py}-manylinux_2_31_x86_64"
+                              r"\.whl", f) for f in pins.LIBTPU_SHA256), (series, py)
+  assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in pins.LIBTPU_SHA256.values())
+  if jax.__version__ in pins.JAX_LIBTPU:
+    assert bench_aot.libtpu_spec() == f"libtpu=={pins.JAX_LIBTPU[jax.__version__]}.*"
+  assert jax.__version__ in core, importlib.metadata.version("jax")

@@ -39,6 +39,7 @@ from safemoe_jax.train.config import load_config
 from safemoe_jax.train.steps import forward_loss, make_train_step
 from safemoe_jax.core.flops import CHIPS, train_flops_per_token
 from safemoe_jax.tools.aot_load import aot_load, objective_name
+from safemoe_jax.tools.libtpu_pins import LIBTPU_SHA256
 from safemoe_jax.tools.bench import TINY, _log, _memory_analysis, _nbytes, optimizer
 
 log = get_logger(__name__)
@@ -74,37 +75,6 @@ def libtpu_spec() -> str:
     if req.startswith("libtpu") and "tpu" in req.split(";", 1)[-1]:
       return req.split(";", 1)[0].replace(" ", "")
   return "libtpu"
-
-
-# sha256 of each libtpu wheel (from PyPI) that the `tpu` extra of a supported jax may bring.
-# A download is checked against it before anything is extracted; a jax whose libtpu is not
-# listed here is not downloaded for (set TPU_LIBRARY_PATH, or pip install '.[tpu]').
-LIBTPU_SHA256 = {
-    "libtpu-0.0.42-cp311-cp311-manylinux_2_31_x86_64.whl":
-        "8f6608bf5ebb563be990c61783c8d541671a5c9cd6c1f2bd53145c3f0afa18cc",
-    "libtpu-0.0.42-cp312-cp312-manylinux_2_31_x86_64.whl":
-        "eecac4f4d364fa815d3124b42e682d924601828e82363c2a940c30c725b3f6fb",
-    "libtpu-0.0.42-cp313-cp313-manylinux_2_31_x86_64.whl":
-        "eb00bfb17125a22905533a60743622dad2df32a0288dab5367fca66a2ee9c38f",
-    "libtpu-0.0.42-cp313-cp313t-manylinux_2_31_x86_64.whl":
-        "4f4e5b332aa6c3d23f7edc6eb1a93c4a0c066f9a8b9f6d9cd77cab5b99ac9bff",
-    "libtpu-0.0.42-cp314-cp314-manylinux_2_31_x86_64.whl":
-        "377fb47ba539ec3fb2644c8266d928f8005d377cb02ca7db7617c04a4c682377",
-    "libtpu-0.0.42-cp314-cp314t-manylinux_2_31_x86_64.whl":
-        "983a8531ca317bd97ed6fc85ddc30b40347448a0bec24a6f633d55dfda0b3ed5",
-    "libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl":
-        "4d9975c446f594b0b517510b3db2fc9df65acd9a08f253c638fff5eb6bce163e",
-    "libtpu-0.0.42.1-cp312-cp312-manylinux_2_31_x86_64.whl":
-        "4026b215b42bca07331aac91d31659394b128b19df848aa6449b30fe16b335a6",
-    "libtpu-0.0.42.1-cp313-cp313-manylinux_2_31_x86_64.whl":
-        "32f216b88cf04d3b82693378e5612bd23e3b8b88afc72546561830284a2b0091",
-    "libtpu-0.0.42.1-cp313-cp313t-manylinux_2_31_x86_64.whl":
-        "38c984c89aab1e6e49588ad9f8fd902d67a775c7ce08948909fdaa7686d16efc",
-    "libtpu-0.0.42.1-cp314-cp314-manylinux_2_31_x86_64.whl":
-        "bffd6bf3944473e394cbed1d7f0875e7b338e3f8d278bfd8687c7450724b1e47",
-    "libtpu-0.0.42.1-cp314-cp314t-manylinux_2_31_x86_64.whl":
-        "1149f6852e08f97c76572ed8e5064131e384a5e5f72fbe2dabb9c807134a3e3f",
-}
 
 
 def _so_record(so: Path) -> Path:
