@@ -343,3 +343,65 @@ def test_profile_steps_must_lie_inside_the_phase(tiny, tmp_path, steps, match):
   with pytest.raises(ConfigError, match=match):
     train_cfg.load_config(None, tiny_run.overrides(model_dir, data, tmp_path,
                                                    **{"profile.steps": steps}))
+
+
+@pytest.mark.slow
+def test_async_checkpoints_are_waited_for_on_sigterm_and_resume_bit_identically(tiny, tmp_path,
+                                                                               monkeypatch):
+  """async_checkpoints: saves go on in the background while training continues; the one on
+  SIGTERM is finished before the trainer stops, and resuming from it ends bit-identical to a
+  synchronous run."""
+  import orbax.checkpoint as ocp
+  model_dir, data = tiny
+  ov = lambda out, **kw: tiny_run.overrides(model_dir, data, out, **{
+      "phase2.steps": 0, "phase1.ckpt_every": 1, **kw})
+  train_loop.run(train_cfg.load_config(None, ov(tmp_path / "sync")))
+  reference = load_file(str(tmp_path / "sync" / "experts.safetensors"))
+
+  calls: list[str] = []  # the trainer's saves, and its own waits (Orbax's save also waits for
+  save, wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished  # the last)
+  inside = []
+
+  def spy_save(self, step, *a, **k):
+    calls.append(f"save {step}")
+    inside.append(1)
+    try:
+      return save(self, step, *a, **k)
+    finally:
+      inside.pop()
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", spy_save)
+  def spy_wait(self):
+    if not inside:
+      calls.append("wait")
+    return wait(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", spy_wait)
+
+  class SigtermAfterStep3(train_loop.SignalGuard):  # the loop sees SIGTERM at its 4th check
+    checks = 0
+
+    def stop(self) -> bool:
+      SigtermAfterStep3.checks += 1
+      self.flag = self.own = self.flag or SigtermAfterStep3.checks == 4
+      return self.flag
+
+  monkeypatch.setattr(train_loop, "SignalGuard", SigtermAfterStep3)
+  out = tmp_path / "async"
+  with pytest.raises(train_loop.Preempted, match="phase1 stopped at step 4"):
+    train_loop.run(train_cfg.load_config(None, ov(out, async_checkpoints=True)))
+  saves = [c for c in calls if c.startswith("save")]
+  assert saves == ["save 1", "save 2", "save 3", "save 4"], calls
+  # the saves of steps 1-3 in the background, SIGTERM's (step 4) finished before stopping
+  assert calls[:5] == ["save 1", "save 2", "save 3", "save 4", "wait"], calls
+  assert (out / "checkpoints" / "phase1" / "4").is_dir()
+  monkeypatch.setattr(train_loop, "SignalGuard", SignalGuardOriginal)
+  train_loop.run(train_cfg.load_config(None, ov(out, async_checkpoints=True)))
+  assert [r["step"] for r in _rows(out, "phase1/train")] == [1, 2, 3, 4, 5, 6]
+  resumed = load_file(str(out / "experts.safetensors"))
+  assert resumed.keys() == reference.keys()
+  for k in reference:
+    np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+
+
+SignalGuardOriginal = train_loop.SignalGuard

@@ -121,6 +121,9 @@ class TrainConfig:
   objective: C.ObjectiveConfig = C.ObjectiveConfig(contrast="npo", retain_coef=1.0)  # router only
   mesh: S.MeshConfig = S.MeshConfig()
   keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
+  # Orbax writes checkpoints in the background while training goes on (at 8B: ~3 GB of experts
+  # and Adam state per save); the last one of a phase and the one on SIGTERM are waited for.
+  async_checkpoints: bool = False
   log: LogConfig = LogConfig()
   # At the end: base vs SafeMoE on this many held-out harmful prompts (and half as many benign
   # ones), greedy, 64 new tokens, as a short table (evaluate.quick_look). 0 = skip. The full

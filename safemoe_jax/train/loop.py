@@ -97,7 +97,7 @@ class Phase:
     self.name, self.pc, self.cfg, self.model = name, pc, cfg, model
     self.group, self.routing, self.mesh, self.writer = group, routing, mesh, writer
     self.tx, self.sched = make_optimizer(pc)
-    self.needs_base = objective is not None and objective.needs_base  # FLOPs of the frozen model
+    self.needs_base = objective is not None and objective.needs_base  # FLOPs: frozen forward
     step_fn, params, frozen = make_train_step(model, group, self.tx, routing, pc.grad_accum,
                                               objective=objective)
     rules = cfg.mesh.rules
@@ -119,15 +119,15 @@ class Phase:
     self.mgr = ocp.CheckpointManager(
         self.ckpt_dir, options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_checkpoints, create=True,
-            # Synchronous: each save is waited for anyway, and a failed asynchronous save left a
-            # thread that held the process for Orbax's 5-minute timeout after the error.
-            enable_async_checkpointing=False))
+            # async: waited for at the phase's end and on SIGTERM (save(wait=...))
+            enable_async_checkpointing=cfg.async_checkpoints))
     self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1 if name == "phase1" else 2)
     self.profiler = StepProfiler(cfg.profile.steps if cfg.profile.phase == name else (),
                                  self.run_dir.path / "profile")
 
   # --- checkpoints ---------------------------------------------------------------------
-  def save(self, step: int, data_state: Any) -> None:
+  def save(self, step: int, data_state: Any, wait: bool = True) -> None:
+    """async_checkpoints and not `wait`: written in the background (the next save waits)."""
     if not bool(host(_all_finite((self.params, self.opt)))):
       check_finite({**{f"params.{k}": v for k, v in flat_arrays(self.params).items()},
                     **{f"opt.{i}": x for i, x in enumerate(to_host(jax.tree.leaves(self.opt)))}},
@@ -138,7 +138,8 @@ class Phase:
       self.mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(self.params),
                                                   opt=ocp.args.StandardSave(self.opt),
                                                   meta=ocp.args.JsonSave(meta)), force=True)
-      self.mgr.wait_until_finished()
+      if wait or not self.cfg.async_checkpoints:
+        self.mgr.wait_until_finished()
     except Exception as e:  # a full disk comes from TensorStore as a ValueError, not an OSError
       raise StorageError(
           f"could not write checkpoint {step} of {self.name} to {self.ckpt_dir} "
@@ -275,7 +276,7 @@ class Phase:
       done = step + 1 == pc.steps
       stop = guard.stop()  # every process, every step: all stop at the same one
       if (step + 1) % pc.ckpt_every == 0 or done or stop:
-        self.save(step + 1, train_iter.get_state())
+        self.save(step + 1, train_iter.get_state(), wait=done or stop)  # SIGTERM: finished
       if stop:  # also on the last step: stop before validation and the next phase
         log.warning(f"{self.name}: process {jax.process_index()} stops at step {step + 1} "
                     f"(SIGTERM {'here' if guard.own else 'on another process'})")
