@@ -14,6 +14,7 @@ import pytest
 from safemoe_jax.io.weights import config_from_hf
 from safemoe_jax.tools import accel_check as A
 from safemoe_jax.tools import accel_fixture as F
+from safemoe_jax.tools import accel_load as L
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,22 +34,22 @@ def _child_doc(**kw) -> dict:
 
 
 def test_the_verdicts_drawn_from_the_device_figures():
-  rows = {r.check: r for r in A.rows_from_child(_child_doc(), "")}
+  rows = {r.check: r for r in L.rows_from_child(_child_doc(), "")}
   assert [rows[k].status for k in ("sharded_load", "aot_vs_real", "step_mfu")] == ["pass"] * 3
   assert rows["aot_vs_real"].figures["real_over_aot"] == 1.1
   assert rows["sharded_load"].figures["host_peak_added_gib"] == round(500 * 2**20 / 2**30, 3)
   # the real peak above the AOT prediction by more than the tolerance
-  over = A.rows_from_child(_child_doc(device_stats_after_steps={
-      "bytes_in_use": 3e9, "peak_bytes_in_use": 10e9 * A.AOT_TOLERANCE + 1e6}), "")
+  over = L.rows_from_child(_child_doc(device_stats_after_steps={
+      "bytes_in_use": 3e9, "peak_bytes_in_use": 10e9 * L.AOT_TOLERANCE + 1e6}), "")
   assert over[1].status == "FAIL" and "exceeds" in over[1].note
   # a device holding more than its slice of the model (e.g. a whole tensor on the first chip)
-  whole = A.rows_from_child(_child_doc(devices=8, slice_bytes=2.5e9 / 8), "")
+  whole = L.rows_from_child(_child_doc(devices=8, slice_bytes=2.5e9 / 8), "")
   assert whole[0].status == "FAIL" and "slice" in whole[0].note
   # no memory statistics (CPU): the comparison is n/a, not a pass; a NaN loss fails the step
-  cpu = A.rows_from_child(_child_doc(device_stats_after_steps=None, loss=float("nan")), "")
+  cpu = L.rows_from_child(_child_doc(device_stats_after_steps=None, loss=float("nan")), "")
   assert cpu[1].status == "n/a" and cpu[2].status == "FAIL"
   # the process failed: its three checks fail with its error
-  failed = A.rows_from_child(None, "RuntimeError: boom")
+  failed = L.rows_from_child(None, "RuntimeError: boom")
   assert [r.status for r in failed] == ["FAIL"] * 3 and failed[0].note == "RuntimeError: boom"
 
 

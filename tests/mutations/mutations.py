@@ -351,13 +351,13 @@ MUTATIONS: list[Mutation] = [
         "every process of a pod writes run.json into the shared folder (they race on it)"),
     # --- issue-31b ---
     Mutation(
-        "accel-check-aot-bound-inverted", "safemoe_jax/tools/accel_check.py",
+        "accel-check-aot-bound-inverted", "safemoe_jax/tools/accel_load.py",
         'Row("aot_vs_real", "pass" if ratio <= AOT_TOLERANCE else "FAIL",',
         'Row("aot_vs_real", "pass" if ratio >= 1 / AOT_TOLERANCE else "FAIL",',
         ("tests/test_accel_check.py::test_the_verdicts_drawn_from_the_device_figures",),
         "the accelerator check passes a device peak far above the AOT prediction"),
     Mutation(
-        "accel-check-slice-against-whole-model", "safemoe_jax/tools/accel_check.py",
+        "accel-check-slice-against-whole-model", "safemoe_jax/tools/accel_load.py",
         'if doc["per_device_bytes_max"] > doc["slice_bytes"]:',
         'if doc["per_device_bytes_max"] > doc["model_bytes"]:',
         ("tests/test_accel_check.py::test_the_verdicts_drawn_from_the_device_figures",),
