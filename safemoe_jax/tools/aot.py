@@ -3,7 +3,8 @@
 sharded as the trainer makes it (io/shards.abstract_sharded: a chip holds its shards of the base
 and trainable state while loading, never a whole tensor), the phase-1 and phase-2 train steps and
 the validation pass compiled; bytes per chip against the chip's HBM (the peak of the three), and
-the largest batch that fits."""
+the largest batch that fits. Phase 2 compiles with the configured objective, the load as a program
+(tools/aot_load.py); `slices` > 1 compiles for that many slices joined by DCN (multislice)."""
 
 from __future__ import annotations
 
