@@ -12,7 +12,7 @@ import pytest
 from safemoe_jax.tools import aot as bench_aot
 from safemoe_jax.tools import bench
 from safemoe_jax.tools import bench_eval
-from safemoe_jax.tools import flops as bench_flops
+from safemoe_jax.core import flops as bench_flops
 from safemoe_jax.core.config import ModelConfig
 from tests.prereq import missing
 
@@ -105,7 +105,9 @@ def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path, capsys):
   for r in (p1, p2):
     assert r["model_bytes_unsharded"] / 4 <= r["load_bytes_per_chip"] < \
         0.6 * r["model_bytes_unsharded"], r
-    assert r["load_bytes_per_chip"] <= r["state_bytes_per_chip"], r  # + optimiser state
+    # the load is compiled (tools/aot_load.py): its bytes include the TPU's tile padding
+    assert r["load_bytes_per_chip"] >= r["load_bytes_per_chip_unpadded"], r
+    assert r["load_bytes_per_chip_unpadded"] <= r["state_bytes_per_chip"], r  # + optimiser state
     assert r["val_total_bytes_per_chip"] > 0 and r["peak_bytes_per_chip"] == max(
         r["total_bytes_per_chip"], r["load_bytes_per_chip"], r["val_total_bytes_per_chip"])
   assert p1["flops_per_step"] == 8 * 64 * p1["flops_per_token"]["total"]
@@ -204,3 +206,78 @@ def test_answer_flops_equal_a_hand_count():
          "paths": {}, "floor": {"matmul_flops_per_s": 2e11, "answer_flops": 4e12, "floor_s": 20.0,
                                 "old_over_floor": 2.4}}
   assert "the old path's generation is 2.40x that" in bench_eval.format_eval(doc)
+
+
+@pytest.mark.slow
+def test_aot_compiles_phase2_with_its_objective_and_the_load(tmp_path):
+  """On this host's CPU device (the TPU path is the same code with compile-only devices): the
+  configured NPO + retain terms run the frozen model forward too, and the load is a program."""
+  import jax
+  from safemoe_jax.core import sharding as S
+  from safemoe_jax.core.config import ExpertsConfig, ObjectiveConfig, RouterConfig
+  e, r = ExpertsConfig(num_experts=2, rank=4, alpha=8.0, targets=("q", "k", "v")), RouterConfig()
+  mc, dev = S.MeshConfig(), jax.devices()[:1]
+  npo = ObjectiveConfig(contrast="npo", retain_coef=1.0)
+  plain = bench_aot.aot_compile(bench.TINY, e, r, mc, dev, "phase2", 4, 32)
+  full = bench_aot.aot_compile(bench.TINY, e, r, mc, dev, "phase2", 4, 32, objective=npo)
+  assert (plain["objective"], full["objective"]) == ("nll", "nll+npo+retain(1)")
+  # one more forward pass of the whole model: about 1.5x the step's FLOPs (4N -> 6N per token)
+  assert full["compiled_flops_per_chip"] > 1.3 * plain["compiled_flops_per_chip"], (full, plain)
+  from safemoe_jax.tools.aot_load import aot_load
+  load = aot_load(bench.TINY, e, r, S.make_mesh(mc, dev), mc.rules)
+  state = 4 * (512 * 128 * 2 + 4 * (128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 384 + 2 * 128)
+               + 128)  # float32 base of TINY (untied head), + the experts and router below
+  assert load["load_bytes_per_chip_unpadded"] > state and load["load_bytes_per_chip"] >= \
+      load["load_bytes_per_chip_unpadded"]
+
+
+@pytest.mark.slow
+def test_tpu_ahead_of_time_compile_for_two_v5e_slices(tmp_path, capsys):
+  """Multislice: two v5e slices joined by DCN (libtpu's compile-only topology with num_slices=2)
+  compile with the hybrid mesh (core/sharding.device_grid: data across slices, FSDP within)."""
+  libtpu = bench_aot.find_libtpu(download=True)
+  if libtpu is None:
+    missing(f"libtpu could not be fetched here (pip download {bench_aot.libtpu_spec()} failed: "
+            f"{capsys.readouterr().err.strip()[-600:]})")
+  out = tmp_path / "aot.json"
+  cmd = [sys.executable, "-m", "safemoe_jax.bench", "aot", "--tiny", "--topology", "v5e:2x2",
+         "--slices", "2", "--no-max-batch", "--out", str(out), "mesh.data=2", "mesh.fsdp=4",
+         "data.batch_size=8", "data.max_length=64", "data.bucket_lengths=[]"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  t = json.loads(out.read_text())["topologies"]["2xv5e:2x2"]
+  assert t["chips"] == 8 and t["slices"] == 2 and t["mesh_note"] is None
+  for r in t["phases"].values():
+    assert r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and r["fits"]
+    assert 0 < r["load_bytes_per_chip"] < 0.6 * r["model_bytes_unsharded"]
+  assert t["phases"]["phase2"]["objective"] == "nll+npo+retain(1)"  # the embedded default's
+
+
+def test_libtpu_is_pinned_for_every_jax_the_tpu_extra_allows():
+  """pyproject's jax bounds, tools/libtpu_pins.JAX_LIBTPU and the sha256 pins agree: every jax
+  the tpu extra admits has its libtpu series pinned for each CPython, and the installed jax's
+  `tpu` extra names the series the table gives it."""
+  import importlib.metadata
+  import re
+  import tomllib
+  import jax
+  from packaging.specifiers import SpecifierSet
+  from safemoe_jax.tools import libtpu_pins as pins
+  proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  spec = lambda reqs, name: SpecifierSet(next(r for r in reqs if r.startswith(name))[len(name):]
+                                         .split("#")[0].strip())
+  core, tpu = spec(proj["dependencies"], "jax"), spec(proj["optional-dependencies"]["tpu"],
+                                                      "jax[tpu]")
+  assert any(s.operator == "<" for s in core) and any(s.operator == "<" for s in tpu)
+  for v in ("0.10.3", "0.11.0"):  # the next jax is not admitted before its libtpu is pinned
+    assert v not in core and v not in tpu
+  admitted = [v for v in pins.JAX_LIBTPU if v in tpu]
+  assert admitted == list(pins.JAX_LIBTPU) and all(v in core for v in admitted)
+  for series in pins.JAX_LIBTPU.values():
+    for py in ("cp311-cp311", "cp312-cp312", "cp313-cp313", "cp314-cp314"):
+      assert any(re.fullmatch(rf"libtpu-{re.escape(series)}(\.\d+)?-{py}-manylinux_2_31_x86_64"
+                              r"\.whl", f) for f in pins.LIBTPU_SHA256), (series, py)
+  assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in pins.LIBTPU_SHA256.values())
+  if jax.__version__ in pins.JAX_LIBTPU:
+    assert bench_aot.libtpu_spec() == f"libtpu=={pins.JAX_LIBTPU[jax.__version__]}.*"
+  assert jax.__version__ in core, importlib.metadata.version("jax")

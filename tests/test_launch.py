@@ -78,9 +78,14 @@ def test_tpu_script_every_subcommand_dry_run(spot):
   assert status == 0 and len(cmds) == 1 and "--worker=all" in cmds[0]
   assert "uv venv --python 3.12" in cmds[0] and "uv pip install" in cmds[0] and "[tpu]" in cmds[0]
   status, cmds, err = _tpu("train", "phase1.steps=5", SPOT=spot, OUTPUT_DIR="/mnt/disk/run")
-  assert status == 0 and len(cmds) == 1 and "--worker=all" in cmds[0]
-  assert "SAFEMOE_DISTRIBUTED=1" in cmds[0] and "HF_TOKEN=***" in cmds[0]
-  assert "phase1.steps=5" in cmds[0] and "output_dir=/mnt/disk/run" in cmds[0]
+  assert status == 0 and len(cmds) == 3 and all("--worker=all" in c for c in cmds)
+  # the token travels as a file (scp) into the workers' Hub token file, never on a command line
+  assert "tpu-vm scp /tmp/" in cmds[0] and "~/.hf_token.part" in cmds[0]
+  assert "chmod 600 ~/.hf_token.part && mv ~/.hf_token.part ~/.cache/huggingface/token" in cmds[1]
+  assert not any("HF_TOKEN" in c for c in cmds)
+  assert "SAFEMOE_DISTRIBUTED=1" in cmds[2] and "safemoe_jax.train" in cmds[2]
+  assert "phase1.steps=5" in cmds[2] and "output_dir=/mnt/disk/run" in cmds[2]
+  assert "echo $? > ~/train.exit" in cmds[2]  # what `watch` reads
   assert "warning" not in err
   _, _, err = _tpu("train", SPOT="1")
   assert "checkpoints on the workers' disks are lost" in err
@@ -98,6 +103,45 @@ def test_tpu_script_every_subcommand_dry_run(spot):
   assert [c for c in cmds if "safemoe_jax.train" in c] and any("uv venv" in c for c in cmds)
   status, _, _ = _tpu("bogus")
   assert status == 2
+
+
+def test_tpu_script_recreates_a_preempted_queued_resource_and_watch_resumes_the_run():
+  """Dry run of the preemption path: a SUSPENDED queued resource is deleted before it is created
+  again (its name is taken until then); `watch` recreates, copies, installs and trains again
+  (the trainer resumes from OUTPUT_DIR), trains again after a non-zero exit, stops after 0."""
+  spot = dict(SPOT="1", OUTPUT_DIR="gs://bucket/run", WATCH_ROUNDS="1")
+  for state in ("SUSPENDED", "FAILED"):
+    status, cmds, err = _tpu("create", DRY_RUN_QR_STATE=state, **spot)
+    assert status == 0 and "queued-resources delete t1-qr" in cmds[0], cmds
+    assert "queued-resources create t1-qr" in cmds[1] and "until ACTIVE" in cmds[2]
+    assert f"is {state}: deleting it" in err
+  status, cmds, _ = _tpu("create", DRY_RUN_QR_STATE="ACTIVE", **spot)
+  assert status == 0 and cmds == []  # already there: nothing to do
+  status, cmds, _ = _tpu("create", **spot)  # none yet: created, nothing deleted
+  assert "queued-resources create" in cmds[0] and not any("delete" in c for c in cmds)
+
+  status, cmds, err = _tpu("watch", "phase1.steps=5", DRY_RUN_QR_STATE="SUSPENDED", **spot)
+  assert status == 0 and "recreating it and resuming" in err
+  steps = [next(k for k in ("queued-resources delete", "queued-resources create", "until ACTIVE",
+                            "tpu-vm scp /tmp/safemoe", "tar -C ~/", "tar ", "uv venv",
+                            ".hf_token.part ", "safemoe_jax.train") if k in c) for c in cmds]
+  assert steps == ["queued-resources delete", "queued-resources create", "until ACTIVE", "tar ",
+                   "tpu-vm scp /tmp/safemoe", "tar -C ~/", "uv venv", ".hf_token.part ",
+                   ".hf_token.part ", "safemoe_jax.train"], cmds
+  assert "output_dir=gs://bucket/run" in cmds[-1] and "phase1.steps=5" in cmds[-1]
+  status, cmds, err = _tpu("watch", DRY_RUN_QR_STATE="ACTIVE", DRY_RUN_TRAIN_EXIT="143", **spot)
+  assert status == 0 and "exited with 143: training again" in err
+  assert "safemoe_jax.train" in cmds[-1] and not any("queued-resources" in c for c in cmds)
+  status, cmds, out = _tpu("watch", DRY_RUN_QR_STATE="ACTIVE", DRY_RUN_TRAIN_EXIT="", **spot)
+  assert status == 0 and cmds == []  # still training: nothing to do
+  proc = subprocess.run(["bash", str(ROOT / "launch" / "tpu_vm.sh"), "watch"], text=True,
+                        capture_output=True, env=dict(os.environ, DRY_RUN="1", SPOT="1",
+                                                      DRY_RUN_QR_STATE="ACTIVE",
+                                                      DRY_RUN_TRAIN_EXIT="0"), timeout=60)
+  assert proc.returncode == 2 and "OUTPUT_DIR=gs://" in proc.stderr  # no bucket: refused
+  status, cmds, _ = _tpu("watch", DRY_RUN_QR_STATE="ACTIVE", DRY_RUN_TRAIN_EXIT="0",
+                         **{**spot, "WATCH_ROUNDS": "0"})
+  assert status == 0 and cmds == []  # finished: watch ends by itself
 
 
 def test_launch_env_starts_jax_distributed(monkeypatch):
@@ -143,6 +187,33 @@ def test_notebook_installs_from_a_wheel_built_from_this_checkout(tmp_path):
     pip_spec("", search=[tmp_path / "empty"])
   with pytest.raises(FileNotFoundError, match="neither a .whl file"):
     pip_spec(str(tmp_path))
+
+
+def test_notebook_has_a_colab_link_and_installs_the_extra_of_its_runtime(tmp_path, monkeypatch):
+  nb = json.loads(NOTEBOOK.read_text())
+  intro = "".join(nb["cells"][0]["source"])
+  assert "](https://colab.research.google.com/github/" in intro
+  assert "/blob/main/launch/safemoe_colab_tpu.ipynb)" in intro and "colab-badge.svg" in intro
+  cell = next(src for tags, src in _code_cells(nb) if "def pip_spec" in src)
+  ns: dict = {"SOURCE": str(ROOT), "OUTPUT_DIR": str(tmp_path / "out")}
+  exec(compile(cell, "<install cell>", "exec"), ns)  # already installed here: installs nothing
+  runtime_extra, pip_spec = ns["runtime_extra"], ns["pip_spec"]
+  for var in ("COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE"):
+    monkeypatch.delenv(var, raising=False)
+  exists = {"/dev/accel0": False, "/dev/vfio/0": False, "/dev/nvidia0": False}
+  monkeypatch.setattr(ns["Path"], "exists", lambda self: exists.get(str(self), False))
+  monkeypatch.setattr(ns["shutil"], "which", lambda name: None)
+  assert runtime_extra() == ""  # a CPU runtime: plain jax
+  exists["/dev/nvidia0"] = True
+  assert runtime_extra() == "gpu"  # never the TPU extra (libtpu) on a GPU runtime
+  monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+  assert runtime_extra() == "tpu"
+  url = "git+https://example.invalid/you/safemoe_jax.git"
+  assert pip_spec(url, extra="gpu") == f"safemoe_jax[gpu] @ {url}"
+  assert pip_spec(url, extra="") == f"safemoe_jax @ {url}"
+  assert pip_spec(str(ROOT), extra="gpu") == f"{ROOT}[gpu]" and pip_spec(str(ROOT), extra="") == \
+      str(ROOT)
+  assert "pip_spec(SOURCE, extra=EXTRA)" in cell and "EXTRA = runtime_extra()" in cell
 
 
 @pytest.mark.parametrize("ignores_term", [False, True])

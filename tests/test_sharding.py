@@ -225,3 +225,33 @@ def test_eight_devices_train_like_one():
   # The partitioner replicates a whole global array when our specs ask for a transition it cannot
   # do (e.g. a batch-sharded lookup into an fsdp-sharded embedding table).
   assert "Involuntary full rematerialization" not in r.stderr, r.stderr[-6000:]
+
+
+def test_several_slices_get_a_mesh_whose_data_axis_crosses_them():
+  """Multislice: only the data axis spans slices (DCN); fsdp and tensor stay inside a slice (ICI).
+  jax.make_mesh refuses such devices; the one builder takes them (fake 2 x 8 devices here)."""
+  import dataclasses as dc
+
+  @dc.dataclass(frozen=True)
+  class Dev:
+    id: int
+    slice_index: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+    process_index: int = 0
+
+  devices = [Dev(i, i // 8) for i in range(16)]
+  assert S.num_slices(devices) == 2 and S.num_slices(jax.devices()) == 1
+  grid = S.device_grid((4, 2, 2), devices)
+  assert grid.shape == (4, 2, 2)
+  sl = np.vectorize(lambda d: d.slice_index)(grid)
+  for i in range(4):  # each data row lies in one slice; the slices alternate along data only
+    assert len(set(sl[i].ravel())) == 1
+  assert sorted(sl[:, 0, 0]) == [0, 0, 1, 1]
+  assert sorted(d.id for d in grid.ravel()) == list(range(16))
+  with pytest.raises(ConfigError, match="mesh.data=1 must be a multiple of 2"):
+    S.device_grid((1, 16, 1), devices)  # fsdp across the slices' DCN: refused
+  # one slice: the order of jax.make_mesh (the trainer's before), also for explicit devices
+  n = jax.device_count()
+  np.testing.assert_array_equal(S.make_mesh(S.MeshConfig(), jax.devices()).devices,
+                                jax.make_mesh((n, 1, 1), S.MESH_AXES).devices)

@@ -280,3 +280,126 @@ def test_phase2_with_curated_targets_a_contrast_and_a_retain_term(tiny, tmp_path
   assert all(r["source"] == "curated" for r in t.records)
   b = next(iter(d.train_iterator(2)))
   assert "kind" in b and b["kind"].shape == (cfg.data.batch_size,)
+
+
+def test_step_meter_tokens_per_s_mfu_and_goodput():
+  from safemoe_jax.train.metrics import StepMeter
+  m = StepMeter(lambda seq: 100.0 * seq, peak_flops=1e3, devices=2)
+  first = m(10.0, 4, 0.5)  # the compiling step: not productive time
+  assert first["tokens_per_s"] == 20.0 and first["goodput"] == 0.0
+  assert first["mfu"] == 400.0 * 10.0 / 0.5 / (1e3 * 2)  # model FLOPs/s over 2 devices' peak
+  assert m(8.0, 2, 0.25)["mfu"] == 200.0 * 8.0 / 0.25 / 2e3  # the step's own length
+  assert m.steady == 0.25
+  assert "mfu" not in StepMeter(lambda seq: 1.0, None, 1)(1.0, 1, 1.0)  # no known peak (CPU)
+
+
+def _assert_step_metrics_and_trace(out: Path, model, cfg, peak: float) -> None:
+  """tokens_per_s, mfu (against `peak`, 1 device) and goodput in every phase-1 record, in
+  metrics.jsonl and TensorBoard; one profiler trace (profile.steps=[2,3])."""
+  from safemoe_jax.core.flops import train_flops_per_token
+  rows = _rows(out, "phase1/train")
+  e = cfg.experts_config()
+  for r in rows:
+    assert r["tokens_per_s"] == pytest.approx(r["input_tokens"] / r["step_time_s"], rel=1e-9)
+    fl = r["mfu"] * peak / r["tokens_per_s"]  # model FLOPs per token
+    assert fl == pytest.approx(train_flops_per_token(model.cfg, 64, "phase1", e.num_experts,
+                                                     e.rank, e.targets)["total"], rel=1e-9)
+  good = [r["goodput"] for r in rows]
+  assert good[0] == 0.0 and all(0 < g < 1 for g in good[1:]) and good[1] < good[-1]
+  traces = list((out / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0, list((out / "profile").rglob("*"))
+  tags = _tensorboard_tags(out / "tensorboard")
+  for k in ("tokens_per_s", "mfu", "goodput"):
+    assert tags.count(f"phase1/train/{k}") == len(rows), sorted(set(tags))
+
+
+def _tensorboard_tags(folder: Path) -> list[str]:
+  """The scalar tags of every record of the TensorBoard event files in `folder` (TFRecords:
+  length, its CRC, the Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2
+  tags = []
+  for f in folder.rglob("events.out.tfevents.*"):
+    data, i = f.read_bytes(), 0
+    while i < len(data):
+      n = int.from_bytes(data[i:i + 8], "little")
+      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      tags += [v.tag for v in ev.summary.value]
+      i += 12 + n + 4
+  return tags
+
+
+@pytest.mark.parametrize("steps, match", [("[3]", r"\[first, last\]"), ("[3,2]", "first <= last"),
+                                          ("[5,9]", "ends after phase1's 6 steps")])
+def test_profile_steps_must_lie_inside_the_phase(tiny, tmp_path, steps, match):
+  model_dir, data = tiny
+  with pytest.raises(ConfigError, match=match):
+    train_cfg.load_config(None, tiny_run.overrides(model_dir, data, tmp_path,
+                                                   **{"profile.steps": steps}))
+
+
+@pytest.mark.slow
+def test_async_checkpoints_are_waited_for_on_sigterm_and_resume_bit_identically(tiny, tmp_path,
+                                                                               monkeypatch):
+  """async_checkpoints: saves go on in the background while training continues; the one on
+  SIGTERM is finished before the trainer stops, and resuming from it ends bit-identical to a
+  synchronous run. The synchronous run also logs tokens/s, MFU and goodput per step and writes
+  the profile.steps trace."""
+  import orbax.checkpoint as ocp
+  model_dir, data = tiny
+  ov = lambda out, **kw: tiny_run.overrides(model_dir, data, out, **{
+      "phase2.steps": 0, "phase1.ckpt_every": 1, **kw})
+  # The synchronous reference also checks the step metrics and profile.steps (one run less).
+  monkeypatch.setattr(train_loop, "device_peak_flops", lambda: (1e9, "a test peak"))
+  cfg = train_cfg.load_config(None, ov(tmp_path / "sync", **{"profile.steps": "[2,3]",
+                                                              "log.tensorboard": True}))
+  _, model = train_loop.run_with_model(cfg)
+  _assert_step_metrics_and_trace(tmp_path / "sync", model, cfg, 1e9)
+  reference = load_file(str(tmp_path / "sync" / "experts.safetensors"))
+
+  calls: list[str] = []  # the trainer's saves, and its own waits (Orbax's save also waits for
+  save, wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished  # the last)
+  inside = []
+
+  def spy_save(self, step, *a, **k):
+    calls.append(f"save {step}")
+    inside.append(1)
+    try:
+      return save(self, step, *a, **k)
+    finally:
+      inside.pop()
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", spy_save)
+  def spy_wait(self):
+    if not inside:
+      calls.append("wait")
+    return wait(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", spy_wait)
+
+  class SigtermAfterStep3(train_loop.SignalGuard):  # the loop sees SIGTERM at its 4th check
+    checks = 0
+
+    def stop(self) -> bool:
+      SigtermAfterStep3.checks += 1
+      self.flag = self.own = self.flag or SigtermAfterStep3.checks == 4
+      return self.flag
+
+  monkeypatch.setattr(train_loop, "SignalGuard", SigtermAfterStep3)
+  out = tmp_path / "async"
+  with pytest.raises(train_loop.Preempted, match="phase1 stopped at step 4"):
+    train_loop.run(train_cfg.load_config(None, ov(out, async_checkpoints=True)))
+  saves = [c for c in calls if c.startswith("save")]
+  assert saves == ["save 1", "save 2", "save 3", "save 4"], calls
+  # the saves of steps 1-3 in the background, SIGTERM's (step 4) finished before stopping
+  assert calls[:5] == ["save 1", "save 2", "save 3", "save 4", "wait"], calls
+  assert (out / "checkpoints" / "phase1" / "4").is_dir()
+  monkeypatch.setattr(train_loop, "SignalGuard", SignalGuardOriginal)
+  train_loop.run(train_cfg.load_config(None, ov(out, async_checkpoints=True)))
+  assert [r["step"] for r in _rows(out, "phase1/train")] == [1, 2, 3, 4, 5, 6]
+  resumed = load_file(str(out / "experts.safetensors"))
+  assert resumed.keys() == reference.keys()
+  for k in reference:
+    np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+
+
+SignalGuardOriginal = train_loop.SignalGuard

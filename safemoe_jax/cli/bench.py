@@ -122,12 +122,15 @@ def main_aot(argv: Sequence[str]) -> int:
   ap.add_argument("--model-config", default=None, help="HF config.json of the base model")
   ap.add_argument("--tiny", action="store_true", help="a tiny model instead (tests)")
   ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
+  ap.add_argument("--slices", type=int, default=1, help="multislice: this many copies of each "
+                  "topology joined by DCN (the mesh's data axis crosses them)")
   ap.add_argument("--out", default="runs/bench/aot.json")
   ap.add_argument("overrides", nargs="*", help="dotted config overrides")
   a = ap.parse_args(argv)
   Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   doc = aot.run_aot(a.config, a.overrides, a.topology or aot.DEFAULT_TOPOLOGIES, a.model_config,
-                find_max_batch=not a.no_max_batch, tiny=a.tiny, partial=Path(a.out))
+                find_max_batch=not a.no_max_batch, tiny=a.tiny, partial=Path(a.out),
+                slices=a.slices)
   return _write_results(doc, a.out, "aot", argv)
 
 

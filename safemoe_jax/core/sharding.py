@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from safemoe_jax.core.config import ConfigError
@@ -103,15 +104,39 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def num_slices(devices: Sequence[Any]) -> int:
+  """TPU slices the devices span (multislice: a `slice_index` per device); 1 elsewhere."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """The devices as a (data, fsdp, tensor) array in the topology-aware order of mesh_utils (ICI
+  neighbours adjacent, as jax.make_mesh orders them). Devices of several slices (multislice):
+  a hybrid mesh whose data axis spans the slices over DCN (only data parallelism crosses slices:
+  one gradient all-reduce per step), fsdp and tensor within each slice's ICI."""
+  devices = list(devices)
+  n = num_slices(devices)
+  # v5e slices are 2D tori whose axes a mesh axis may span only by splitting (as jax.make_mesh)
+  split = getattr(devices[0], "device_kind", "") in ("TPU v5 lite", "TPU v5e")
+  if n == 1:
+    return mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=split)
+  data, fsdp, tensor = shape
+  if data % n:
+    raise ConfigError(f"the devices span {n} TPU slices and only the data axis crosses slices "
+                      f"(DCN): mesh.data={data} must be a multiple of {n} (fsdp * tensor at most "
+                      f"one slice's {len(devices) // n} chips)")
+  return mesh_utils.create_hybrid_device_mesh((data // n, fsdp, tensor), (n, 1, 1), devices,
+                                              allow_split_physical_axes=split)
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-  """Mesh with axes ("data", "fsdp", "tensor"); `devices` (e.g. a TPU topology's, for AOT)
-  default to all of jax.devices()."""
-  n = len(devices) if devices is not None else jax.device_count()
-  shape = cfg.shape(n)
+  """Mesh with axes ("data", "fsdp", "tensor"): the one builder for the trainer, evaluation and
+  AOT (`devices`: e.g. a TPU topology's compile-only devices; default all of jax.devices()).
+  Several slices get the hybrid ICI/DCN mesh of `device_grid`."""
+  devices = list(devices) if devices is not None else jax.devices()
+  grid = device_grid(cfg.shape(len(devices)), devices)
   auto = (jax.sharding.AxisType.Auto,) * 3  # GSPMD propagation between our constraints
-  if devices is None:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-  return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 sharded as the trainer makes it (io/shards.abstract_sharded: a chip holds its shards of the base
 and trainable state while loading, never a whole tensor), the phase-1 and phase-2 train steps and
 the validation pass compiled; bytes per chip against the chip's HBM (the peak of the three), and
-the largest batch that fits."""
+the largest batch that fits. Phase 2 compiles with the configured objective, the load as a program
+(tools/aot_load.py); `slices` > 1 compiles for that many slices joined by DCN (multislice)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from safemoe_jax.core import sharding as S
-from safemoe_jax.core.config import ExpertsConfig, ModelConfig, RouterConfig
+from safemoe_jax.core.config import ExpertsConfig, ModelConfig, ObjectiveConfig, RouterConfig
 from safemoe_jax.core.model import SafeMoELM
 from safemoe_jax.io.assets import AssetError, cache_dir, sha256_file
 from safemoe_jax.io import shards
@@ -37,7 +38,9 @@ from safemoe_jax.io.weights import config_from_hf
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import load_config
 from safemoe_jax.train.steps import forward_loss, make_train_step
-from safemoe_jax.tools.flops import CHIPS, train_flops_per_token
+from safemoe_jax.core.flops import CHIPS, train_flops_per_token
+from safemoe_jax.tools.aot_load import aot_load, objective_name
+from safemoe_jax.tools.libtpu_pins import LIBTPU_SHA256
 from safemoe_jax.tools.bench import TINY, _log, _memory_analysis, _nbytes, optimizer
 
 log = get_logger(__name__)
@@ -73,37 +76,6 @@ def libtpu_spec() -> str:
     if req.startswith("libtpu") and "tpu" in req.split(";", 1)[-1]:
       return req.split(";", 1)[0].replace(" ", "")
   return "libtpu"
-
-
-# sha256 of each libtpu wheel (from PyPI) that the `tpu` extra of a supported jax may bring.
-# A download is checked against it before anything is extracted; a jax whose libtpu is not
-# listed here is not downloaded for (set TPU_LIBRARY_PATH, or pip install '.[tpu]').
-LIBTPU_SHA256 = {
-    "libtpu-0.0.42-cp311-cp311-manylinux_2_31_x86_64.whl":
-        "8f6608bf5ebb563be990c61783c8d541671a5c9cd6c1f2bd53145c3f0afa18cc",
-    "libtpu-0.0.42-cp312-cp312-manylinux_2_31_x86_64.whl":
-        "eecac4f4d364fa815d3124b42e682d924601828e82363c2a940c30c725b3f6fb",
-    "libtpu-0.0.42-cp313-cp313-manylinux_2_31_x86_64.whl":
-        "eb00bfb17125a22905533a60743622dad2df32a0288dab5367fca66a2ee9c38f",
-    "libtpu-0.0.42-cp313-cp313t-manylinux_2_31_x86_64.whl":
-        "4f4e5b332aa6c3d23f7edc6eb1a93c4a0c066f9a8b9f6d9cd77cab5b99ac9bff",
-    "libtpu-0.0.42-cp314-cp314-manylinux_2_31_x86_64.whl":
-        "377fb47ba539ec3fb2644c8266d928f8005d377cb02ca7db7617c04a4c682377",
-    "libtpu-0.0.42-cp314-cp314t-manylinux_2_31_x86_64.whl":
-        "983a8531ca317bd97ed6fc85ddc30b40347448a0bec24a6f633d55dfda0b3ed5",
-    "libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl":
-        "4d9975c446f594b0b517510b3db2fc9df65acd9a08f253c638fff5eb6bce163e",
-    "libtpu-0.0.42.1-cp312-cp312-manylinux_2_31_x86_64.whl":
-        "4026b215b42bca07331aac91d31659394b128b19df848aa6449b30fe16b335a6",
-    "libtpu-0.0.42.1-cp313-cp313-manylinux_2_31_x86_64.whl":
-        "32f216b88cf04d3b82693378e5612bd23e3b8b88afc72546561830284a2b0091",
-    "libtpu-0.0.42.1-cp313-cp313t-manylinux_2_31_x86_64.whl":
-        "38c984c89aab1e6e49588ad9f8fd902d67a775c7ce08948909fdaa7686d16efc",
-    "libtpu-0.0.42.1-cp314-cp314-manylinux_2_31_x86_64.whl":
-        "bffd6bf3944473e394cbed1d7f0875e7b338e3f8d278bfd8687c7450724b1e47",
-    "libtpu-0.0.42.1-cp314-cp314t-manylinux_2_31_x86_64.whl":
-        "1149f6852e08f97c76572ed8e5064131e384a5e5f72fbe2dabb9c807134a3e3f",
-}
 
 
 def _so_record(so: Path) -> Path:
@@ -200,12 +172,14 @@ def find_libtpu(download: bool = False, quiet: bool = False) -> Path | None:
   return dest
 
 
-def tpu_topology(name: str, libtpu: Path):
-  """Compile-only TPU devices of a topology such as 'v5e:2x4' (no TPU needed)."""
+def tpu_topology(name: str, libtpu: Path, slices: int = 1):
+  """Compile-only TPU devices of a topology such as 'v5e:2x4' (no TPU needed); `slices` > 1:
+  that many such slices joined by DCN (multislice: each device has its slice_index)."""
   os.environ["TPU_LIBRARY_PATH"] = str(libtpu)
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes may hold the lock
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a Cloud TPU VM: no metadata server
-  return topologies.get_topology_desc(platform="tpu", topology_name=name)
+  return topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                      **({"num_slices": slices} if slices > 1 else {}))
 
 
 def chip_of(topology: str) -> dict[str, Any]:
@@ -221,20 +195,25 @@ def _abstract(tree, shardings):
 
 
 def aot_compile(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh_cfg, devices,
-                phase: str, batch: int, seq: int, accum: int = 1) -> dict[str, Any]:
-  """Lower and compile one phase's train step for `devices`; memory per chip."""
+                phase: str, batch: int, seq: int, accum: int = 1,
+                objective: ObjectiveConfig | None = None) -> dict[str, Any]:
+  """Lower and compile one phase's train step for `devices`; memory per chip. `objective`:
+  phase 2's configured terms, as the trainer passes them (NPO and the retain term add the
+  frozen model's forward pass and its logits)."""
   mesh = S.make_mesh(mesh_cfg, devices)
   rules = mesh_cfg.rules
   abs_model = nnx.eval_shape(lambda: SafeMoELM(mcfg, ecfg, rcfg, rngs=nnx.Rngs(0)))
   group, routing = ("experts", "oracle") if phase == "phase1" else ("router", "learned")
   tx = optimizer()
-  step_fn, params, frozen = make_train_step(abs_model, group, tx, routing, accum)
+  objective = objective if phase == "phase2" else None
+  step_fn, params, frozen = make_train_step(abs_model, group, tx, routing, accum,
+                                            objective=objective)
   opt = jax.eval_shape(tx.init, params)
   p_sh = S.state_shardings(params, mesh, rules)
   o_sh = S.state_shardings(opt, mesh, rules)
   f_sh = S.state_shardings(frozen, mesh, rules)
   batch_abs = _batch_abs(mesh, rules, (accum, batch // accum) if accum > 1 else (batch,), seq,
-                         ecfg.num_experts)
+                         ecfg.num_experts, kinds=objective is not None and not objective.plain)
   key = jax.eval_shape(lambda: jax.random.key(0))
   rng_abs = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   args = (_abstract(params, p_sh), _abstract(opt, o_sh), _abstract(frozen, f_sh), batch_abs,
@@ -245,25 +224,35 @@ def aot_compile(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh
     compiled = jitted.lower(*args).compile()
   mem = _memory_analysis(compiled) or {}
   total = mem.get("argument", 0) + mem.get("temp", 0) + mem.get("output", 0) - mem.get("alias", 0)
-  return {"phase": phase, "batch": batch, "seq": seq, "mesh": dict(mesh.shape),
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # per device, after partitioning
+  return {"phase": phase, "compiled_flops_per_chip": cost.get("flops"), "batch": batch, "seq": seq, "mesh": dict(mesh.shape),
+          "objective": objective_name(objective),
           "compile_s": round(time.perf_counter() - t0, 1), "bytes_per_chip": mem,
           "total_bytes_per_chip": total, "state_bytes_per_chip": _shard_bytes(args[:3]),
           "state_bytes_unsharded": _nbytes(args[:3])}
 
 
-def _batch_abs(mesh, rules, lead: tuple[int, ...], seq: int, E: int) -> dict[str, Any]:
+def _batch_abs(mesh, rules, lead: tuple[int, ...], seq: int, E: int, kinds: bool = False
+               ) -> dict[str, Any]:
+  """The trainer's batch, abstract; `kinds`: phase 2's row kind (target, harmful, retain)."""
   bsh = S.batch_sharding(mesh, len(lead) + 1, batch_dim=len(lead) - 1, rules=rules)
   out = {k: jax.ShapeDtypeStruct(lead + (seq,), jnp.int32, sharding=bsh)
          for k in ("input_ids", "attention_mask", "loss_mask", "prompt_mask")}
   out["domains"] = jax.ShapeDtypeStruct(lead + (E,), jnp.float32, sharding=bsh)
+  if kinds:
+    out["kind"] = jax.ShapeDtypeStruct(lead, jnp.int32, sharding=S.batch_sharding(
+        mesh, len(lead), batch_dim=len(lead) - 1, rules=rules))
   return out
+
 
 
 def aot_load_and_eval(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig, mesh_cfg,
                       devices, routing: str, batch: int, seq: int) -> dict[str, Any]:
-  """The trainer's other device work: loading (shards.sharded_model fills the placement that
-  shards.abstract_sharded gives, one shard at a time: a chip's peak is its shards of the model)
-  and the validation forward pass (train/loop.make_val_fn), compiled."""
+  """The trainer's other device work, compiled: loading (shards.sharded_model fills the placement
+  that shards.abstract_sharded gives, one shard at a time: a chip's peak is its shards of the
+  model, laid out by the compiler: tools/aot_load.py) and the validation forward pass
+  (train/loop.make_val_fn)."""
   mesh = S.make_mesh(mesh_cfg, devices)
   rules = mesh_cfg.rules
   graphdef, state, flat_sh = shards.abstract_sharded(mcfg, ecfg, rcfg, mesh, rules)
@@ -272,7 +261,7 @@ def aot_load_and_eval(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig
     leaves.append(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
                                        sharding=flat_sh[p]))
     v.set_value(leaves[-1])
-  load = _shard_bytes(leaves)
+  load = aot_load(mcfg, ecfg, rcfg, mesh, rules)
 
   def val(st, b):  # as make_val_fn
     _, m = forward_loss(nnx.merge(graphdef, st), b, routing)
@@ -284,7 +273,7 @@ def aot_load_and_eval(mcfg: ModelConfig, ecfg: ExpertsConfig, rcfg: RouterConfig
                                                         ecfg.num_experts)).compile()
   mem = _memory_analysis(compiled) or {}
   total = mem.get("argument", 0) + mem.get("temp", 0) + mem.get("output", 0) - mem.get("alias", 0)
-  return {"load_bytes_per_chip": load, "model_bytes_unsharded": _nbytes(leaves),
+  return {**load, "model_bytes_unsharded": _nbytes(leaves),
           "val_bytes_per_chip": mem, "val_total_bytes_per_chip": total,
           "val_compile_s": round(time.perf_counter() - t0, 1)}
 
@@ -310,20 +299,24 @@ def aot_model_config(cfg, model_config_file: str | None) -> ModelConfig:
                              compute_dtype=cfg.model.compute_dtype, remat=cfg.model.remat)
 
 
-def fit_mesh(mesh_cfg, n: int):
-  """The config's mesh if it fits n chips, else FSDP over all of them (noted in the report)."""
+def fit_mesh(mesh_cfg, n: int, slices: int = 1):
+  """The config's mesh if it fits n chips, else FSDP over all of them (noted in the report);
+  over several slices only the data axis may cross them: data = the slices, FSDP within one."""
   try:
     mesh_cfg.validate(n)
-    return mesh_cfg, None
+    if mesh_cfg.shape(n)[0] % slices == 0:
+      return mesh_cfg, None
+    raise ValueError(f"mesh.data is not a multiple of the {slices} slices")
   except Exception as e:
-    fitted = dataclasses.replace(mesh_cfg, data=1, fsdp=n // mesh_cfg.tensor)
-    return fitted, f"config mesh does not fit {n} chips ({e}); used data=1 fsdp={fitted.fsdp}"
+    fitted = dataclasses.replace(mesh_cfg, data=slices, fsdp=n // slices // mesh_cfg.tensor)
+    return fitted, (f"config mesh does not fit {n} chips ({e}); used data={slices} "
+                    f"fsdp={fitted.fsdp}")
 
 
 def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[str],
             model_config_file: str | None = None, find_max_batch: bool = True,
-            tiny: bool = False, quiet: bool = False, partial: Path | None = None
-            ) -> dict[str, Any]:
+            tiny: bool = False, quiet: bool = False, partial: Path | None = None,
+            slices: int = 1) -> dict[str, Any]:
   libtpu = find_libtpu(download=True, quiet=quiet)
   if libtpu is None:
     raise SystemExit(f"error: libtpu is not available; `pip download {libtpu_spec()}` failed. "
@@ -339,16 +332,19 @@ def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[s
          "router": dataclasses.asdict(cfg.router), "batch": B, "seq": seq, "topologies": {}}
   for topo in topologies:
     chip = chip_of(topo)
-    td = tpu_topology(topo, libtpu)
+    td = tpu_topology(topo, libtpu, slices)
+    topo = topo if slices == 1 else f"{slices}x{topo}"  # e.g. 2xv5e:2x4: two v5e-8 slices
     n = len(td.devices)
-    mesh_cfg, note = fit_mesh(cfg.mesh, n)
-    row: dict[str, Any] = {"chips": n, "device_kind": td.devices[0].device_kind, **chip,
+    mesh_cfg, note = fit_mesh(cfg.mesh, n, S.num_slices(td.devices))
+    row: dict[str, Any] = {"chips": n, "slices": S.num_slices(td.devices),
+                           "device_kind": td.devices[0].device_kind, **chip,
                            "mesh_note": note, "phases": {}}
     for phase in ("phase1", "phase2"):
       pc = getattr(cfg, phase)
       accum = pc.grad_accum
       try:
-        r = aot_compile(mcfg, ecfg, cfg.router, mesh_cfg, td.devices, phase, B, seq, accum)
+        r = aot_compile(mcfg, ecfg, cfg.router, mesh_cfg, td.devices, phase, B, seq, accum,
+                        objective=cfg.objective)
       except Exception as e:  # does not fit: XLA says how much it needs
         need = _oom_bytes(e)
         if need is None:
@@ -370,7 +366,7 @@ def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[s
            f"of {chip['hbm_bytes'] / 2**30:.0f} (compiled in {r.get('compile_s')}s)", quiet)
       if find_max_batch:
         r["max_batch"] = max_batch(mcfg, ecfg, cfg.router, mesh_cfg, td.devices, phase, seq,
-                                   accum, B, r, chip["hbm_bytes"], quiet)
+                                   accum, B, r, chip["hbm_bytes"], quiet, objective=cfg.objective)
       row["phases"][phase] = r
     out["topologies"][topo] = row
     if partial is not None:
@@ -380,7 +376,7 @@ def run_aot(config: str | None, overrides: Sequence[str], topologies: Sequence[s
 
 
 def max_batch(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, seq, accum, B0, r0, hbm,
-              quiet, max_compiles: int = 5) -> dict[str, Any]:
+              quiet, max_compiles: int = 5, objective=None) -> dict[str, Any]:
   """Largest global batch (a multiple of the data shards) whose step fits HBM per chip.
 
   Memory is close to affine in the batch: predict from two compiles, then bracket the limit
@@ -389,14 +385,14 @@ def max_batch(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, seq, accum, B0, r0, hb
   unit = shape[0] * shape[1] * accum
   B1 = B0 * 2
   tried = {B0: float(r0["total_bytes_per_chip"])}
-  tried[B1] = _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, B1, seq, accum)
+  tried[B1] = _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, B1, seq, accum, objective)
   per = max((tried[B1] - tried[B0]) / (B1 - B0), 1.0)
   fixed = tried[B0] - per * B0
   b = min(int((hbm - fixed) // per), 64 * B1) // unit * unit
   for _ in range(max_compiles):
     if b < unit or b in tried:
       break
-    tried[b] = _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, b, seq, accum)
+    tried[b] = _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, b, seq, accum, objective)
     _log(f"  {phase} batch {b}: {tried[b] / 2**30:.2f} GiB/chip", quiet)
     fit = [k for k, v in tried.items() if v <= hbm]
     over = [k for k, v in tried.items() if v > hbm]
@@ -420,10 +416,12 @@ def max_batch(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, seq, accum, B0, r0, hb
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
 
-def _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, batch, seq, accum) -> float:
+def _compiled_bytes(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, batch, seq, accum,
+                    objective=None) -> float:
   """Bytes per chip of a step, or what the compiler said it needs when it does not fit."""
   try:
-    return aot_compile(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, batch, seq, accum)[
+    return aot_compile(mcfg, ecfg, rcfg, mesh_cfg, devices, phase, batch, seq, accum,
+                       objective=objective)[
         "total_bytes_per_chip"]
   except Exception as e:
     need = _oom_bytes(e)

@@ -64,7 +64,7 @@ from safemoe_jax.infer.generate import generate
 from safemoe_jax.io.base import load_base
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.steps import forward_loss, make_train_step
-from safemoe_jax.tools.flops import device_peak_flops, train_flops_per_token
+from safemoe_jax.core.flops import device_peak_flops, train_flops_per_token
 from safemoe_jax.tools.bench_table import compare_peer, format_table, ratios
 
 log = get_logger(__name__)

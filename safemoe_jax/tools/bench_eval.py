@@ -19,7 +19,7 @@ from safemoe_jax.io.base import load_base
 from safemoe_jax.log import get_logger
 from safemoe_jax.train.config import load_config
 from safemoe_jax.tools.bench import Settings, _load, _log, machine_info, run_timings
-from safemoe_jax.tools.flops import attention_flops, lora_flops, matmul_params
+from safemoe_jax.core.flops import attention_flops, lora_flops, matmul_params
 from safemoe_jax.io.tokenizer import apply_chat
 from safemoe_jax.data.encode import build
 from safemoe_jax.evaluation.baselines import train_single_lora

@@ -75,6 +75,24 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+  # [first, last]: a JAX profiler trace of these steps (1-based, inclusive) of `phase`, written
+  # to <output_dir>/profile (TensorBoard's profile plugin, or Perfetto, reads it); [] = none.
+  steps: tuple[int, ...] = ()
+  phase: Literal["phase1", "phase2"] = "phase1"
+
+  def validate(self, phase_steps: int) -> None:
+    if not self.steps:
+      return
+    if len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]:
+      raise ConfigError(f"profile.steps must be [first, last] with 1 <= first <= last (or [] "
+                        f"for no trace), got {list(self.steps)}")
+    if self.steps[1] > phase_steps:
+      raise ConfigError(f"profile.steps {list(self.steps)} ends after {self.phase}'s "
+                        f"{phase_steps} steps; choose steps inside {self.phase}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ResumeConfig:
   # Dotted names of identity fields (see RESUMABLE) this resume may change, e.g.
   # [phase2.steps]; each accepted change is recorded in run.json under "changes".
@@ -116,12 +134,16 @@ class TrainConfig:
   objective: C.ObjectiveConfig = C.ObjectiveConfig(contrast="npo", retain_coef=1.0)  # router only
   mesh: S.MeshConfig = S.MeshConfig()
   keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
+  # Orbax writes checkpoints in the background while training goes on (at 8B: ~3 GB of experts
+  # and Adam state per save); the last one of a phase and the one on SIGTERM are waited for.
+  async_checkpoints: bool = False
   log: LogConfig = LogConfig()
   # At the end: base vs SafeMoE on this many held-out harmful prompts (and half as many benign
   # ones), greedy, 64 new tokens, as a short table (evaluate.quick_look). 0 = skip. The full
   # comparison with every baseline is `python -m safemoe_jax.evaluate --run <output_dir>`.
   quick_look: int = 32
   resume: ResumeConfig = ResumeConfig()
+  profile: ProfileConfig = ProfileConfig()
 
   def validate(self) -> None:
     self.data.validate()
@@ -161,6 +183,7 @@ class TrainConfig:
                         f"data.phase2_retain={d.phase2_retain!r}")
     if self.keep_checkpoints < 1:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+    self.profile.validate(getattr(self, self.profile.phase).steps)
     if self.quick_look < 0:
       raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
     self.mesh.validate()  # its axis sizes; the device count is checked when the run starts

@@ -9,7 +9,6 @@ The command is `safemoe train` (safemoe_jax/cli/train.py).
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,17 +35,15 @@ from safemoe_jax.train.checkpoint import (NonFiniteError, StorageError, check_fi
                                           flat_arrays, host, load_group, save_group, to_host)
 from safemoe_jax.train.config import PhaseConfig, TrainConfig
 from safemoe_jax.train.probe import set_probe_center
-from safemoe_jax.train.metrics import (MetricsWriter, json_default, open_append, plot_losses,
-                                       repair_jsonl)
+from safemoe_jax.train.metrics import (MetricsWriter, StepMeter, StepProfiler, json_default,
+                                       open_append, plot_losses, repair_jsonl)
+from safemoe_jax.core.flops import device_peak_flops, train_flops_per_token
 from safemoe_jax.train.optim import make_optimizer
 from safemoe_jax.train.rundir import RunDir
+from safemoe_jax.train.signals import Preempted, SignalGuard
 from safemoe_jax.train.steps import all_finite, forward_loss, make_train_step
 
 log = get_logger(__name__)
-
-
-class Preempted(Exception):
-  pass
 
 
 # One program, not one eager op per leaf: with several processes each eager reduction of a global
@@ -54,33 +51,6 @@ class Preempted(Exception):
 # programs concurrently, so two processes could pair their collectives in different orders and
 # wait on each other forever (seen: a 2-process run hung in its first checkpoint).
 _all_finite = jax.jit(all_finite)
-
-
-class SignalGuard:
-  """Turns SIGTERM (schedulers, TPU maintenance) into a flag the loop checks every step. With
-  several processes `stop()` agrees on it: one process signalled stops them all at one step."""
-
-  def __init__(self):
-    self.flag = False  # agreed by stop() across processes
-    self.own = False  # this process got the signal
-
-  def __enter__(self):
-    self.prev = signal.signal(signal.SIGTERM, self._handler)
-    return self
-
-  def _handler(self, *_):
-    self.flag = self.own = True
-    log.info("SIGTERM: writing a checkpoint and exiting")
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self.prev)
-
-  def stop(self) -> bool:
-    """Whether any process got SIGTERM. Every process must call it at the same point: with
-    several, it is one tiny all-gather of the flags (a few bytes per step)."""
-    if jax.process_count() > 1:
-      self.flag = bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
-    return self.flag
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,6 +67,7 @@ class Phase:
     self.name, self.pc, self.cfg, self.model = name, pc, cfg, model
     self.group, self.routing, self.mesh, self.writer = group, routing, mesh, writer
     self.tx, self.sched = make_optimizer(pc)
+    self.needs_base = objective is not None and objective.needs_base  # FLOPs: frozen forward
     step_fn, params, frozen = make_train_step(model, group, self.tx, routing, pc.grad_accum,
                                               objective=objective)
     rules = cfg.mesh.rules
@@ -118,13 +89,15 @@ class Phase:
     self.mgr = ocp.CheckpointManager(
         self.ckpt_dir, options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_checkpoints, create=True,
-            # Synchronous: each save is waited for anyway, and a failed asynchronous save left a
-            # thread that held the process for Orbax's 5-minute timeout after the error.
-            enable_async_checkpointing=False))
+            # async: waited for at the phase's end and on SIGTERM (save(wait=...))
+            enable_async_checkpointing=cfg.async_checkpoints))
     self.key = jax.random.fold_in(jax.random.key(cfg.seed), 1 if name == "phase1" else 2)
+    self.profiler = StepProfiler(cfg.profile.steps if cfg.profile.phase == name else (),
+                                 self.run_dir.path / "profile")
 
   # --- checkpoints ---------------------------------------------------------------------
-  def save(self, step: int, data_state: Any) -> None:
+  def save(self, step: int, data_state: Any, wait: bool = True) -> None:
+    """async_checkpoints and not `wait`: written in the background (the next save waits)."""
     if not bool(host(_all_finite((self.params, self.opt)))):
       check_finite({**{f"params.{k}": v for k, v in flat_arrays(self.params).items()},
                     **{f"opt.{i}": x for i, x in enumerate(to_host(jax.tree.leaves(self.opt)))}},
@@ -135,7 +108,8 @@ class Phase:
       self.mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(self.params),
                                                   opt=ocp.args.StandardSave(self.opt),
                                                   meta=ocp.args.JsonSave(meta)), force=True)
-      self.mgr.wait_until_finished()
+      if wait or not self.cfg.async_checkpoints:
+        self.mgr.wait_until_finished()
     except Exception as e:  # a full disk comes from TensorStore as a ValueError, not an OSError
       raise StorageError(
           f"could not write checkpoint {step} of {self.name} to {self.ckpt_dir} "
@@ -193,6 +167,10 @@ class Phase:
 
   # --- the loop --------------------------------------------------------------------------
   def run(self, train_iter, val_fn, guard: SignalGuard) -> dict[str, Any]:
+    with self.profiler:  # a stop inside the profiled steps still closes the trace
+      return self._run(train_iter, val_fn, guard)
+
+  def _run(self, train_iter, val_fn, guard: SignalGuard) -> dict[str, Any]:
     pc = self.pc
     start, data_state = self.restore_latest()
     if data_state is not None:
@@ -207,6 +185,7 @@ class Phase:
     tokens_seen, time_steady, t_first = 0.0, 0.0, None
     order_f = (open_append(self.run_dir.data_order)
                if jax.process_index() == 0 else None)
+    meter, prof = self.step_meter(), self.profiler
     for step in range(start, pc.steps):
       batch = next(train_iter)  # this process's rows of the global batch
       example_index = batch.pop("example_index", None)
@@ -216,15 +195,18 @@ class Phase:
         rows = (np.asarray(multihost_utils.process_allgather(rows)) if jax.process_count() > 1
                 else rows[None])  # [processes, rows]
       n_in = float(batch["attention_mask"].sum()) * jax.process_count()  # tokens processed
+      seq = batch["input_ids"].shape[-1]
       if pc.grad_accum > 1:
         batch = {k: v.reshape((pc.grad_accum, -1) + v.shape[1:]) for k, v in batch.items()}
       batch = S.shard_batch(batch, self.mesh, leading_dims=2 if pc.grad_accum > 1 else 1)
+      prof.before(step + 1)
       t0 = time.perf_counter()
       with S.use_mesh_rules(self.mesh, self.cfg.mesh.rules):
         self.params, self.opt, m = self.step_fn(self.params, self.opt, self.frozen, batch,
                                                 jax.random.fold_in(self.key, step))
       m = to_host(m)
       dt = time.perf_counter() - t0
+      prof.after(step + 1)
       if bool(m["nonfinite"]):
         where = (f"step {step + 1} of {self.name}, examples "
                  f"{[] if example_index is None else np.asarray(example_index).ravel().tolist()}")
@@ -251,7 +233,7 @@ class Phase:
       rec = {"loss": m["loss"], "ce": m["ce"], "aux_loss": m["aux_loss"],
              "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
              "tokens": m["tokens"], "input_tokens": n_in, "step_time_s": dt,
-             "skipped": bool(m["nonfinite"])}
+             **meter(n_in, seq, dt), "skipped": bool(m["nonfinite"])}
       rec.update({k[4:]: m[k] for k in ("obj_nll", "obj_contrast", "obj_retain", "obj_route")
                   if k in m})
       if "routing" in m:
@@ -265,7 +247,7 @@ class Phase:
       done = step + 1 == pc.steps
       stop = guard.stop()  # every process, every step: all stop at the same one
       if (step + 1) % pc.ckpt_every == 0 or done or stop:
-        self.save(step + 1, train_iter.get_state())
+        self.save(step + 1, train_iter.get_state(), wait=done or stop)  # SIGTERM: finished
       if stop:  # also on the last step: stop before validation and the next phase
         log.warning(f"{self.name}: process {jax.process_index()} stops at step {step + 1} "
                     f"(SIGTERM {'here' if guard.own else 'on another process'})")
@@ -285,6 +267,16 @@ class Phase:
       last["tokens_per_s"] = tokens_seen / time_steady
     self.mgr.close()
     return last
+
+  def step_meter(self) -> StepMeter:
+    """tokens/s, MFU (model FLOPs against the devices' peak) and goodput of this phase's steps."""
+    e = self.model.ecfg
+    fl = lambda seq: train_flops_per_token(self.model.cfg, seq, self.name, e.num_experts, e.rank,
+                                           e.targets, base_forward=self.needs_base)["total"]
+    peak, _ = device_peak_flops()
+    if peak is None:
+      log.info(f"{self.name}: MFU not logged ({jax.devices()[0].platform}: no known peak FLOP/s)")
+    return StepMeter(fl, peak, jax.device_count())
 
   def merged(self) -> SafeMoELM:
     """The model with this phase's current trainable group (a sharded copy: the step donates

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from safemoe_jax.io import jsonio, paths
@@ -122,6 +124,61 @@ class MetricsWriter:
       self.tb.close()
     if self.wandb is not None:
       self.wandb.finish()
+
+
+class StepMeter:
+  """Per-step throughput from the times the loop already measures (no device sync of its own):
+  tokens_per_s (input tokens, padding excluded), mfu (model FLOPs of those tokens, core/flops.py,
+  over the peak of every device; absent where no peak is known, e.g. CPU) and goodput (the
+  time in steps after the first, compiling one, over the wall time since the phase started:
+  restoring, compiling, checkpoints and validation are the rest)."""
+
+  def __init__(self, flops_per_token: Callable[[int], float], peak_flops: float | None,
+               devices: int):
+    self.flops_per_token, self.peak, self.devices = flops_per_token, peak_flops, devices
+    self.t0, self.steady, self.steps = time.perf_counter(), 0.0, 0
+
+  def __call__(self, tokens: float, seq: int, dt: float) -> dict[str, float]:
+    if self.steps:
+      self.steady += dt
+    self.steps += 1
+    rec = {"tokens_per_s": tokens / dt,
+           "goodput": self.steady / max(time.perf_counter() - self.t0, 1e-9)}
+    if self.peak:
+      rec["mfu"] = self.flops_per_token(seq) * tokens / dt / (self.peak * self.devices)
+    return rec
+
+
+class StepProfiler:
+  """A JAX profiler trace of steps [first, last] (1-based, inclusive) into `folder`; a context
+  manager, so a run that stops inside the range still closes its trace."""
+
+  def __init__(self, steps: Sequence[int], folder: Path):
+    self.first, self.last = (steps[0], steps[1]) if steps else (0, -1)
+    self.folder, self.on = folder, False
+
+  def before(self, step: int) -> None:
+    if step == self.first and jax.process_index() == 0:
+      paths.as_path(self.folder).mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.folder))
+      self.on = True
+      log.info(f"profiling steps {self.first}..{self.last} into {self.folder}")
+
+  def after(self, step: int) -> None:
+    if self.on and step >= self.last:
+      self.close()
+
+  def close(self) -> None:
+    if self.on:
+      self.on = False
+      jax.profiler.stop_trace()
+      log.info(f"profiler trace written to {self.folder}")
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -77,7 +77,8 @@ def fingerprint(path: Path) -> str:
 # (the base model is checked by the fingerprint of its weights instead). Everything else
 # in TrainConfig (optimiser, steps, batch, data, seeds, experts, router, dtypes) shapes the
 # trained state and is the run's identity.
-RESUMABLE = ("output_dir", "log.", "quick_look", "keep_checkpoints", "resume.", "mesh.",
+RESUMABLE = ("output_dir", "log.", "profile.", "quick_look", "keep_checkpoints",
+             "async_checkpoints", "resume.", "mesh.",
              "model.remat", "model.path", "phase1.ckpt_every", "phase2.ckpt_every",
              "phase1.eval_every", "phase2.eval_every", "phase1.on_nonfinite",
              "phase2.on_nonfinite")

@@ -290,7 +290,7 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_paths.py::test_remote_log_drops_a_torn_line_and_is_written_whole",),
         "a gs:// metrics log loses the lines written since its last periodic rewrite"),
     Mutation(
-        "multihost-stop-not-agreed", "safemoe_jax/train/loop.py",
+        "multihost-stop-not-agreed", "safemoe_jax/train/signals.py",
         "    if jax.process_count() > 1:\n      self.flag = bool(np.max(",
         "    if False:\n      self.flag = bool(np.max(",
         ("tests/test_multihost.py::test_two_processes_train_stop_and_resume_like_one",),
@@ -600,4 +600,65 @@ MUTATIONS: list[Mutation] = [
         "  missing = []",
         ("tests/test_paths.py::test_a_missing_storage_backend_is_one_error_line",),
         "train output_dir=gs://... without gcsfs runs until epath raises an ImportError"),
+    # --- issue-31b ---
+    Mutation(
+        "accel-check-aot-bound-inverted", "safemoe_jax/tools/accel_load.py",
+        'Row("aot_vs_real", "pass" if ratio <= AOT_TOLERANCE else "FAIL",',
+        'Row("aot_vs_real", "pass" if ratio >= 1 / AOT_TOLERANCE else "FAIL",',
+        ("tests/test_accel_check.py::test_the_verdicts_drawn_from_the_device_figures",),
+        "the accelerator check passes a device peak far above the AOT prediction"),
+    Mutation(
+        "accel-check-slice-against-whole-model", "safemoe_jax/tools/accel_load.py",
+        'if doc["per_device_bytes_max"] > doc["slice_bytes"]:',
+        'if doc["per_device_bytes_max"] > doc["model_bytes"]:',
+        ("tests/test_accel_check.py::test_the_verdicts_drawn_from_the_device_figures",),
+        "a device holding the whole model passes the sharded-load check"),
+    Mutation(
+        "step-meter-counts-compile-step", "safemoe_jax/train/metrics.py",
+        "    if self.steps:\n      self.steady += dt\n",
+        "    self.steady += dt\n",
+        ("tests/test_train.py::test_step_meter_tokens_per_s_mfu_and_goodput",),
+        "goodput counts the compiling first step as productive time"),
+    Mutation(
+        "step-meter-mfu-one-device", "safemoe_jax/train/metrics.py",
+        "/ dt / (self.peak * self.devices)",
+        "/ dt / self.peak",
+        ("tests/test_train.py::test_step_meter_tokens_per_s_mfu_and_goodput",),
+        "MFU divides by one device's peak on a multi-device mesh"),
+    Mutation(
+        "profile-trace-never-starts", "safemoe_jax/train/metrics.py",
+        "if step == self.first and jax.process_index() == 0:",
+        "if step == self.first and jax.process_index() != 0:",
+        ("tests/test_train.py::test_async_checkpoints_are_waited_for_on_sigterm_and_resume_bit_identically",),
+        "profile.steps writes no trace on a single-process run"),
+    Mutation(
+        "multislice-dcn-on-tensor", "safemoe_jax/core/sharding.py",
+        "(data // n, fsdp, tensor), (n, 1, 1), devices,",
+        "(data, fsdp, tensor // n), (1, 1, n), devices,",
+        ("tests/test_sharding.py::test_several_slices_get_a_mesh_whose_data_axis_crosses_them",),
+        "multislice meshes put the slow DCN link on the tensor axis instead of data"),
+    Mutation(
+        "libtpu-series-for-wrong-jax", "safemoe_jax/tools/libtpu_pins.py",
+        '"0.10.2": "0.0.42"}',
+        '"0.10.2": "0.0.41"}',
+        ("tests/test_bench.py::test_libtpu_is_pinned_for_every_jax_the_tpu_extra_allows",),
+        "the installed jax is paired with another jax's libtpu for AOT"),
+    Mutation(
+        "tpu-suspended-queued-resource-not-deleted", "launch/tpu_vm.sh",
+        '        run gcloud compute tpus queued-resources delete "$QR_NAME" --zone "$ZONE" --force --quiet ;;',
+        '        ;;',
+        ("tests/test_launch.py::test_tpu_script_recreates_a_preempted_queued_resource_and_watch_resumes_the_run",),
+        "after a preemption create collides with the SUSPENDED queued resource of the same name"),
+    Mutation(
+        "colab-gpu-runtime-gets-tpu-extra", "launch/safemoe_colab_tpu.ipynb",
+        '        return \\"gpu\\"\\n',
+        '        return \\"tpu\\"\\n',
+        ("tests/test_launch.py::test_notebook_has_a_colab_link_and_installs_the_extra_of_its_runtime",),
+        "the notebook installs the TPU extra (libtpu) on a GPU runtime"),
+    Mutation(
+        "async-checkpoint-not-waited-on-sigterm", "safemoe_jax/train/loop.py",
+        "wait=done or stop)",
+        "wait=done)",
+        ("tests/test_train.py::test_async_checkpoints_are_waited_for_on_sigterm_and_resume_bit_identically",),
+        "the SIGTERM checkpoint is left writing in the background when the trainer exits"),
 ]

@@ -30,7 +30,8 @@ def lora_flops(cfg: ModelConfig, experts: int, rank: int, targets: Sequence[str]
 
 
 def train_flops_per_token(cfg: ModelConfig, seq: int, kind: str, experts: int = 0, rank: int = 0,
-                          targets: Sequence[str] = ("q", "k", "v")) -> dict[str, int]:
+                          targets: Sequence[str] = ("q", "k", "v"),
+                          base_forward: bool = False) -> dict[str, int]:
   """Model FLOPs per trained token of one step, without rematerialisation.
 
   base: a frozen matmul costs 2N forward + 2N for the gradient to its input (no weight gradient)
@@ -38,8 +39,12 @@ def train_flops_per_token(cfg: ModelConfig, seq: int, kind: str, experts: int = 
   Adapters: forward, input gradient, and (when trained) weight gradient, each = the forward.
   Router (per-layer linear, phase 2): 2*D*E forward, the same again for input and weight grads.
   kind: 'base', 'lora' / 'phase1' (adapters trained), 'phase2' (router trained).
+  base_forward: phase 2's objective also runs the frozen base model forward (NPO's reference
+  log-probabilities, the retain term's KL): 2N + attention more.
   """
   base = 4 * matmul_params(cfg) + 3 * attention_flops(cfg, seq)
+  if base_forward:
+    base += 2 * matmul_params(cfg) + attention_flops(cfg, seq)
   fwd = lora_flops(cfg, experts, rank, targets) if kind != "base" else 0
   adapter = {"base": 0, "lora": 3 * fwd, "phase1": 3 * fwd, "phase2": 2 * fwd}[kind]
   router = 3 * cfg.num_layers * 2 * cfg.hidden_size * experts if kind == "phase2" else 0
