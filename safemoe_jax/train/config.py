@@ -155,6 +155,7 @@ class TrainConfig:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
     if self.quick_look < 0:
       raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
+    self.mesh.validate()  # its axis sizes; the device count is checked when the run starts
     numbers.check(self, TRAIN_RANGES)
 
   def experts_config(self) -> ExpertsConfig:
