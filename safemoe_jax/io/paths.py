@@ -49,7 +49,8 @@ class RemoteAppend:
     if text and not text.endswith("\n"):
       log.warning(f"{self.path}: removed a torn last line")
       text = text[:text.rfind("\n") + 1]
-    self.text, self.dirty, self.last = text, False, 0.0
+    # -inf: the first write is written at once, however long the machine has been up
+    self.text, self.dirty, self.last = text, False, -float("inf")
 
   def write(self, s: str) -> int:
     self.text += s
