@@ -270,6 +270,13 @@ BAD_INPUTS_3 = [
     ("train-router-temperature-zero", _train("router.temperature=0"),
      r"router.temperature must be > 0"),
     ("train-split-nan", _train("data.split.eval=.nan"), r"data.split.eval .*nan"),
+    ("train-source-max-rows-negative", lambda t, d, r: ("train", [
+        *[o for o in t.ov(d / "out") if not o.startswith("data.sources=")],
+        "data.sources=" + json.dumps([{"name": "tiny", "kind": "local", "path": str(t.data),
+                                       "max_rows": -5, "columns": {
+                                           "prompt": "question", "response": "answer",
+                                           "domains": "topic", "harm_score": "score"}}])]),
+     r"data.sources\[0\].max_rows must be >= 0 .*got -5"),
     ("export-merged-weights-nan-inf", lambda t, d, r: (EXPORT, [
         "merged", "--run", str(r), "--routing", "fixed", "--weights", "nan,inf",
         "--out", str(d / "merged")]), r"--weights must be any number \(and finite.*got nan"),
