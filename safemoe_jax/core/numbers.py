@@ -78,7 +78,10 @@ def check(cfg: Any, ranges: dict[str, Range] | None = None, err: type[Exception]
       for k, x in v.items():
         check_value(f"{shown}.{k}", x, ranges.get(f"{key}.{k}", ranges.get(key, NONNEG)), err)
     elif isinstance(v, (tuple, list)):
-      for x in v:
-        check_value(shown, x, ranges.get(key, NONNEG), err)
+      for i, x in enumerate(v):
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):  # data.sources[i]
+          check(x, ranges, err, f"{key}[{i}].", names)
+        else:
+          check_value(shown, x, ranges.get(key, NONNEG), err)
     elif hints.get(f.name) in (int, float, "int", "float"):
       check_value(shown, v, ranges.get(key, NONNEG), err, integer=hints[f.name] in (int, "int"))

@@ -211,6 +211,23 @@ def _train_cfg(ccfg: CurateConfig) -> TrainConfig:
   return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, phase2_targets=""))
 
 
+def check_output_not_an_input(ccfg: CurateConfig, tcfg: TrainConfig) -> None:
+  """The files this command writes must not be one it reads: the training config, a data
+  source, the writer model."""
+  out = Path(ccfg.output)
+  written = [out, out.with_suffix(".card.json"), out.with_suffix(".card.txt"),
+             out.with_name(out.stem + ".generations.jsonl")]
+  inputs = {"train_config": ccfg.train_config, "writer": ccfg.writer,
+            **{f"data source {s.name!r}": s.path for s in tcfg.data.sources if s.path}}
+  for what, p in inputs.items():
+    if p and Path(p).exists() and any(Path(p).resolve() == w.resolve() for w in written):
+      raise CurateError(f"output={ccfg.output} would overwrite the {what} ({p}) that this "
+                        f"command reads; choose another output")
+    if p and Path(p).is_dir() and out.resolve().parent == Path(p).resolve():
+      raise CurateError(f"output={ccfg.output} lies in the {what} folder {p}; choose another "
+                        f"output folder")
+
+
 def training_prompts(sets: DataSets, max_prompts: int = 0) -> dict[str, list[str]]:
   """{prompt: its expert domains} of the harmful training prompts (phase 1 and phase 2 rows of
   the train split), in a stable order."""
@@ -290,6 +307,7 @@ def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
   """Builds ccfg.output (+ .card.json, .card.txt); returns the card."""
   ccfg.validate()
   tcfg = _train_cfg(ccfg)
+  check_output_not_an_input(ccfg, tcfg)
   ident = writer_identity(ccfg, tcfg) if ccfg.samples else {}
   sets = build_sets(tcfg.data)
   prompts = training_prompts(sets, ccfg.max_prompts)

@@ -44,10 +44,8 @@ from safemoe_jax.core.frozen import Frozen, FrozenDict
 from safemoe_jax.data.encode import build
 from safemoe_jax.data.sources import prompt_key
 from safemoe_jax.evaluation.baselines import train_single_lora
-from safemoe_jax.evaluation.benchmarks import collect_benchmarks
+from safemoe_jax.evaluation.benchmarks import _key, collect_benchmarks
 from safemoe_jax.evaluation.cache import JsonlCache
-from safemoe_jax.io import jsonio
-from safemoe_jax.evaluation.benchmarks import _key
 from safemoe_jax.evaluation.config import EvalConfig
 from safemoe_jax.evaluation.systems import file_fingerprint
 from safemoe_jax.evaluation.verdicts import judge_version
@@ -58,6 +56,7 @@ from safemoe_jax.infer.generate import chat_generate_many
 from safemoe_jax.judging.judges import load_judge
 from safemoe_jax.judging.labels import is_degenerate
 from safemoe_jax.io import base as B
+from safemoe_jax.io import jsonio
 from safemoe_jax.log import get_logger
 from safemoe_jax.train import loop
 from safemoe_jax.train.checkpoint import load_group

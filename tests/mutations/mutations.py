@@ -439,13 +439,11 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[curate-top-p-nan]",),
         "curate top_p=nan is accepted"),
     Mutation(
-        "train-mesh-checked-after-writing", "safemoe_jax/train/loop.py",
-        "  cfg.mesh.validate(jax.device_count())  # every setting is checked before anything is written\n"
-        "  if jax.process_index() == 0:\n    rd.check_not_input(cfg.model.path)\n    rd.check_writable()\n",
-        "  if jax.process_index() == 0:\n    rd.check_not_input(cfg.model.path)\n    rd.check_writable()\n"
-        "  cfg.mesh.validate(jax.device_count())\n",
+        "train-mesh-checked-after-writing", "safemoe_jax/train/config.py",
+        "    self.mesh.validate()  # its axis sizes; the device count is checked when the run starts\n",
+        "",
         ("tests/test_reliability_round3.py::test_every_number_of_every_command_is_checked[train-mesh.fsdp]",),
-        "mesh.fsdp=0 is refused only after output_dir was created"),
+        "mesh.fsdp=0 passes the config and is refused only when the run starts"),
     Mutation(
         "export-merged-nonfinite-written", "safemoe_jax/tools/export/merged.py",
         "  if bad := nonfinite_names(tensors):", "  if bad := []:",
@@ -661,4 +659,10 @@ MUTATIONS: list[Mutation] = [
         "wait=done)",
         ("tests/test_train.py::test_async_checkpoints_are_waited_for_on_sigterm_and_resume_bit_identically",),
         "the SIGTERM checkpoint is left writing in the background when the trainer exits"),
+    Mutation(
+        "curate-output-onto-an-input", "safemoe_jax/curation/curate.py",
+        "  check_output_not_an_input(ccfg, tcfg)\n", "",
+        ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing"
+         "[curate-output-onto-its-data-source]",),
+        "curate output=<its data source> overwrites the file it reads"),
 ]
