@@ -116,9 +116,9 @@ class TrainConfig:
   mesh: S.MeshConfig = S.MeshConfig()
   keep_checkpoints: int = 2  # the last K checkpoints of each phase are kept
   log: LogConfig = LogConfig()
-  # At the end: base vs SafeMoE on this many held-out harmful prompts (and half as many benign
-  # ones), greedy, 64 new tokens, as a short table (evaluate.quick_look). 0 = skip. The full
-  # comparison with every baseline is `python -m safemoe_jax.evaluate --run <output_dir>`.
+  # At the end, a smoke test: base, the negated mix and SafeMoE on this many held-out harmful
+  # prompts (and half as many benign ones), greedy, 64 new tokens (evaluation/quick.py). 0 = skip.
+  # The full comparison with every baseline is `safemoe evaluate --run <output_dir>`.
   quick_look: int = 32
   resume: ResumeConfig = ResumeConfig()
 

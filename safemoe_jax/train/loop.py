@@ -472,8 +472,8 @@ def _quick_look(look: QuickLook, cfg: TrainConfig, model, tok, data, out: Path) 
     log.info(f"quick look skipped on {jax.process_count()} processes; evaluate with: "
              f"python -m safemoe_jax.evaluate --run {out}")
     return None
-  log.info(f"quick look: base vs SafeMoE on {cfg.quick_look} held-out harmful and "
-           f"{max(cfg.quick_look // 2, 1)} benign prompts")
+  log.info(f"quick look (a smoke test): base, negated mix and SafeMoE on {cfg.quick_look} "
+           f"held-out harmful and {max(cfg.quick_look // 2, 1)} benign prompts")
   try:
     return look(model, tok, data, out, n_harmful=cfg.quick_look,
                             n_benign=max(cfg.quick_look // 2, 1), progress=cfg.log.progress,

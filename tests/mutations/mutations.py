@@ -526,4 +526,25 @@ MUTATIONS: list[Mutation] = [
         "  lock = RunDir(run).lock(\"evaluate\")", "  lock = None",
         ("tests/test_reliability_round3.py::test_a_second_evaluate_on_a_run_is_refused_while_one_holds_its_lock",),
         "two evaluates on one run both train and write the SFT baseline"),
+    # --- issue-34 ---
+    Mutation(
+        "quick-look-zero-spanning-interval-called-a-difference", "safemoe_jax/evaluation/quick.py",
+        '(f": {SAME}" if d["lo"] <= 0 <= d["hi"] else "")', '(f": {SAME}" if d["d"] == 0 else "")',
+        ("tests/test_quick_look.py::test_a_difference_whose_interval_spans_zero_is_called_not_distinguishable",),
+        "the quick look calls a +4-point difference on 24 prompts real (its interval spans zero)"),
+    Mutation(
+        "quick-look-drops-the-negated-mix", "safemoe_jax/evaluation/quick.py",
+        'SYSTEMS = ("base", "negated", "safemoe")', 'SYSTEMS = ("base", "safemoe")',
+        ("tests/test_quick_look.py::test_a_difference_whose_interval_spans_zero_is_called_not_distinguishable",),
+        "the quick look compares SafeMoE with the base model only, not with the negated mix"),
+    Mutation(
+        "quick-look-audit-accuracy-read-from-the-wrong-level", "safemoe_jax/evaluation/quick.py",
+        "f(h.get('accuracy'))", "f(a.get('accuracy'))",
+        ("tests/test_quick_look.py::test_each_judge_carries_its_audited_accuracy_or_says_it_has_none",),
+        "the judge's audited accuracy prints as a dash beside its rates"),
+    Mutation(
+        "quick-look-gates-subtraction-sign", "safemoe_jax/evaluation/quick.py",
+        '"auc": auc(-G_NE.sum(-1), y_N)', '"auc": auc(G_NE.sum(-1), y_N)',
+        ("tests/test_quick_look.py::test_the_gates_separation_of_harmful_from_benign_prompts",),
+        "the gates' AUC scores the addition, not the subtraction, on harmful prompts"),
 ]
