@@ -1,5 +1,5 @@
-"""`safemoe <command> ...`: the one command line of the package (also `python -m safemoe_jax`, and
-`python -m safemoe_jax.<command>` for each command).
+"""`safemoe <command> ...`: the one command line of the package (also `python -m safemoe_jax
+<command>`, and `python -m safemoe_jax.train` for training).
 
 Each command is a module of this package with `main(argv) -> int`, wrapped by `errors.cli` (a
 SafeMoEError is one `error:` line and exit status 2). The dispatcher imports only the chosen

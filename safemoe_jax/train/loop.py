@@ -470,7 +470,7 @@ def _quick_look(look: QuickLook, cfg: TrainConfig, model, tok, data, out: Path) 
   """The before/after table at the end of a run; a failure here never costs the trained run."""
   if jax.process_count() > 1:  # generation here would run on process 0 alone: a deadlock
     log.info(f"quick look skipped on {jax.process_count()} processes; evaluate with: "
-             f"python -m safemoe_jax.evaluate --run {out}")
+             f"python -m safemoe_jax evaluate --run {out}")
     return None
   log.info(f"quick look (a smoke test): base, negated mix and SafeMoE on {cfg.quick_look} "
            f"held-out harmful and {max(cfg.quick_look // 2, 1)} benign prompts")
@@ -480,5 +480,5 @@ def _quick_look(look: QuickLook, cfg: TrainConfig, model, tok, data, out: Path) 
                             log=log.info)
   except Exception as e:  # noqa: BLE001 - the artifacts are written; say why and carry on
     log.warning(f"the quick look failed ({type(e).__name__}: {e}); the run's artifacts are "
-                f"complete. Evaluate with: python -m safemoe_jax.evaluate --run {out}")
+                f"complete. Evaluate with: python -m safemoe_jax evaluate --run {out}")
     return None

@@ -296,7 +296,7 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_multihost.py::test_two_processes_train_stop_and_resume_like_one",),
         "SIGTERM to one of several processes stops only that one: the others wait on it forever"),
     Mutation(
-        "judge-rates-ignores-audit", "safemoe_jax/cli/judge.py",
+        "judge-rates-ignores-audit", "safemoe_jax/evaluation/judged_rates.py",
         "  audited = AU.is_audited(base_fingerprint)\n",
         "  audited = False\n",
         ("tests/test_audit.py::test_judge_rates_of_a_run_use_the_audit_figures_when_its_base_is_audited",),
@@ -481,7 +481,7 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[report-cut-results-json]", "tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[report-null-results-json]"),
         "report --run on a cut results.json ends in a traceback"),
     Mutation(
-        "judge-rates-responses-unguarded", "safemoe_jax/cli/judge.py",
+        "judge-rates-responses-unguarded", "safemoe_jax/evaluation/judged_rates.py",
         "  for n, g in jsonio.jsonl_rows(jsonio.read_text(responses), responses):",
         "  for n, g in enumerate(map(__import__(\"json\").loads, "
         "Path(responses).read_text().splitlines()), 1):",
@@ -547,4 +547,10 @@ MUTATIONS: list[Mutation] = [
         '"auc": auc(-G_NE.sum(-1), y_N)', '"auc": auc(G_NE.sum(-1), y_N)',
         ("tests/test_quick_look.py::test_the_gates_separation_of_harmful_from_benign_prompts",),
         "the gates' AUC scores the addition, not the subtraction, on harmful prompts"),
+    Mutation(
+        "cli-report-builds-its-own-argparse", "safemoe_jax/cli/report.py",
+        '  ap = cli_args.parser("safemoe report", description=__doc__)',
+        '  ap = __import__("argparse").ArgumentParser(prog="safemoe report", description=__doc__)',
+        ("tests/test_structure.py::test_one_command_surface",),
+        "a command builds its parser beside cli/args (no --print-config, its own help format)"),
 ]
