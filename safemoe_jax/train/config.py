@@ -71,6 +71,9 @@ class LogConfig:
   tensorboard: bool = True
   wandb_project: str = ""  # set to log to Weights & Biases (needs `pip install wandb`)
   progress: bool = True  # progress bar on stderr
+  # Metrics come to the host every N steps (and at checkpoints, validation and the end): one
+  # device sync per interval instead of one per step, which would stall a TPU's pipeline.
+  every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +163,9 @@ class TrainConfig:
                         f"data.phase2_retain={d.phase2_retain!r}")
     if self.keep_checkpoints < 1:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+    if self.log.every < 1:
+      raise ConfigError(f"log.every must be >= 1 (steps between metrics on the host), got "
+                        f"{self.log.every}")
     if self.quick_look < 0:
       raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
     numbers.check(self, TRAIN_RANGES)

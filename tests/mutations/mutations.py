@@ -553,4 +553,9 @@ MUTATIONS: list[Mutation] = [
         '  ap = __import__("argparse").ArgumentParser(prog="safemoe report", description=__doc__)',
         ("tests/test_structure.py::test_one_command_surface",),
         "a command builds its parser beside cli/args (no --print-config, its own help format)"),
+    Mutation(
+        "train-metrics-to-host-every-step", "safemoe_jax/train/hooks.py",
+        "    return step % self.every == 0\n", "    return True\n",
+        ("tests/test_train_hooks.py::test_metrics_reach_the_host_once_per_logging_interval",),
+        "the loop syncs the host after every step (a TPU's pipeline stalls each step)"),
 ]
