@@ -215,10 +215,11 @@ def test_docs_name_only_existing_entry_points():
 
 
 def test_every_config_file_the_docs_name_exists():
-  """A `configs/<name>.yaml` named in the README, a config's comments, the launch scripts or the
+  """A `configs/<name>.yaml` named in the README, the docs, a config's comments, the launch scripts or the
   package's help texts is a file of the repository (a renamed or never-written config is caught here)."""
-  texts = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml")),
-           *sorted((ROOT / PKG).rglob("*.py")), *sorted((ROOT / "launch").glob("*"))]
+  texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+           *sorted((ROOT / "configs").glob("*.yaml")), *sorted((ROOT / PKG).rglob("*.py")),
+           *sorted((ROOT / "launch").glob("*"))]
   named = {(t.relative_to(ROOT).as_posix(), m) for t in texts
            for m in re.findall(r"configs/([A-Za-z0-9_.-]+\.yaml)", t.read_text())}
   missing = sorted((src, f"configs/{m}") for src, m in named if not (ROOT / "configs" / m).exists())
