@@ -68,3 +68,42 @@ def test_metrics_reach_the_host_once_per_logging_interval(tmp_path, monkeypatch)
   assert all(np.isfinite(r["ce"]) and r["lr"] >= 0 and r["step_time_s"] > 0 for r in train)
   # each step's own learning rate: one warm-up step from 0, then linear decay over 8
   assert [r["lr"] for r in train][:3] == pytest.approx([0.0, 0.02, 0.02 * (1 - 1 / 8)])
+
+
+class Rows:
+  def __init__(self):
+    self.rows = []
+
+  def write(self, rec, step, tag):
+    self.rows.append((tag, step, rec))
+
+
+def _metrics(bad: bool) -> dict:
+  import jax.numpy as jnp
+  x = jnp.float32(jnp.nan if bad else 1.0)
+  return {"loss": x, "ce": x, "aux_loss": jnp.float32(0), "grad_norm": x, "tokens": jnp.float32(8),
+          "nonfinite": jnp.bool_(bad), "update_nonfinite": jnp.bool_(False)}
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nonfinite_step_found_at_the_flush_stops_there_or_is_skipped(tmp_path, mode):
+  """The flush handles each buffered step in order: in stop mode it raises at the first
+  non-finite one, naming it and its batch, with the steps before it written and none after."""
+  from safemoe_jax.train.checkpoint import NonFiniteError
+  from safemoe_jax.train.config import PhaseConfig
+  from safemoe_jax.train.hooks import MetricsHook
+  rows = Rows()
+  hook = MetricsHook("phase1", PhaseConfig(steps=4, on_nonfinite=mode), 4, rows,
+                     lambda s: 0.1 * s, tmp_path, start=0, progress=False)
+  for step in range(1, 5):
+    hook.add(step, _metrics(step == 2), 8.0, np.array([10 * step, 10 * step + 1]))
+    assert not rows.rows and hook.due(step) == (step == 4)  # nothing on the host before the flush
+  if mode == "stop":
+    with pytest.raises(NonFiniteError, match=r"at step 2 of phase1, examples \[20, 21\]"):
+      hook.flush()
+    assert [s for _, s, _ in rows.rows] == [1]
+  else:
+    hook.flush()
+    assert [(s, r["skipped"]) for _, s, r in rows.rows] == [(1, False), (2, True), (3, False),
+                                                          (4, False)]
+    assert [r["lr"] for _, _, r in rows.rows] == pytest.approx([0.0, 0.1, 0.2, 0.3])

@@ -558,4 +558,9 @@ MUTATIONS: list[Mutation] = [
         "    return step % self.every == 0\n", "    return True\n",
         ("tests/test_train_hooks.py::test_metrics_reach_the_host_once_per_logging_interval",),
         "the loop syncs the host after every step (a TPU's pipeline stalls each step)"),
+    Mutation(
+        "train-nonfinite-stop-found-at-flush-ignored", "safemoe_jax/train/hooks.py",
+        '      if self.pc.on_nonfinite == "stop":\n', "      if False:\n",
+        ("tests/test_train_hooks.py::test_a_nonfinite_step_found_at_the_flush_stops_there_or_is_skipped",),
+        "metrics on the logging cadence: a non-finite step in stop mode is only logged as skipped"),
 ]
