@@ -315,8 +315,8 @@ QuickLook = Callable[..., str]  # (model, tok, data, out, *, n_harmful, n_benign
 
 def run(cfg: TrainConfig, quick_look: QuickLook | None = None) -> dict[str, Any]:
   """Both phases end to end; returns the summary written to <output_dir>/safemoe.json.
-  quick_look (evaluation.quick.quick_look from the `train` command): the short base-vs-SafeMoE
-  table at the end when cfg.quick_look > 0."""
+  quick_look (evaluation.quick.quick_look from the `train` command): the smoke-test table at
+  the end when cfg.quick_look > 0."""
   return run_with_model(cfg, quick_look)[0]
 
 
