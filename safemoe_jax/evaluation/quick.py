@@ -134,7 +134,7 @@ def gates_line(g: dict | None) -> str:
   verdict = ("separated" if g["p"] < 0.05 else f"not separated ({SAME})")
   return (f"Gates (SafeMoE's router, mean over answer tokens and layers) on {g['n_harmful']} "
           f"harmful vs {g['n_benign']} benign prompts: {g['harmful']} vs {g['benign']}, distance "
-          f"{g['distance']:.4f} (permutation p = {g['p']:.3f}), AUC of the subtraction -sum g "
+          f"{g['distance']:.4f} (permutation p = {g['p']:.2g}), AUC of the subtraction -sum g "
           f"{g['auc']:.2f}: {verdict}.")
 
 
