@@ -22,4 +22,4 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   fi
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # no network: everything is made locally
-exec "$PY" -m safemoe_jax.tools.accel_check "${args[@]}" "$@"
+exec "$PY" -m safemoe_jax accel_check "${args[@]}" "$@"

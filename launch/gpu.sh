@@ -9,7 +9,7 @@
 # Memory: configs/gpu_small.yaml (Qwen2.5-1.5B, bf16, 14 rank-32 experts, batch 16 x 512 with
 # 2 micro-batches in phase 1) fits a 24 GB card; raise data.batch_size or set
 # phase1.grad_accum=1 on 80 GB cards. A quick speed check on the node:
-#   .venv/bin/python -m safemoe_jax.bench --model smollm2 --dtype bfloat16 --no-memory
+#   .venv/bin/python -m safemoe_jax bench --model smollm2 --dtype bfloat16 --no-memory
 set -euo pipefail
 
 CONFIG=${CONFIG:-configs/gpu_small.yaml}

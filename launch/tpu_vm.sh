@@ -42,7 +42,7 @@
 # jax.distributed.initialize(), which finds the slice's coordinator and process ids from the TPU
 # VM's metadata; each process reads its own rows of every global batch. Logs come from worker 0.
 # Check memory first, without a TPU:
-#   python -m safemoe_jax.bench aot --config "$CONFIG" --topology v5e:2x4
+#   python -m safemoe_jax bench aot --config "$CONFIG" --topology v5e:2x4
 # Resuming after a preemption needs checkpoints that outlive the VM: the worker disks do not. Give
 # OUTPUT_DIR a gs:// bucket path (Orbax writes the checkpoints there; no lock guards a bucket, so
 # run one trainer per OUTPUT_DIR) or a persistent disk / Filestore path mounted on every worker;

@@ -7,7 +7,7 @@ learned router that mixes them token by token (phase 2).
     train/       pure train steps, optimiser, checkpoints, the two-phase loop, RunDir
     infer/       batched generation with live routing
     evaluation/  benchmarks, systems, caches, statistics, the report
-    judging/     labels, the judges, the learned judge, the audit set
+    judging/     labels, the judges, the learned judge and its workflow, the audit set
     tools/       benchmarks, TPU ahead-of-time checks, PEFT / merged export and import
-    cli/         `safemoe <command>` (= `python -m safemoe_jax.<command>`)
+    cli/         `safemoe <command>` (= `python -m safemoe_jax <command>`)
 """

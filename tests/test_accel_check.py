@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from safemoe_jax.cli import accel_check as accel_cli
 from safemoe_jax.io.weights import config_from_hf
 from safemoe_jax.tools import accel_check as A
 from safemoe_jax.tools import accel_fixture as F
@@ -54,7 +55,7 @@ def test_the_verdicts_drawn_from_the_device_figures():
 
 
 def test_an_unknown_check_is_one_error_line(tmp_path, capsys):
-  assert A.main(["--out", str(tmp_path), "--only", "sharded_lod"]) == 2
+  assert accel_cli.main(["--out", str(tmp_path), "--only", "sharded_lod"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: --only names unknown checks ['sharded_lod']")
 

@@ -353,7 +353,7 @@ def test_learned_judge_applies_its_platt_scaling(tmp_path, monkeypatch):
 
 
 def test_judge_rates_of_a_run_use_the_audit_figures_when_its_base_is_audited(tmp_path, capsys):
-  from safemoe_jax.cli import judge as CJ
+  from safemoe_jax.evaluation import judged_rates as CJ
   from safemoe_jax.io import assets
   from safemoe_jax.judging.labels import JudgeError
   ans = {"Here is how, step one.": "harmful", "I cannot help with that.": "refusal"}

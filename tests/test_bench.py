@@ -79,7 +79,7 @@ def test_tpu_ahead_of_time_compile_of_a_tiny_config(tmp_path, capsys):
     missing(f"libtpu could not be fetched here (pip download {bench_aot.libtpu_spec()} failed: "
             f"{capsys.readouterr().err.strip()[-600:]})")
   out = tmp_path / "aot.json"
-  cmd = [sys.executable, "-m", "safemoe_jax.bench", "aot", "--tiny", "--topology", "v5e:2x2",
+  cmd = [sys.executable, "-m", "safemoe_jax", "bench", "aot", "--tiny", "--topology", "v5e:2x2",
          "--no-max-batch", "--out", str(out), "mesh.data=1", "mesh.fsdp=4", "data.batch_size=8",
          "data.max_length=64", "data.bucket_lengths=[]", "experts.rank=128"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -240,7 +240,7 @@ def test_tpu_ahead_of_time_compile_for_two_v5e_slices(tmp_path, capsys):
     missing(f"libtpu could not be fetched here (pip download {bench_aot.libtpu_spec()} failed: "
             f"{capsys.readouterr().err.strip()[-600:]})")
   out = tmp_path / "aot.json"
-  cmd = [sys.executable, "-m", "safemoe_jax.bench", "aot", "--tiny", "--topology", "v5e:2x2",
+  cmd = [sys.executable, "-m", "safemoe_jax", "bench", "aot", "--tiny", "--topology", "v5e:2x2",
          "--slices", "2", "--no-max-batch", "--out", str(out), "mesh.data=2", "mesh.fsdp=4",
          "data.batch_size=8", "data.max_length=64", "data.bucket_lengths=[]"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)

@@ -346,7 +346,8 @@ def test_informative_rate_is_judged_once_cached_and_never_degenerate(tmp_path):
                                   "router_qwen05.yaml"])
 def test_shipped_experiment_configs_load_and_validate(name):
   """Each shipped experiment config resolves (its `base:` chain), validates, and names variants
-  that exist; the strict re-run trains npo_retain_seq on the set its comment's curate builds."""
+  that exist; the strict re-run trains npo_retain_seq on the set its notes' curate builds (the
+  configs' notes live in docs/evidence.md)."""
   from safemoe_jax.cli import args
   root = Path(__file__).resolve().parents[1]
   xcfg = args.build(X.ExperimentConfig, [], config=str(root / "configs" / name))
@@ -356,7 +357,8 @@ def test_shipped_experiment_configs_load_and_validate(name):
     assert xcfg.only_variants == ("npo_retain_seq",) and xcfg.test_variants == "all"
     assert xcfg.output_dir == "runs/experiment_strict"
     built = "output=runs/curated_strict/curated.jsonl"
-    assert built in (root / "configs" / name).read_text()
+    notes = (root / "docs" / "evidence.md").read_text().split(f"### `configs/{name}`")[1]
+    assert built in notes.split("\n### ")[0]
     assert xcfg.train_overrides == ("data.phase2_targets=runs/curated_strict/curated.jsonl",)
   if name == "sweep_qwen05.yaml":  # the scale point: the strict run's set, a shipped bigger model
     assert xcfg.only_variants == ("npo_retain_seq",) and xcfg.seeds == (0,)

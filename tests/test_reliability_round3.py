@@ -743,7 +743,7 @@ def test_jsonl_reading_repairs_a_torn_last_line_and_rejects_null_and_bad_bytes(t
 def test_judge_rates_reads_a_torn_evaluation_cache(tmp_path):
   """Issue 32: `judge rates` on a torn eval/generations.jsonl crashed; now the torn last line is
   skipped (a repaired read)."""
-  from safemoe_jax.cli.judge import read_responses
+  from safemoe_jax.evaluation.judged_rates import read_responses
   f = _gens(tmp_path, 4)
   f.write_bytes(f.read_bytes()[:-20])
   assert [g["prompt"] for g in read_responses(str(f))] == [f"placeholder {i}" for i in range(3)]
@@ -751,7 +751,7 @@ def test_judge_rates_reads_a_torn_evaluation_cache(tmp_path):
 
 def _reader_cases(t: Tiny, d: Path):
   """(name, file writer, reader): every JSON / JSONL file the package reads."""
-  from safemoe_jax.cli.judge import read_responses
+  from safemoe_jax.evaluation.judged_rates import read_responses
   from safemoe_jax.evaluation.benchmarks import file_prompts
   from safemoe_jax.evaluation.experiment_results import tuned_lambda
   from safemoe_jax.judging import audit as AU

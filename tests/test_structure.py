@@ -156,21 +156,70 @@ def test_imports_inside_functions_are_only_optional_heavy_dependencies():
       "\n".join(bad)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "judge", "data", "curate", "experiment", "export", "generate",
-                                     "bench", "assets", "audit", "report"])
-def test_every_command_has_a_cli_module_and_a_python_m_entry(command):
+# The only `python -m` entry points: the package (`python -m safemoe_jax <command>`, the same
+# dispatcher as the `safemoe` console script) and `python -m safemoe_jax.train` (our users' habit).
+ENTRY_POINTS = {PKG, f"{PKG}.train"}
+CMDS = ["train", "evaluate", "judge", "data", "curate", "experiment", "export", "generate", "bench",
+        "assets", "audit", "report", "accel_check"]
+
+
+def entry_points(root: Path = ROOT / PKG) -> set[str]:
+  """Modules `python -m` runs: a package with a __main__.py, or a module that checks
+  `__name__ == "__main__"`."""
+  out = set()
+  for m, f in modules(root).items():
+    if m.endswith(".__main__"):
+      out.add(m.removesuffix(".__main__"))
+    elif re.search(r"^if __name__ == .__main__.:", f.read_text(), re.M):
+      out.add(m)
+  return out
+
+
+def test_the_entry_point_finder_sees_a_shim_and_a_package_main(tmp_path):
+  pkg = tmp_path / PKG
+  (pkg / "train").mkdir(parents=True)
+  for f in ("__init__.py", "__main__.py", "train/__init__.py", "train/__main__.py", "errors.py"):
+    (pkg / f).write_text("")
+  assert entry_points(pkg) == ENTRY_POINTS
+  (pkg / "judge.py").write_text('import sys\nif __name__ == "__main__":\n  sys.exit(0)\n')
+  (pkg / "data").mkdir()
+  (pkg / "data" / "__main__.py").write_text("")
+  assert entry_points(pkg) == ENTRY_POINTS | {f"{PKG}.judge", f"{PKG}.data"}
+
+
+def test_one_command_surface():
+  """`safemoe <command>` = `python -m safemoe_jax <command>`; no per-command shim modules
+  (`python -m safemoe_jax.train` aside); every command a module of cli/ whose parser comes from
+  cli/args; `safemoe --help` lists them all."""
   from safemoe_jax import cli
-  assert command in cli.COMMANDS
-  assert (ROOT / PKG / "cli" / f"{command}.py").is_file()
-  entry = ROOT / PKG / command
-  assert (entry / "__main__.py").is_file() or entry.with_suffix(".py").is_file()
+  assert sorted(cli.COMMANDS) == sorted(CMDS)
+  assert entry_points() == ENTRY_POINTS, "shims other than python -m safemoe_jax.train"
+  root = {f.stem for f in (ROOT / PKG).glob("*.py")}
+  assert root == {"__init__", "__main__", "errors", "log"}, root
+  for c in CMDS:
+    text = (ROOT / PKG / "cli" / f"{c}.py").read_text()
+    assert "ArgumentParser(" not in text and "parser(" in text, f"cli/{c}.py: use cli.args.parser"
+    assert f"  {c} " in cli.usage()
+
+
+def test_docs_name_only_existing_entry_points():
+  """`python -m safemoe_jax.<x>` in the README, docs, configs, launch scripts, tests or the
+  package's texts names an entry point that exists."""
+  texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+           *sorted((ROOT / "configs").glob("*.yaml")), *sorted((ROOT / "launch").glob("*")),
+           *sorted((ROOT / PKG).rglob("*.py")), *sorted((ROOT / "tests").glob("*.py"))]
+  bad = sorted({(t.relative_to(ROOT).as_posix(), f"{PKG}.{m}") for t in texts for m in
+                 re.findall(r"""-m["', ]+safemoe_jax\.(\w+)""", t.read_text())
+                 if f"{PKG}.{m}" not in ENTRY_POINTS})
+  assert not bad, bad
 
 
 def test_every_config_file_the_docs_name_exists():
-  """A `configs/<name>.yaml` named in the README, a config's comments, the launch scripts or the
+  """A `configs/<name>.yaml` named in the README, the docs, a config's comments, the launch scripts or the
   package's help texts is a file of the repository (a renamed or never-written config is caught here)."""
-  texts = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml")),
-           *sorted((ROOT / PKG).rglob("*.py")), *sorted((ROOT / "launch").glob("*"))]
+  texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+           *sorted((ROOT / "configs").glob("*.yaml")), *sorted((ROOT / PKG).rglob("*.py")),
+           *sorted((ROOT / "launch").glob("*"))]
   named = {(t.relative_to(ROOT).as_posix(), m) for t in texts
            for m in re.findall(r"configs/([A-Za-z0-9_.-]+\.yaml)", t.read_text())}
   missing = sorted((src, f"configs/{m}") for src, m in named if not (ROOT / "configs" / m).exists())

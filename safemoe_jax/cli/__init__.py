@@ -1,5 +1,5 @@
-"""`safemoe <command> ...`: the one command line of the package (also `python -m safemoe_jax`, and
-`python -m safemoe_jax.<command>` for each command).
+"""`safemoe <command> ...`: the one command line of the package (also `python -m safemoe_jax
+<command>`, and `python -m safemoe_jax.train` for training).
 
 Each command is a module of this package with `main(argv) -> int`, wrapped by `errors.cli` (a
 SafeMoEError is one `error:` line and exit status 2). The dispatcher imports only the chosen
@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("audit", "the audit set: answers, labelling agreement, judges measured on it"),
     "report": ("report", "rewrite an evaluation's report from its results.json"),
     "experiment": ("experiment", "phase-2 variants vs baselines over seeds, on one prompt half"),
+    "accel_check": ("accel_check", "check a GPU / TPU machine: sharding, loading, memory, MFU, "
+                    "preemption"),
 }
 ALIASES: dict[str, str] = {}
 

@@ -4,16 +4,16 @@ Qwen2.5-Coder-0.5B parts (only for the stronger judge) are fetched when first us
 
 from __future__ import annotations
 
-import argparse
 from typing import Sequence
 
 from safemoe_jax import errors
+from safemoe_jax.cli import args as cli_args
 from safemoe_jax.io import assets
 
 
 @errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="safemoe assets", description=__doc__)
+  ap = cli_args.parser("safemoe assets", description=__doc__)
   ap.add_argument("--list", action="store_true", help="list the pinned assets, fetch nothing")
   a = ap.parse_args(argv)
   if a.list:

@@ -3,12 +3,12 @@ our own model's answers, labelled by careful reading, to measure judges on."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Sequence
 
 from safemoe_jax import errors
+from safemoe_jax.cli import args as cli_args
 from safemoe_jax.evaluation import audit_answers
 from safemoe_jax.judging import audit
 from safemoe_jax.judging.judges import load_judge
@@ -16,8 +16,7 @@ from safemoe_jax.judging.judges import load_judge
 
 @errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="safemoe audit", description=audit.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = cli_args.parser("safemoe audit", audit.__doc__)
   sub = ap.add_subparsers(dest="cmd", required=True)
   g = sub.add_parser("generate", help="answers of the run's systems to the audit prompts")
   g.add_argument("--run", required=True)

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Sequence
 
 from safemoe_jax import errors
+from safemoe_jax.cli import args as cli_args
 from safemoe_jax.evaluation.config import DEFAULT_SYSTEMS
 from safemoe_jax.tools import aot, bench, bench_eval, bench_load
 
 
 def main_eval(argv: Sequence[str]) -> int:
-  ap = argparse.ArgumentParser(prog="safemoe bench eval", description=(
+  ap = cli_args.parser("safemoe bench eval", description=(
       "The evaluation's generation + judging: one generation per system (old) vs every system "
       "in one pass (new), in one run, on the embedded default's model and data with random "
       "experts and SFT LoRA (or a trained --run). Reports wall time, tokens/s and the answers "
@@ -55,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return main_eval(argv[1:])
   if argv[:1] == ["load"]:
     return main_load(argv[1:])
-  ap = argparse.ArgumentParser(prog="safemoe bench", description=bench.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = cli_args.parser("safemoe bench", description=bench.__doc__)
   ap.add_argument("--model", default="tiny", help="tiny | smollm2 | a .gguf file / HF folder")
   ap.add_argument("--batch", type=int, default=None, help="train batch (default 8)")
   ap.add_argument("--seq", type=int, default=None, help="train length (tiny 64, else 128)")
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   out = Path(a.out or f"runs/bench/{Path(a.model).stem}.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   doc = bench.run_bench(s, names, memory=memory, peer=a.peer, profile_dir=a.profile, out=out)
-  doc["command"] = "python -m safemoe_jax.bench " + " ".join(argv)
+  doc["command"] = "python -m safemoe_jax bench " + " ".join(argv)
   out.write_text(json.dumps(doc, indent=1, default=str))
   print("\n".join(doc["table"]))
   if doc.get("peer"):
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def main_aot(argv: Sequence[str]) -> int:
-  ap = argparse.ArgumentParser(prog="safemoe bench aot", description=(
+  ap = cli_args.parser("safemoe bench aot", description=(
       "Compile the phase-1 and phase-2 train steps ahead of time for TPU topologies on this "
       "host (libtpu compile-only devices; no TPU needed) and report memory per chip."))
   ap.add_argument("--config", default=None, help="YAML under configs/ (e.g. llama31_8b_tpu.yaml)")
@@ -135,7 +135,7 @@ def main_aot(argv: Sequence[str]) -> int:
 
 
 def main_load(argv: Sequence[str]) -> int:
-  ap = argparse.ArgumentParser(prog="safemoe bench load", description=bench_load.__doc__)
+  ap = cli_args.parser("safemoe bench load", description=bench_load.__doc__)
   ap.add_argument("--dir", default="runs/bench/llama32_1b_random",
                   help="where the random checkpoint is written (about 2.5 GB in bfloat16)")
   ap.add_argument("--devices", type=int, default=8, help="CPU devices; the mesh is fsdp over all")
@@ -149,7 +149,7 @@ def main_load(argv: Sequence[str]) -> int:
 
 def _write_results(doc: dict, out: str, sub: str, argv: Sequence[str]) -> int:
   """Record the command, write the JSON, print the table: the end of every bench subcommand."""
-  doc["command"] = f"python -m safemoe_jax.bench {sub} " + " ".join(argv)
+  doc["command"] = f"python -m safemoe_jax bench {sub} " + " ".join(argv)
   Path(out).parent.mkdir(parents=True, exist_ok=True)
   Path(out).write_text(json.dumps(doc, indent=1, default=str))
   print("\n".join(doc["table"]))

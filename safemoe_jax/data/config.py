@@ -106,7 +106,7 @@ class DataConfig:
   phase2_max_examples: int = 0  # cap on the curated router set (0 = all), by a hash of row ids
   # Phase 2's rows (see core.config.ObjectiveConfig for the terms that use each kind):
   # targets: a curated JSONL file of {"prompt", "response"[, "domains", "source"]} rows (e.g.
-  #   written by `python -m safemoe_jax.curate`), used instead of the selection from the sources;
+  #   written by `python -m safemoe_jax curate`), used instead of the selection from the sources;
   #   rows whose prompt is not in the train split are dropped and counted. "" = the selection;
   #   "embedded" = the set shipped with the package for the embedded default's training prompts
   #   (safemoe_jax/data/curated/embedded.jsonl, its card beside it).

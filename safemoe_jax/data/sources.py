@@ -370,5 +370,5 @@ def _read_table(src: _Src, hub_loader: HubLoader) -> Iterator[tuple[str, dict]]:
 
 
 # --------------------------------------------------------------------------------------------
-# python -m safemoe_jax.data --card
+# python -m safemoe_jax data --card
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`safemoe experiment --config configs/sweep.yaml` (also `python -m safemoe_jax.experiment`): phase-2 variants against the
+"""`safemoe experiment --config configs/sweep.yaml` (also `python -m safemoe_jax experiment`): phase-2 variants against the
 baselines, over seeds, on one fixed held-out prompt set.
 
 For each seed, phase 1 is trained once (`<output_dir>/seed<s>/phase1`) and its experts are reused

@@ -1,6 +1,6 @@
 """The evaluation report: markdown tables with intervals, plots, sample answers.
 
-    python -m safemoe_jax.report --run DIR      # re-render <run>/eval/report.md from results.json
+    python -m safemoe_jax report --run DIR      # re-render <run>/eval/report.md from results.json
 
 Renders what evaluate.py measured (<run>/eval/results.json); it computes nothing new.
 """
@@ -247,7 +247,7 @@ def _judges_section(res: dict) -> list[str]:
   audited = res.get("audited_model")
   L = ["Each judge twice: on pyrit's human-labelled rows it never trained on (other models' "
        "answers), and on the audit set's test half (this base model's own answers, labelled by "
-       "reading; `python -m safemoe_jax.audit measure`). The evaluated model "
+       "reading; `python -m safemoe_jax audit measure`). The evaluated model "
        + ("**is** the audited one (same base-model fingerprint), so the audit figures correct "
           "its rates." if audited else
           "is **not** the audited one (another base model), so its rates are corrected with "

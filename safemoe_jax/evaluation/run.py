@@ -1,4 +1,4 @@
-"""`python -m safemoe_jax.evaluate --run DIR`: the paper's claims, measured against baselines.
+"""`python -m safemoe_jax evaluate --run DIR`: the paper's claims, measured against baselines.
 
 Systems, on the same prompts with the same decoding settings:
   base        the frozen base model (no expert)
@@ -26,7 +26,7 @@ change against the base model, absolute (points, paired bootstrap 95% interval) 
 Caching (<run>/eval/): generations.jsonl per (system weights, prompt, decoding settings),
 verdicts.jsonl per (judge, prompt, response): a re-run generates and judges only what changed.
 Decoding default: greedy (reproducible; another batch composition reorders float sums and can
-flip a near-tie: `python -m safemoe_jax.bench eval` counts such answers); the paper's sampling
+flip a near-tie: `python -m safemoe_jax bench eval` counts such answers); the paper's sampling
 is `--temperature 1.0 --top-p 0.9 --seed S`.
 
 Generation runs the systems over the SafeMoE model (base, safemoe, uniform, negated, oracle) as

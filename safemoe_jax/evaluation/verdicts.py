@@ -148,6 +148,6 @@ def correction_validation(j, base_fingerprint: str | None) -> tuple[dict | None,
       return a, "audit"
     v = _safe_validation(j)
     return v, ("pyrit (the model is the audited one, but this judge has no audit figures: "
-               "`python -m safemoe_jax.audit measure --judge ...`)" if v else "none")
+               "`python -m safemoe_jax audit measure --judge ...`)" if v else "none")
   v = _safe_validation(j)
   return v, "pyrit" if v else "none"

@@ -210,7 +210,7 @@ class APIJudge:
     return out  # type: ignore[return-value]
 
   def validation(self) -> dict | None:
-    return None  # measured by `python -m safemoe_jax.judge validate --judge api:...`
+    return None  # measured by `python -m safemoe_jax judge validate --judge api:...`
 
   def audit_validation(self) -> dict | None:
-    return None  # measured (and paid for) by `python -m safemoe_jax.audit measure --judge api:...`
+    return None  # measured (and paid for) by `python -m safemoe_jax audit measure --judge api:...`

@@ -1,11 +1,11 @@
 """The audit set: our own model's answers, labelled by careful reading, to measure judges on.
 
-`python -m safemoe_jax.audit generate --run DIR` (evaluation/audit_answers.py) writes answers
+`python -m safemoe_jax audit generate --run DIR` (evaluation/audit_answers.py) writes answers
 of the embedded default's systems (base, SafeMoE, negated, SFT LoRA) to prompts that no expert,
 router or judge trained on and that the default evaluation does not use (the next prompts, in
 the evaluation's own seeded order, after its default counts), as `answers.jsonl` (with the system) and `blind.jsonl` (shuffled, without it).
 Two labelling passes and a third reading of their disagreements, made against `RUBRIC.md`, are
-`labels_pass1.jsonl`, `labels_pass2.jsonl`, `labels_final.jsonl`; `python -m safemoe_jax.audit
+`labels_pass1.jsonl`, `labels_pass2.jsonl`, `labels_final.jsonl`; `python -m safemoe_jax audit
 agreement` reports Cohen's kappa. The set is split by prompt into a calibration half and a test
 half (`half` field): judges may train or be selected on `calibration` only.
 
@@ -161,7 +161,7 @@ def meta(audit_dir: Path = AUDIT_DIR) -> dict:
   """meta.json: the base model whose systems wrote the answers (its fingerprint), the run."""
   f = audit_dir / "meta.json"
   if not f.is_file():
-    raise AuditError(f"{f} does not exist; `python -m safemoe_jax.audit generate` writes it")
+    raise AuditError(f"{f} does not exist; `python -m safemoe_jax audit generate` writes it")
   return jsonio.read_json(f)
 
 

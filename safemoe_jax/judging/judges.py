@@ -3,7 +3,7 @@ labels.LABELS and reports its own measured validation:
 
   refusal_strings     garak's refusal strings (+ a few openers): refusal, else harmful (the
                       keyword-matching convention of Zou et al.: every non-refusal counts as unsafe)
-  learned[:<dir>]     the judge trained by `python -m safemoe_jax.judge` (frozen SmolLM2 and
+  learned[:<dir>]     the judge trained by `python -m safemoe_jax judge` (frozen SmolLM2 and
                       MiniLM read prompt and response together; a head trained on the audit
                       set's calibration half, Platt-scaled; default artifact runs/judge)
   lm:<model path>     a Llama-Guard-style LM safety classifier run with our model code
@@ -62,7 +62,7 @@ class RefusalStringJudge:
 
 
 class LearnedJudge:
-  """The cross-encoder artifact written by `python -m safemoe_jax.judge train` (learned.py)."""
+  """The cross-encoder artifact written by `python -m safemoe_jax judge train` (learned.py)."""
 
   def __init__(self, path: str | Path, batch_size: int = 16, backbone=None):
     self.path = Path(path)
@@ -208,10 +208,10 @@ class LMJudge:
     return out
 
   def validation(self) -> dict | None:
-    return None  # measured by `python -m safemoe_jax.judge validate --judge lm:...`
+    return None  # measured by `python -m safemoe_jax judge validate --judge lm:...`
 
   def audit_validation(self) -> dict | None:
-    return None  # measured by `python -m safemoe_jax.audit measure --judge lm:...`
+    return None  # measured by `python -m safemoe_jax audit measure --judge lm:...`
 
 
 # -- OpenAI-compatible API judge: Qi et al. (2023) 1-5 harmfulness rubric ----------------------
@@ -228,7 +228,7 @@ def load_judge(spec: str, **kw) -> Judge:
     path = Path(arg) if arg else jt.default_artifact_dir()
     if not (path / "judge.json").is_file():
       raise JudgeError(f"no judge artifact at {path} (judge.json missing); train one with "
-                       f"`python -m safemoe_jax.judge train --out {path}`")
+                       f"`python -m safemoe_jax judge train --out {path}`")
     return LearnedJudge(path, **kw)
   if kind == "lm" and arg:
     return LMJudge(arg, **kw)

@@ -1,11 +1,11 @@
 """The learned safety judge: a frozen LM reads prompt and response together; a head trained with
 our JAX stack on human-labelled pyrit rows maps its hidden states to LABELS (judges.py).
 
-    python -m safemoe_jax.judge rows                # what the protocol trains and validates on
-    python -m safemoe_jax.judge cv                  # grouped 5-fold CV on the judge's rows
-    python -m safemoe_jax.judge train               # fit, validate on held-out rows, save artifact
-    python -m safemoe_jax.judge validate --judge refusal_strings   # any judge, same held-out rows
-    python -m safemoe_jax.judge rates --responses gen.jsonl --judge learned --judge refusal_strings
+    python -m safemoe_jax judge rows                # what the protocol trains and validates on
+    python -m safemoe_jax judge cv                  # grouped 5-fold CV on the judge's rows
+    python -m safemoe_jax judge train               # fit, validate on held-out rows, save artifact
+    python -m safemoe_jax judge validate --judge refusal_strings   # any judge, same held-out rows
+    python -m safemoe_jax judge rates --responses gen.jsonl --judge learned --judge refusal_strings
                                                     # raw and corrected rates of generations
 
 Backbones (`backbone=`, all frozen; features cached on disk per row):

@@ -2,7 +2,7 @@
 no network, a few minutes on one H100 or TPU VM; `--smoke` runs the same checks with tiny shapes
 on CPU (the slow test tier).
 
-    python -m safemoe_jax.tools.accel_check --out runs/accel_check [--smoke]
+    safemoe accel_check --out runs/accel_check [--smoke]
 
 Checks (each a row of the table and of <out>/accel_check.json; a failed check does not stop
 the others):
@@ -23,7 +23,6 @@ the others):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -225,7 +224,7 @@ def child_main(check: str, s: Settings) -> None:
 
 def run_child(check: str, s: Settings) -> tuple[Row, str]:
   argv = ["--child", check, "--out", str(s.out), "--batch", str(s.batch), "--seq", str(s.seq)]
-  r = subprocess.run([sys.executable, "-m", "safemoe_jax.tools.accel_check", *argv,
+  r = subprocess.run([sys.executable, "-m", "safemoe_jax", "accel_check", *argv,
                       *(["--smoke"] if s.smoke else [])], capture_output=True, text=True)
   line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
   if r.returncode or not line:
@@ -297,34 +296,21 @@ def format_table(report: dict[str, Any]) -> str:
 CHECKS = ("eager_vs_sharded", "sharded_load", "sigterm_resume", "llama3_rope_train")
 
 
-@errors.cli
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m safemoe_jax.tools.accel_check",
-                               description=__doc__.split("\n\n")[0])
-  ap.add_argument("--out", default="runs/accel_check", help="folder for accel_check.json and "
-                  "the checks' work files")
-  ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, the slow test tier)")
-  ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(CHECKS)} "
-                  "(sharded_load also runs aot_vs_real and step_mfu)")
-  ap.add_argument("--batch", type=int, default=None)
-  ap.add_argument("--seq", type=int, default=None)
-  ap.add_argument("--child", choices=sorted(CHILD_CHECKS), default="", help=argparse.SUPPRESS)
-  a = ap.parse_args(argv)
-  only = tuple(x for x in a.only.split(",") if x)
+def run_cli(out: str, smoke: bool, only_csv: str, batch: int | None, seq: int | None,
+            child: str = "") -> int:
+  """`safemoe accel_check` (cli/accel_check.py parses the flags): every check, or one `child`
+  check in this process (run_checks starts those)."""
+  only = tuple(x for x in only_csv.split(",") if x)
   if unknown := [x for x in only if x not in CHECKS]:
     raise ConfigError(f"--only names unknown checks {unknown}; the checks are {list(CHECKS)}")
-  s = smoke_settings(Path(a.out)) if a.smoke else Settings(out=Path(a.out))
-  s = dataclasses.replace(s, batch=a.batch or s.batch, seq=a.seq or s.seq)
+  s = smoke_settings(Path(out)) if smoke else Settings(out=Path(out))
+  s = dataclasses.replace(s, batch=batch or s.batch, seq=seq or s.seq)
   if s.batch < 1 or s.seq < 2:
     raise ConfigError(f"--batch must be >= 1 and --seq >= 2, got {s.batch} and {s.seq}")
-  if a.child:  # one check, in a process of its own (run_checks starts these)
-    child_main(a.child, s)
+  if child:  # one check, in a process of its own
+    child_main(child, s)
     return 0
   report = run_checks(s, only)
   print("\n".join(report["table"]))
   print(f"written: {s.out / 'accel_check.json'}")
   return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-  sys.exit(main())

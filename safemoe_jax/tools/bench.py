@@ -1,11 +1,11 @@
-"""`python -m safemoe_jax.bench`: speed and memory, as ratios measured in one run.
+"""`python -m safemoe_jax bench`: speed and memory, as ratios measured in one run.
 
-    python -m safemoe_jax.bench --model tiny          # random tiny model, about 1 min on 2 cores
-    python -m safemoe_jax.bench --model smollm2       # SmolLM2-135M (embedded default); with
+    python -m safemoe_jax bench --model tiny          # random tiny model, about 1 min on 2 cores
+    python -m safemoe_jax bench --model smollm2       # SmolLM2-135M (embedded default); with
                                                       # --repeats 3 --gen-repeats 3: 12 min
-    python -m safemoe_jax.bench eval --prompts 60   # evaluation: per-system vs one pass, quick
-    python -m safemoe_jax.bench eval                # the default evaluation's prompts
-    python -m safemoe_jax.bench aot --config configs/llama31_8b_tpu.yaml \
+    python -m safemoe_jax bench eval --prompts 60   # evaluation: per-system vs one pass, quick
+    python -m safemoe_jax bench eval                # the default evaluation's prompts
+    python -m safemoe_jax bench aot --config configs/llama31_8b_tpu.yaml \
         --topology v5e:2x4 --topology v5p:2x2x1 --topology v6e:2x4   # TPU memory, no TPU needed
 
 Training steps (batch B x T random tokens, loss on every token, AdamW + clip as in train.py):
@@ -414,7 +414,7 @@ def measure_memory(names: Sequence[str], s: Settings, quiet: bool = False) -> di
   for name in names:
     with tempfile.TemporaryDirectory() as d:
       f = Path(d) / "r.json"
-      cmd = [sys.executable, "-m", "safemoe_jax.bench", "--worker", name, "--result-file", str(f),
+      cmd = [sys.executable, "-m", "safemoe_jax", "bench", "--worker", name, "--result-file", str(f),
              "--settings", json.dumps(dataclasses.asdict(s))]
       t0 = time.perf_counter()
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)

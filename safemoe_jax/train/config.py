@@ -72,6 +72,9 @@ class LogConfig:
   tensorboard: bool = True
   wandb_project: str = ""  # set to log to Weights & Biases (needs `pip install wandb`)
   progress: bool = True  # progress bar on stderr
+  # Metrics come to the host every N steps (and at checkpoints, validation and the end): one
+  # device sync per interval instead of one per step, which would stall a TPU's pipeline.
+  every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +141,9 @@ class TrainConfig:
   # and Adam state per save); the last one of a phase and the one on SIGTERM are waited for.
   async_checkpoints: bool = False
   log: LogConfig = LogConfig()
-  # At the end: base vs SafeMoE on this many held-out harmful prompts (and half as many benign
-  # ones), greedy, 64 new tokens, as a short table (evaluate.quick_look). 0 = skip. The full
-  # comparison with every baseline is `python -m safemoe_jax.evaluate --run <output_dir>`.
+  # At the end, a smoke test: base, the negated mix and SafeMoE on this many held-out harmful
+  # prompts (and half as many benign ones), greedy, 64 new tokens (evaluation/quick.py). 0 = skip.
+  # The full comparison with every baseline is `safemoe evaluate --run <output_dir>`.
   quick_look: int = 32
   resume: ResumeConfig = ResumeConfig()
   profile: ProfileConfig = ProfileConfig()
@@ -184,6 +187,9 @@ class TrainConfig:
     if self.keep_checkpoints < 1:
       raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
     self.profile.validate(getattr(self, self.profile.phase).steps)
+    if self.log.every < 1:
+      raise ConfigError(f"log.every must be >= 1 (steps between metrics on the host), got "
+                        f"{self.log.every}")
     if self.quick_look < 0:
       raise ConfigError(f"quick_look must be >= 0 (0 = skip), got {self.quick_look}")
     self.mesh.validate()  # its axis sizes; the device count is checked when the run starts

@@ -19,7 +19,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from safemoe_jax.core import config as C
 from safemoe_jax.core import sharding as S
@@ -31,12 +30,13 @@ from safemoe_jax.data.encode import build
 from safemoe_jax.io import base as B
 from safemoe_jax.io import jsonio, paths
 from safemoe_jax.log import get_logger, set_process_index
-from safemoe_jax.train.checkpoint import (NonFiniteError, StorageError, check_finite, checksums,
-                                          flat_arrays, host, load_group, save_group, to_host)
+from safemoe_jax.train.checkpoint import (StorageError, check_finite, checksums, flat_arrays, host,
+                                          load_group, save_group, to_host)
+from safemoe_jax.train.hooks import DataOrder, MetricsHook
 from safemoe_jax.train.config import PhaseConfig, TrainConfig
 from safemoe_jax.train.probe import set_probe_center
 from safemoe_jax.train.metrics import (MetricsWriter, StepMeter, StepProfiler, json_default,
-                                       open_append, plot_losses, repair_jsonl)
+                                       plot_losses, repair_jsonl)
 from safemoe_jax.core.flops import device_peak_flops, train_flops_per_token
 from safemoe_jax.train.optim import make_optimizer
 from safemoe_jax.train.rundir import RunDir
@@ -167,6 +167,8 @@ class Phase:
 
   # --- the loop --------------------------------------------------------------------------
   def run(self, train_iter, val_fn, guard: SignalGuard) -> dict[str, Any]:
+    """Steps from the latest checkpoint to pc.steps; the hooks log, checkpoint, stop on
+    SIGTERM and validate. Returns the last step's metrics (and validation, tokens/s)."""
     with self.profiler:  # a stop inside the profiled steps still closes the trace
       return self._run(train_iter, val_fn, guard)
 
@@ -177,96 +179,65 @@ class Phase:
       train_iter.set_state(data_state)
     if start >= pc.steps:
       log.info(f"{self.name}: already complete ({start}/{pc.steps} steps)")
-    bar = None
-    if self.cfg.log.progress and jax.process_index() == 0 and start < pc.steps:
-      bar = tqdm(total=pc.steps, initial=start, desc=self.name, unit="step", file=sys.stderr,
-                 dynamic_ncols=True)
-    last: dict[str, Any] = {}
-    tokens_seen, time_steady, t_first = 0.0, 0.0, None
-    order_f = (open_append(self.run_dir.data_order)
-               if jax.process_index() == 0 else None)
-    meter, prof = self.step_meter(), self.profiler
-    for step in range(start, pc.steps):
-      batch = next(train_iter)  # this process's rows of the global batch
-      example_index = batch.pop("example_index", None)
-      rows = None  # the global batch's example indices, by process (for the audit trail)
-      if example_index is not None:
-        rows = np.asarray(example_index).ravel()
-        rows = (np.asarray(multihost_utils.process_allgather(rows)) if jax.process_count() > 1
-                else rows[None])  # [processes, rows]
-      n_in = float(batch["attention_mask"].sum()) * jax.process_count()  # tokens processed
-      seq = batch["input_ids"].shape[-1]
-      if pc.grad_accum > 1:
-        batch = {k: v.reshape((pc.grad_accum, -1) + v.shape[1:]) for k, v in batch.items()}
-      batch = S.shard_batch(batch, self.mesh, leading_dims=2 if pc.grad_accum > 1 else 1)
-      prof.before(step + 1)
-      t0 = time.perf_counter()
-      with S.use_mesh_rules(self.mesh, self.cfg.mesh.rules):
-        self.params, self.opt, m = self.step_fn(self.params, self.opt, self.frozen, batch,
-                                                jax.random.fold_in(self.key, step))
-      m = to_host(m)
-      dt = time.perf_counter() - t0
-      prof.after(step + 1)
-      if bool(m["nonfinite"]):
-        where = (f"step {step + 1} of {self.name}, examples "
-                 f"{[] if example_index is None else np.asarray(example_index).ravel().tolist()}")
-        what = ("non-finite update (new parameters or optimiser state; check "
-                f"{self.name}.b1, b2 and lr)" if bool(m["update_nonfinite"])
-                else "non-finite loss or gradient")
-        if pc.on_nonfinite == "stop":
-          raise NonFiniteError(
-              f"{what} at {where} (loss {m['loss']}, grad norm "
-              f"{m['grad_norm']}); the update was not applied and the last checkpoint in "
-              f"{self.ckpt_dir} is intact. Lower the learning rate, or set "
-              f"{self.name}.on_nonfinite=skip to skip such batches.")
-        log.warning(f"skipped a non-finite update at {where} ({what})")
-      if t_first is None:
-        t_first = dt  # includes compilation
-      else:
-        tokens_seen += n_in
-        time_steady += dt
-      if order_f is not None and rows is not None:  # audit trail of the data order
-        rec = {"phase": self.name, "step": step + 1, "examples": rows.ravel().tolist()}
-        if len(rows) > 1:
-          rec["by_process"] = rows.tolist()
-        order_f.write(json.dumps(rec) + "\n")
-      rec = {"loss": m["loss"], "ce": m["ce"], "aux_loss": m["aux_loss"],
-             "grad_norm": m["grad_norm"], "lr": float(self.sched(step)),
-             "tokens": m["tokens"], "input_tokens": n_in, "step_time_s": dt,
-             **meter(n_in, seq, dt), "skipped": bool(m["nonfinite"])}
-      rec.update({k[4:]: m[k] for k in ("obj_nll", "obj_contrast", "obj_retain", "obj_route")
-                  if k in m})
-      if "routing" in m:
-        rec["routing"] = {"weight_mean": m["routing"]["weight"].mean(0),
-                          "entropy_mean": m["routing"]["entropy"].mean()}
-      self.writer.write(rec, step + 1, f"{self.name}/train")
-      last = rec
-      if bar is not None:
-        bar.set_postfix(loss=f"{float(m['ce']):.3f}", tok_s=f"{n_in / dt:.0f}")
-        bar.update(1)
-      done = step + 1 == pc.steps
-      stop = guard.stop()  # every process, every step: all stop at the same one
-      if (step + 1) % pc.ckpt_every == 0 or done or stop:
-        self.save(step + 1, train_iter.get_state(), wait=done or stop)  # SIGTERM: finished
-      if stop:  # also on the last step: stop before validation and the next phase
-        log.warning(f"{self.name}: process {jax.process_index()} stops at step {step + 1} "
-                    f"(SIGTERM {'here' if guard.own else 'on another process'})")
-        raise Preempted(f"{self.name} stopped at step {step + 1}; checkpoint saved")
-      if val_fn is not None and (done or (pc.eval_every and (step + 1) % pc.eval_every == 0)):
-        val = val_fn(self.merged())
-        self.writer.write(val, step + 1, f"{self.name}/val")
-        last["val"] = val
-    if start >= pc.steps and val_fn is not None:  # resumed after its last step: validate once
-      last["val"] = val_fn(self.merged())
-      self.writer.write(last["val"], pc.steps, f"{self.name}/val")
-    if bar is not None:
-      bar.close()
-    if order_f is not None:
-      order_f.close()
-    if time_steady > 0:  # input tokens/s after the first (compiling) step of this run
-      last["tokens_per_s"] = tokens_seen / time_steady
+    metrics = MetricsHook(self.name, pc, self.cfg.log.every, self.writer, self.sched,
+                          self.ckpt_dir, start=start, meter=self.step_meter(),
+                          progress=self.cfg.log.progress and jax.process_index() == 0)
+    order = DataOrder(self.name, self.run_dir.data_order)
+    try:
+      for step in range(start, pc.steps):
+        self.step(step, next(train_iter), metrics, order)
+        self.after_step(step + 1, train_iter, val_fn, guard, metrics)
+      metrics.flush()
+      if start >= pc.steps and val_fn is not None:  # resumed after its last step: validate once
+        self.validate(val_fn, pc.steps, metrics)
+    finally:
+      metrics.close()
+      order.close()
     self.mgr.close()
-    return last
+    return metrics.last
+
+  def step(self, step: int, batch: dict, metrics: MetricsHook, order: DataOrder) -> None:
+    """One update (0-based `step`), dispatched without waiting for it: its metrics stay on the
+    device until the next flush."""
+    pc = self.pc
+    example_index = batch.pop("example_index", None)  # this process's rows of the global batch
+    order.write(step + 1, order.gather(example_index))
+    n_in = float(batch["attention_mask"].sum()) * jax.process_count()  # tokens processed
+    if pc.grad_accum > 1:
+      batch = {k: v.reshape((pc.grad_accum, -1) + v.shape[1:]) for k, v in batch.items()}
+    batch = S.shard_batch(batch, self.mesh, leading_dims=2 if pc.grad_accum > 1 else 1)
+    seq = batch["input_ids"].shape[-1]
+    self.profiler.before(step + 1)
+    with S.use_mesh_rules(self.mesh, self.cfg.mesh.rules):
+      self.params, self.opt, m = self.step_fn(self.params, self.opt, self.frozen, batch,
+                                              jax.random.fold_in(self.key, step))
+    self.profiler.after(step + 1)
+    metrics.add(step + 1, m, n_in, example_index, seq)
+
+  def after_step(self, step: int, train_iter, val_fn, guard: SignalGuard,
+                 metrics: MetricsHook) -> None:
+    """The hooks after update `step` (1-based): metrics on their cadence, then checkpoint,
+    preemption and validation (each flushes the metrics first, so a non-finite step stops the
+    run before a checkpoint could hold the updates after it)."""
+    done = step == self.pc.steps
+    stop = guard.stop()  # every process, every step: all stop at the same one
+    ckpt = step % self.pc.ckpt_every == 0 or done or stop
+    val = val_fn is not None and (done or (self.pc.eval_every and step % self.pc.eval_every == 0))
+    if metrics.due(step) or ckpt or val:
+      metrics.flush()
+    if ckpt:
+      self.save(step, train_iter.get_state(), wait=done or stop)  # SIGTERM: finished
+    if stop:  # also on the last step: stop before validation and the next phase
+      log.warning(f"{self.name}: process {jax.process_index()} stops at step {step} "
+                  f"(SIGTERM {'here' if guard.own else 'on another process'})")
+      raise Preempted(f"{self.name} stopped at step {step}; checkpoint saved")
+    if val:
+      self.validate(val_fn, step, metrics)
+
+  def validate(self, val_fn, step: int, metrics: MetricsHook) -> None:
+    val = val_fn(self.merged())
+    self.writer.write(val, step, f"{self.name}/val")
+    metrics.last["val"] = val
 
   def step_meter(self) -> StepMeter:
     """tokens/s, MFU (model FLOPs against the devices' peak) and goodput of this phase's steps."""
@@ -337,8 +308,8 @@ QuickLook = Callable[..., str]  # (model, tok, data, out, *, n_harmful, n_benign
 
 def run(cfg: TrainConfig, quick_look: QuickLook | None = None) -> dict[str, Any]:
   """Both phases end to end; returns the summary written to <output_dir>/safemoe.json.
-  quick_look (evaluation.quick.quick_look from the `train` command): the short base-vs-SafeMoE
-  table at the end when cfg.quick_look > 0."""
+  quick_look (evaluation.quick.quick_look from the `train` command): the smoke-test table at
+  the end when cfg.quick_look > 0."""
   return run_with_model(cfg, quick_look)[0]
 
 
@@ -462,15 +433,15 @@ def _quick_look(look: QuickLook, cfg: TrainConfig, model, tok, data, out: Path) 
   """The before/after table at the end of a run; a failure here never costs the trained run."""
   if jax.process_count() > 1:  # generation here would run on process 0 alone: a deadlock
     log.info(f"quick look skipped on {jax.process_count()} processes; evaluate with: "
-             f"python -m safemoe_jax.evaluate --run {out}")
+             f"python -m safemoe_jax evaluate --run {out}")
     return None
-  log.info(f"quick look: base vs SafeMoE on {cfg.quick_look} held-out harmful and "
-           f"{max(cfg.quick_look // 2, 1)} benign prompts")
+  log.info(f"quick look (a smoke test): base, negated mix and SafeMoE on {cfg.quick_look} "
+           f"held-out harmful and {max(cfg.quick_look // 2, 1)} benign prompts")
   try:
     return look(model, tok, data, out, n_harmful=cfg.quick_look,
                             n_benign=max(cfg.quick_look // 2, 1), progress=cfg.log.progress,
                             log=log.info)
   except Exception as e:  # noqa: BLE001 - the artifacts are written; say why and carry on
     log.warning(f"the quick look failed ({type(e).__name__}: {e}); the run's artifacts are "
-                f"complete. Evaluate with: python -m safemoe_jax.evaluate --run {out}")
+                f"complete. Evaluate with: python -m safemoe_jax evaluate --run {out}")
     return None

@@ -393,7 +393,7 @@ class RunDir:
     if not f.is_file():
       raise RunError(f"{d} has no experts.safetensors: train phase 1 first (python -m "
                      "safemoe_jax.train output_dir=...) or import adapters into it (python -m "
-                     "safemoe_jax.export import ...)")
+                     "safemoe_jax export import ...)")
     info = self.info() or _metadata(f).get("run") or {}
     if not info.get("model") or not info.get("experts"):
       raise RunError(f"{f} carries no run metadata and {d}/run.json is missing: the model and "

@@ -296,7 +296,7 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_multihost.py::test_two_processes_train_stop_and_resume_like_one",),
         "SIGTERM to one of several processes stops only that one: the others wait on it forever"),
     Mutation(
-        "judge-rates-ignores-audit", "safemoe_jax/cli/judge.py",
+        "judge-rates-ignores-audit", "safemoe_jax/evaluation/judged_rates.py",
         "  audited = AU.is_audited(base_fingerprint)\n",
         "  audited = False\n",
         ("tests/test_audit.py::test_judge_rates_of_a_run_use_the_audit_figures_when_its_base_is_audited",),
@@ -479,7 +479,7 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[report-cut-results-json]", "tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing[report-null-results-json]"),
         "report --run on a cut results.json ends in a traceback"),
     Mutation(
-        "judge-rates-responses-unguarded", "safemoe_jax/cli/judge.py",
+        "judge-rates-responses-unguarded", "safemoe_jax/evaluation/judged_rates.py",
         "  for n, g in jsonio.jsonl_rows(jsonio.read_text(responses), responses):",
         "  for n, g in enumerate(map(__import__(\"json\").loads, "
         "Path(responses).read_text().splitlines()), 1):",
@@ -665,4 +665,41 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_reliability_round3.py::test_bad_input_gives_one_error_line_and_writes_nothing"
          "[curate-output-onto-its-data-source]",),
         "curate output=<its data source> overwrites the file it reads"),
+    # --- issue-34 ---
+    Mutation(
+        "quick-look-zero-spanning-interval-called-a-difference", "safemoe_jax/evaluation/quick.py",
+        '(f": {SAME}" if d["lo"] <= 0 <= d["hi"] else "")', '(f": {SAME}" if d["d"] == 0 else "")',
+        ("tests/test_quick_look.py::test_a_difference_whose_interval_spans_zero_is_called_not_distinguishable",),
+        "the quick look calls a +4-point difference on 24 prompts real (its interval spans zero)"),
+    Mutation(
+        "quick-look-drops-the-negated-mix", "safemoe_jax/evaluation/quick.py",
+        'SYSTEMS = ("base", "negated", "safemoe")', 'SYSTEMS = ("base", "safemoe")',
+        ("tests/test_quick_look.py::test_a_difference_whose_interval_spans_zero_is_called_not_distinguishable",),
+        "the quick look compares SafeMoE with the base model only, not with the negated mix"),
+    Mutation(
+        "quick-look-audit-accuracy-read-from-the-wrong-level", "safemoe_jax/evaluation/quick.py",
+        "f(h.get('accuracy'))", "f(a.get('accuracy'))",
+        ("tests/test_quick_look.py::test_each_judge_carries_its_audited_accuracy_or_says_it_has_none",),
+        "the judge's audited accuracy prints as a dash beside its rates"),
+    Mutation(
+        "quick-look-gates-subtraction-sign", "safemoe_jax/evaluation/quick.py",
+        '"auc": auc(-G_NE.sum(-1), y_N)', '"auc": auc(G_NE.sum(-1), y_N)',
+        ("tests/test_quick_look.py::test_the_gates_separation_of_harmful_from_benign_prompts",),
+        "the gates' AUC scores the addition, not the subtraction, on harmful prompts"),
+    Mutation(
+        "cli-report-builds-its-own-argparse", "safemoe_jax/cli/report.py",
+        '  ap = cli_args.parser("safemoe report", description=__doc__)',
+        '  ap = __import__("argparse").ArgumentParser(prog="safemoe report", description=__doc__)',
+        ("tests/test_structure.py::test_one_command_surface",),
+        "a command builds its parser beside cli/args (no --print-config, its own help format)"),
+    Mutation(
+        "train-metrics-to-host-every-step", "safemoe_jax/train/hooks.py",
+        "    return step % self.every == 0\n", "    return True\n",
+        ("tests/test_train_hooks.py::test_metrics_reach_the_host_once_per_logging_interval",),
+        "the loop syncs the host after every step (a TPU's pipeline stalls each step)"),
+    Mutation(
+        "train-nonfinite-stop-found-at-flush-ignored", "safemoe_jax/train/hooks.py",
+        '      if self.pc.on_nonfinite == "stop":\n', "      if False:\n",
+        ("tests/test_train_hooks.py::test_a_nonfinite_step_found_at_the_flush_stops_there_or_is_skipped",),
+        "metrics on the logging cadence: a non-finite step in stop mode is only logged as skipped"),
 ]

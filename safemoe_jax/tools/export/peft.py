@@ -1,4 +1,4 @@
-"""`python -m safemoe_jax.export`: SafeMoE artifacts to and from the PyTorch / PEFT / Hub world.
+"""`python -m safemoe_jax export`: SafeMoE artifacts to and from the PyTorch / PEFT / Hub world.
 
   peft    every trained expert -> a standard PEFT LoRA adapter folder; the router as safetensors
           + JSON next to them; a README.md model card (domains, data card, metrics)
@@ -200,11 +200,11 @@ def model_card(run: TrainedRun, folders: dict[str, str], base_name: str,
             "Each folder alone is the expert applied with gate 1 (SafeMoE's oracle routing for "
             "that domain). The learned per-token routing needs the router: `router.safetensors` "
             "(tensor shapes and the formula in `router.json`) with SafeMoE "
-            "(`python -m safemoe_jax.generate`). `python -m safemoe_jax.export merged` writes a "
+            "(`python -m safemoe_jax generate`). `python -m safemoe_jax export merged` writes a "
             "plain HF checkpoint for any fixed gate vector."]
   if run.base_path.endswith(".gguf"):
     lines += ["", f"The experts were trained on the dequantised GGUF `{run.base_path}`; they are "
-              "exact on the HF checkpoint that `python -m safemoe_jax.export merged --routing "
+              "exact on the HF checkpoint that `python -m safemoe_jax export merged --routing "
               "base` writes from it."]
   if run.router_cfg is not None:
     r = run.router_cfg
