@@ -491,6 +491,39 @@ def test_build_from_a_local_file_to_batches(tok, tmp_path):
   assert set(data.card()["tokens"]) == {"phase1/train", "phase2/train"}
 
 
+def test_curated_and_retain_rows_match_splits_by_the_normalised_prompt(tmp_path):
+  """A curated or retain row whose prompt is an evaluation or validation prompt written with other
+  case and spacing is that prompt: dropped and counted, never trained on (real files are not
+  lowercase with single spaces, as every other fixture here is)."""
+  rows = [{"question": f"local placeholder question {i}", "answer": f"local placeholder answer "
+           f"number {i} with enough characters to count as informative",
+           "topic": "alpha" if i % 4 < 2 else "beta", "score": 1.0 if i % 2 else 0.0}
+          for i in range(40)]
+  variant = lambda q, i: ("  " + q.upper() if i % 2 else q.title().replace(" ", "   \t")) + " \n"
+  curated = write_jsonl(tmp_path / "curated.jsonl", [
+      {"prompt": variant(r["question"], i), "response": "a careful placeholder answer"}
+      for i, r in enumerate(rows)])
+  retain = write_jsonl(tmp_path / "retain.jsonl", [
+      {"prompt": variant(r["question"], i + 1), "response": "a placeholder everyday answer"}
+      for i, r in enumerate(rows)] + [{"prompt": "A New  Placeholder Question", "response": "x"}])
+  cfg = data_cfg.data_config({
+      **_cfg_dict(local_cfg(write_jsonl(tmp_path / "pairs.jsonl", rows))),
+      "phase2_targets": str(curated), "phase2_retain": str(retain),
+      "split": {"judge": 0, "eval": 0.25, "validation": 0.25, "seed": 1}})
+  records, report = data_records.load_records(cfg)
+  sets = data_select.select(records, cfg, report)
+  split = collections.Counter(sets.split_of[r["question"]] for r in rows)
+  assert split["eval"] > 0 and split["validation"] > 0 and split["train"] > 0, split
+  funnel = sets.funnel["train"]
+  for kind in ("curated", "retain"):
+    for s in ("eval", "validation"):
+      assert funnel[f"{kind} row on a {s} prompt: dropped"] == split[s], (kind, s, dict(funnel))
+  assert funnel["phase 2: curated target"] == split["train"]
+  assert funnel["phase 2: benign retain rows"] == split["train"] + 1  # the new prompt joins train
+  trained = {data_sources.prompt_key(r["prompt"]) for r in sets.phase2["train"]}
+  assert all(sets.split_of.get(k, "train") == "train" for k in trained)
+
+
 def test_card_cli_writes_json_and_text(tmp_path, capsys):
   data_cmd.main(["--card", "--no-tokens", "--out", str(tmp_path / "card"), "split.judge=0.25"])
   card = json.loads((tmp_path / "card.json").read_text())

@@ -349,4 +349,66 @@ MUTATIONS: list[Mutation] = [
         "  info = rd.record(cfg, base.path, base.config)",
         ("tests/test_train.py::test_a_process_other_than_0_writes_nothing_to_the_run_folder",),
         "every process of a pod writes run.json into the shared folder (they race on it)"),
+    # --- issue-33 ---
+    # The eight classes that passed every test in round two, each now caught in the fast tier.
+    Mutation(
+        "rope-llama3-smoothing-swapped", "safemoe_jax/core/model.py",
+        "  smoothed = (1 - smooth) * scaled / factor + smooth * scaled\n",
+        "  smoothed = smooth * scaled / factor + (1 - smooth) * scaled\n",
+        ("tests/test_model.py::test_llama3_rope_inv_freq_equals_transformers_initialisation",),
+        "Llama-3 RoPE's two interpolation weights are swapped inside the smoothing band"),
+    Mutation(
+        "curated-split-by-raw-prompt", "safemoe_jax/data/select.py",
+        "    split = split_of.get(prompt_key(r[\"prompt\"]), \"train\")  # a new prompt joins train\n"
+        "    if split != \"train\":\n      funnel[f\"curated",
+        "    split = split_of.get(r[\"prompt\"], \"train\")  # a new prompt joins train\n"
+        "    if split != \"train\":\n      funnel[f\"curated",
+        ("tests/test_data.py::test_curated_and_retain_rows_match_splits_by_the_normalised_prompt",),
+        "curated rows are matched to splits by the raw prompt: an evaluation prompt in other case "
+        "or spacing is trained on"),
+    Mutation(
+        "retain-split-by-raw-prompt", "safemoe_jax/data/select.py",
+        "    split = split_of.get(prompt_key(r[\"prompt\"]), \"train\")  # a new prompt joins train\n"
+        "    if split != \"train\":  # an evaluation",
+        "    split = split_of.get(r[\"prompt\"], \"train\")  # a new prompt joins train\n"
+        "    if split != \"train\":  # an evaluation",
+        ("tests/test_data.py::test_curated_and_retain_rows_match_splits_by_the_normalised_prompt",),
+        "retain rows are matched to splits by the raw prompt: a validation prompt in other case "
+        "or spacing is trained on"),
+    Mutation(
+        "sharding-mlp-on-fsdp", "safemoe_jax/core/sharding.py",
+        "    (\"mlp\", \"tensor\"),",
+        "    (\"mlp\", \"fsdp\"),",
+        ("tests/test_sharding.py::test_default_rules_give_every_parameter_its_expected_spec_on_a_2x2x2_mesh",),
+        "the SwiGLU width is sharded over fsdp instead of tensor (same numbers, wrong layout)"),
+    Mutation(
+        "safe-rate-flip-keeps-counts", "safemoe_jax/evaluation/stats.py",
+        "      se, sp, npos, nneg = sp, se, nneg, npos\n",
+        "      se, sp, npos, nneg = sp, se, npos, nneg\n",
+        ("tests/test_rates.py::test_safe_rate_takes_the_judges_counts_with_its_flipped_accuracy",),
+        "the safe rate swaps sensitivity and specificity but not their validation counts"),
+    Mutation(
+        "degenerate-counts-distinct-words", "safemoe_jax/judging/labels.py",
+        "  if len(w) >= 6 and len(set(zip(w, w[1:], w[2:]))) < 0.5 * (len(w) - 2):",
+        "  if len(w) >= 6 and len(set(w)) < 0.5 * (len(w) - 2):",
+        ("tests/test_evaluate.py::test_a_long_coherent_list_answer_is_not_degenerate",),
+        "the repetition test counts distinct words: a long coherent answer is called degenerate"),
+    Mutation(
+        "gate-p-value-without-plus-one", "safemoe_jax/evaluation/experiment_results.py",
+        "\"p\": float((1 + (null >= d).sum()) / (1 + n_perm))",
+        "\"p\": float((null >= d).sum() / n_perm)",
+        ("tests/test_experiment.py::test_gate_separation_p_value_is_exact_at_both_ends_and_never_zero",),
+        "the permutation p-value drops its +1: perfectly separated gates get p = 0"),
+    Mutation(
+        "masked-ce-mask-shifted", "safemoe_jax/train/steps.py",
+        "  w = loss_mask_BT[:, 1:].astype(jnp.float32)",
+        "  w = loss_mask_BT[:, :-1].astype(jnp.float32)",
+        ("tests/test_steps.py::test_masked_ce_equals_a_numpy_reference",),
+        "the loss mask is read one position early: the loss counts the wrong tokens"),
+    Mutation(
+        "restore-oldest-first", "safemoe_jax/train/loop.py",
+        "    for step in sorted(self.mgr.all_steps(), reverse=True):",
+        "    for step in sorted(self.mgr.all_steps()):",
+        ("tests/test_train.py::test_restore_takes_the_newest_of_several_checkpoints",),
+        "a restart resumes from the oldest checkpoint kept, repeating steps it had already done"),
 ]
