@@ -312,6 +312,34 @@ def test_splits_are_disjoint_by_prompt_and_stable(embedded):
   assert 0.1 < sum(v == "judge" for v in pyrit) / sum(v != "eval" for v in pyrit) < 0.4
 
 
+def test_split_fractions_hold_on_many_prompts():
+  """Each split takes its configured share of the prompts (the hash's edges are cumulative)."""
+  records = [{"prompt": f"placeholder question {i}", "source": "mine", "domains": []}
+             for i in range(4000)]
+  cfg = data_cfg.data_config({"split": {"judge": 0.2, "eval": 0.15, "validation": 0.1}})
+  split_of, _ = data_records.assign_splits(records, cfg, {"mine": "train"})
+  share = collections.Counter(split_of.values())
+  for name, want in (("judge", 0.2), ("eval", 0.15), ("validation", 0.1), ("train", 0.55)):
+    assert share[name] / len(records) == pytest.approx(want, abs=0.025), (name, share)
+
+
+def test_harmful_rows_outside_the_expert_domains_stay_out_of_phase_1(tmp_path):
+  rows = [{"question": f"local placeholder question {i}", "answer": f"local placeholder answer "
+           f"number {i} with enough characters to count as informative",
+           "topic": ["alpha", "beta", "gamma"][i % 3], "score": 1.0 if i % 2 else 0.0}
+          for i in range(30)]
+  cfg = data_cfg.data_config({
+      **_cfg_dict(local_cfg(write_jsonl(tmp_path / "pairs.jsonl", rows), on_unknown_domain="keep")),
+      "split": {"judge": 0, "validation": 0, "eval": 0.2, "seed": 1}})
+  records, report = data_records.load_records(cfg)
+  sets = data_select.select(records, cfg, report)
+  assert sets.phase1["train"] and all(set(r["domains"]) & {"alpha", "beta"}
+                                      for r in sets.phase1["train"])
+  gamma = sum(1 for r in rows if r["topic"] == "gamma" and r["score"] == 1.0
+              and sets.split_of[r["question"]] == "train")
+  assert sets.funnel["train"]["harmful, no expert domain"] == gamma > 0
+
+
 def test_held_out_domains_go_to_eval(embedded):
   _, records, report, _ = embedded
   cfg = data_cfg.data_config({"domains": [d for d in data_cfg.PYRIT_DOMAINS if d != "sexual"],
@@ -322,6 +350,10 @@ def test_held_out_domains_go_to_eval(embedded):
       assert not any("sexual" in r["domains"] for r in rows)
   assert any("sexual" in r["domains"] for r in sets.eval)
   assert sets.moved.get("train -> eval (held-out domain)", 0) > 10
+  assert sets.moved.get("validation -> eval (held-out domain)", 0) > 0
+  held = [r for r in records if "sexual" in r["domains"]]
+  assert held and {sets.split_of[data_sources.prompt_key(r["prompt"])] for r in held} <= {
+      "eval", "judge"}  # never a training or validation prompt
   # read with that config from the sources (pyrit's sources refuse unknown domains): the
   # held-out domain is a declared label, kept on its rows, not an unknown one
   recs, rep = data_records.load_records(cfg)

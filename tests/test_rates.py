@@ -102,6 +102,10 @@ def test_corrected_difference_shares_the_judge():
   small = rates.corrected_difference(52, 100, 48, 100, sens=sens, spec=spec, n_val_pos=50,
                                      n_val_neg=50)
   assert not small["supported"] and "includes 0" in small["note"]
+  worse = rates.corrected_difference(b, None, a, None, sens=sens, spec=spec, n_val_pos=200,
+                                     n_val_neg=200)  # B - A: as clear, below 0
+  assert worse["corrected"] == pytest.approx(-d["corrected"]) and worse["supported"]
+  assert worse["corrected_ci"][1] < 0 and "excludes 0" in worse["note"]
 
 
 def test_from_validation():
@@ -167,3 +171,18 @@ def test_safe_rate_takes_the_judges_counts_with_its_flipped_accuracy():
                              atol=0.01)
   np.testing.assert_allclose(rs["safe rate"]["corrected_ci"], (s(lo_k / 20), s(hi_k / 20)),
                              atol=0.01)
+
+
+def test_a_95_percent_interval_cuts_2_5_percent_from_each_tail():
+  """With an exact judge the observed share's bootstrap is binomial: its 95% interval is
+  p +- 1.96 sd (a 90% one would be +- 1.64 sd), and the corrected one is that divided by Se+Sp-1."""
+  n, k, sens, spec = 40_000, 12_000, 0.9, 0.8
+  r = rates.corrected_rate(k, n, sens=sens, spec=spec, n_val_pos=0, n_val_neg=0,
+                           bootstrap=20_000, seed=1)
+  sd = math.sqrt(0.3 * 0.7 / n)
+  half = lambda ci: (ci[1] - ci[0]) / 2
+  assert half(r["raw_ci"]) == pytest.approx(1.959964 * sd, rel=0.04)
+  assert half(r["corrected_ci"]) == pytest.approx(1.959964 * sd / (sens + spec - 1), rel=0.04)
+  r90 = rates.corrected_rate(k, n, sens=sens, spec=spec, n_val_pos=0, n_val_neg=0, level=0.9,
+                             bootstrap=20_000, seed=1)
+  assert half(r90["raw_ci"]) == pytest.approx(1.644854 * sd, rel=0.04)
