@@ -517,7 +517,7 @@ MUTATIONS: list[Mutation] = [
         "shrinking-drops-stopped-answers", "safemoe_jax/infer/generate.py",
         "      keep(s, stopped)\n",
         "",
-        ("tests/test_generate.py::test_systems_mixed_in_one_batch_equal_per_system_generation",),
+        ("tests/test_generate.py::test_shrinking_generation_keeps_every_rows_answer",),
         "rows that stop before the batch is halved lose their answers (all pad)"),
     Mutation(
         "peft-export-untransposed", "safemoe_jax/tools/export/peft.py",
