@@ -9,6 +9,7 @@ at close, and there is no lock (one trainer per output_dir is up to the user).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -49,7 +50,9 @@ class RemoteAppend:
     if text and not text.endswith("\n"):
       log.warning(f"{self.path}: removed a torn last line")
       text = text[:text.rfind("\n") + 1]
-    self.text, self.dirty, self.last = text, False, 0.0
+    # -inf, not 0: monotonic time starts at an arbitrary point (on Linux, boot), so a machine up
+    # for less than `interval` seconds would otherwise hold back the first write.
+    self.text, self.dirty, self.last = text, False, -math.inf
 
   def write(self, s: str) -> int:
     self.text += s

@@ -543,4 +543,11 @@ MUTATIONS: list[Mutation] = [
         "      harm[i] = int(hs > lc.harm_threshold)",
         ("tests/test_judges.py::test_targets_follow_the_annotations",),
         "a harm score equal to the threshold is labelled not harmful"),
+    Mutation(
+        "remote-log-clock-from-zero", "safemoe_jax/io/paths.py",
+        "    self.text, self.dirty, self.last = text, False, -math.inf\n",
+        "    self.text, self.dirty, self.last = text, False, 0.0\n",
+        ("tests/test_paths.py::test_remote_log_writes_its_first_line_at_once_whatever_the_clock",),
+        "a gs:// log's first line waits for the interval on a machine up for less than it "
+        "(monotonic time starts at boot)"),
 ]
