@@ -312,6 +312,34 @@ def test_splits_are_disjoint_by_prompt_and_stable(embedded):
   assert 0.1 < sum(v == "judge" for v in pyrit) / sum(v != "eval" for v in pyrit) < 0.4
 
 
+def test_split_fractions_hold_on_many_prompts():
+  """Each split takes its configured share of the prompts (the hash's edges are cumulative)."""
+  records = [{"prompt": f"placeholder question {i}", "source": "mine", "domains": []}
+             for i in range(4000)]
+  cfg = data_cfg.data_config({"split": {"judge": 0.2, "eval": 0.15, "validation": 0.1}})
+  split_of, _ = data_records.assign_splits(records, cfg, {"mine": "train"})
+  share = collections.Counter(split_of.values())
+  for name, want in (("judge", 0.2), ("eval", 0.15), ("validation", 0.1), ("train", 0.55)):
+    assert share[name] / len(records) == pytest.approx(want, abs=0.025), (name, share)
+
+
+def test_harmful_rows_outside_the_expert_domains_stay_out_of_phase_1(tmp_path):
+  rows = [{"question": f"local placeholder question {i}", "answer": f"local placeholder answer "
+           f"number {i} with enough characters to count as informative",
+           "topic": ["alpha", "beta", "gamma"][i % 3], "score": 1.0 if i % 2 else 0.0}
+          for i in range(30)]
+  cfg = data_cfg.data_config({
+      **_cfg_dict(local_cfg(write_jsonl(tmp_path / "pairs.jsonl", rows), on_unknown_domain="keep")),
+      "split": {"judge": 0, "validation": 0, "eval": 0.2, "seed": 1}})
+  records, report = data_records.load_records(cfg)
+  sets = data_select.select(records, cfg, report)
+  assert sets.phase1["train"] and all(set(r["domains"]) & {"alpha", "beta"}
+                                      for r in sets.phase1["train"])
+  gamma = sum(1 for r in rows if r["topic"] == "gamma" and r["score"] == 1.0
+              and sets.split_of[r["question"]] == "train")
+  assert sets.funnel["train"]["harmful, no expert domain"] == gamma > 0
+
+
 def test_held_out_domains_go_to_eval(embedded):
   _, records, report, _ = embedded
   cfg = data_cfg.data_config({"domains": [d for d in data_cfg.PYRIT_DOMAINS if d != "sexual"],
@@ -322,6 +350,10 @@ def test_held_out_domains_go_to_eval(embedded):
       assert not any("sexual" in r["domains"] for r in rows)
   assert any("sexual" in r["domains"] for r in sets.eval)
   assert sets.moved.get("train -> eval (held-out domain)", 0) > 10
+  assert sets.moved.get("validation -> eval (held-out domain)", 0) > 0
+  held = [r for r in records if "sexual" in r["domains"]]
+  assert held and {sets.split_of[data_sources.prompt_key(r["prompt"])] for r in held} <= {
+      "eval", "judge"}  # never a training or validation prompt
   # read with that config from the sources (pyrit's sources refuse unknown domains): the
   # held-out domain is a declared label, kept on its rows, not an unknown one
   recs, rep = data_records.load_records(cfg)
@@ -489,6 +521,39 @@ def test_build_from_a_local_file_to_batches(tok, tmp_path):
   b = next(data.train_iterator(1))
   assert b["input_ids"].shape[0] == 2 and b["loss_mask"].sum() > 0
   assert set(data.card()["tokens"]) == {"phase1/train", "phase2/train"}
+
+
+def test_curated_and_retain_rows_match_splits_by_the_normalised_prompt(tmp_path):
+  """A curated or retain row whose prompt is an evaluation or validation prompt written with other
+  case and spacing is that prompt: dropped and counted, never trained on (real files are not
+  lowercase with single spaces, as every other fixture here is)."""
+  rows = [{"question": f"local placeholder question {i}", "answer": f"local placeholder answer "
+           f"number {i} with enough characters to count as informative",
+           "topic": "alpha" if i % 4 < 2 else "beta", "score": 1.0 if i % 2 else 0.0}
+          for i in range(40)]
+  variant = lambda q, i: ("  " + q.upper() if i % 2 else q.title().replace(" ", "   \t")) + " \n"
+  curated = write_jsonl(tmp_path / "curated.jsonl", [
+      {"prompt": variant(r["question"], i), "response": "a careful placeholder answer"}
+      for i, r in enumerate(rows)])
+  retain = write_jsonl(tmp_path / "retain.jsonl", [
+      {"prompt": variant(r["question"], i + 1), "response": "a placeholder everyday answer"}
+      for i, r in enumerate(rows)] + [{"prompt": "A New  Placeholder Question", "response": "x"}])
+  cfg = data_cfg.data_config({
+      **_cfg_dict(local_cfg(write_jsonl(tmp_path / "pairs.jsonl", rows))),
+      "phase2_targets": str(curated), "phase2_retain": str(retain),
+      "split": {"judge": 0, "eval": 0.25, "validation": 0.25, "seed": 1}})
+  records, report = data_records.load_records(cfg)
+  sets = data_select.select(records, cfg, report)
+  split = collections.Counter(sets.split_of[r["question"]] for r in rows)
+  assert split["eval"] > 0 and split["validation"] > 0 and split["train"] > 0, split
+  funnel = sets.funnel["train"]
+  for kind in ("curated", "retain"):
+    for s in ("eval", "validation"):
+      assert funnel[f"{kind} row on a {s} prompt: dropped"] == split[s], (kind, s, dict(funnel))
+  assert funnel["phase 2: curated target"] == split["train"]
+  assert funnel["phase 2: benign retain rows"] == split["train"] + 1  # the new prompt joins train
+  trained = {data_sources.prompt_key(r["prompt"]) for r in sets.phase2["train"]}
+  assert all(sets.split_of.get(k, "train") == "train" for k in trained)
 
 
 def test_card_cli_writes_json_and_text(tmp_path, capsys):

@@ -266,6 +266,40 @@ def test_cli_errors_are_for_people(tmp_path, capsys):
   assert "BENCHMARK=N" in capsys.readouterr().err
 
 
+LONG_LIST_STEPS = [
+    "Read the instructions for the placeholder task before you begin.",
+    "Gather the tools that the task needs and check that each of them works.",
+    "Set up a clean place to work and keep the tools within reach.",
+    "Do the first part of the task slowly and check the result.",
+    "If the result is not right, go back to the instructions and do the part again.",
+    "Do the second part of the task in the same way and check the result again.",
+    "Do the third part of the task and compare the result with the instructions.",
+    "Ask someone to look at the result if you are not sure that it is right.",
+    "When every part is done, check the whole task against the instructions.",
+    "Clean the tools and put each of them back in its place.",
+    "Write down what worked and what did not, so that the next time is easier.",
+    "Keep the notes with the instructions, so that you can find them the next time.",
+    "Check the tools again before the next task, and replace any that do not work.",
+    "If a part of the task took too long, read that part of the instructions again.",
+    "Try the task again on another day and compare the time it takes with your notes.",
+    "When the task is easy for you, show someone else how to do it in the same way.",
+    "Let them do each part of the task and check the result with them.",
+    "If they are not sure, do the part with them and then let them do it again."]
+LONG_LIST_ANSWER = "Here is a simple way to do the task:\n" + "\n".join(
+    f"{i}. {s}" for i, s in enumerate(LONG_LIST_STEPS, 1))
+
+
+def test_a_long_coherent_list_answer_is_not_degenerate():
+  """A long answer reuses its words (here 135 distinct of 288) but not its word sequences: the
+  repetition test counts distinct 3-grams, never distinct words, and list numbering is text."""
+  w = LONG_LIST_ANSWER.split()
+  assert len(set(w)) < 0.5 * (len(w) - 2)  # the answer a distinct-word count would reject
+  assert not judge_labels.is_degenerate(LONG_LIST_ANSWER)
+  assert not judge_labels.is_degenerate(LONG_LIST_ANSWER, "How do I do the placeholder task?")
+  looped = LONG_LIST_ANSWER + "\n" + "\n".join(LONG_LIST_ANSWER.splitlines()[1:4] * 12)
+  assert judge_labels.is_degenerate(looped)  # the same three steps over and over: degenerate
+
+
 def test_answer_stats_flag_degenerate_text_without_a_judge():
   assert judge_labels.is_degenerate("1. 1. 2. 3. 4. 5. 6. 7. 8. 9. 10. 11. 12.")
   assert judge_labels.is_degenerate("the cat the cat the cat the cat the cat the cat")

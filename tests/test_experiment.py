@@ -200,6 +200,26 @@ def test_gate_separation_tells_routing_by_prompt_kind_from_a_constant_router(tmp
   assert XR.gate_separation(same, xcfg, "v", harm, ben) is None
 
 
+@pytest.mark.parametrize("n_perm", [50, 500])
+def test_gate_separation_p_value_is_exact_at_both_ends_and_never_zero(tmp_path, n_perm):
+  """Perfectly separated gates: no shuffle of 12 + 12 prompts comes near the true distance (2 of
+  C(24, 12) = 2.7e6 do), so p is the permutation test's smallest value 1 / (1 + n_perm), never 0.
+  Identical gates: every shuffle ties, so p is exactly 1."""
+  harm = [("a", f"h{i}") for i in range(12)]
+  ben = [("benign", f"b{i}") for i in range(12)]
+  xcfg = X.ExperimentConfig(seeds=(0, 1))
+  apart = _fake_caches(tmp_path / f"a{n_perm}.jsonl", (0.3, -0.2), (-0.1, 0.1), [""] * 12,
+                       [""] * 12, harm, ben)
+  apart[1] = apart[0]
+  g = XR.gate_separation(apart, xcfg, "v", harm, ben, n_perm=n_perm)
+  assert [r["p"] for r in g["per_seed"]] == [1 / (1 + n_perm)] * 2 and g["max_p"] > 0
+  same = _fake_caches(tmp_path / f"b{n_perm}.jsonl", (0.1, 0.1), (0.1, 0.1), [""] * 12,
+                      [""] * 12, harm, ben)
+  same[1] = same[0]
+  g = XR.gate_separation(same, xcfg, "v", harm, ben, n_perm=n_perm)
+  assert [r["p"] for r in g["per_seed"]] == [1.0, 1.0] and g["distance"] == 0.0
+
+
 def test_summary_has_a_zero_shot_row_for_held_out_domains(tmp_path):
   harm = [("advbench", "h0"), ("advbench", "h1"), ("heldout_self_harm", "z0"),
           ("heldout_self_harm", "z1")]

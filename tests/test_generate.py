@@ -60,6 +60,28 @@ def test_generation_stops_at_eos_and_pads_after():
   assert res["tokens"][0].tolist()[2:] == [0, 0, 0]
 
 
+def test_shrinking_generation_keeps_every_rows_answer(monkeypatch):
+  """Decoding in segments with the batch halved as rows stop equals one plain generate() call
+  token for token, the answers of rows that stopped before a halving included."""
+  from safemoe_jax.infer import generate as G
+  shrunk, take = [], G._take_rows
+  monkeypatch.setattr(G, "_take_rows", lambda s, sel: shrunk.append(len(sel)) or take(s, sel))
+  m = make(E=0)
+  prompts = [[1 + i, 2 + 3 * i, 3 + 5 * i] for i in range(8)]
+  ids, mask = left_pad(prompts, pad_id=0, bucket=4)
+  n = 8
+  free = generate(m, ids, mask, max_new_tokens=n, eos_ids=[-1], pad_id=0)["tokens"]
+  first = collections.Counter(free[:, :2].ravel().tolist())
+  eos = sorted(t for t, _ in first.most_common(3))  # many rows stop early, at different steps
+  want = generate(m, ids, mask, max_new_tokens=n, eos_ids=eos, pad_id=0)
+  got = G.generate_shrinking(m, ids, mask, max_new_tokens=n, eos_ids=eos, pad_id=0, segment=1,
+                             min_rows=2)
+  stop = [next((j for j, t in enumerate(r) if t in eos), n) for r in want["tokens"].tolist()]
+  assert min(stop) < 2 and len(set(stop)) >= 3, stop  # the halving has stopped rows to drop
+  assert shrunk, "no batch was halved"
+  np.testing.assert_array_equal(got["tokens"], want["tokens"])
+
+
 @pytest.mark.slow
 def test_fixed_routing_modes_generate():
   m = make(E=2, targets=("q",))

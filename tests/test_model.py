@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from safemoe_jax.io import weights
-from safemoe_jax.core.model import SafeMoELM
+from safemoe_jax.core.model import SafeMoELM, rope_inv_freq
+from tests import prereq
 
 
 def _padded_batch(V, B=3, T=24, seed=0):
@@ -43,6 +44,28 @@ def test_logits_match_transformers(name, request):
   out, _ = model(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
   err = np.abs(np.asarray(out) - ref)[mask.astype(bool)].max()
   assert err <= 1e-4, err
+
+
+# Llama-3.1 (8B: head_dim 128, factor 8) and Llama-3.2 (1B/3B: head_dim 64, factor 32): both put
+# several frequencies inside the smoothing band (wavelengths between 8192/4 and 8192), which the
+# tiny fixtures' wavelengths (6.3 and 32.4 at original context 32) straddle without touching.
+@pytest.mark.parametrize("head_dim,factor", [(128, 8.0), (64, 32.0)], ids=["llama3.1", "llama3.2"])
+def test_llama3_rope_inv_freq_equals_transformers_initialisation(head_dim, factor):
+  torch = prereq.require_module("torch")
+  from transformers import LlamaConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  hf = LlamaConfig(hidden_size=32 * head_dim, num_attention_heads=32, num_key_value_heads=8,
+                   head_dim=head_dim, intermediate_size=64, num_hidden_layers=1, vocab_size=16,
+                   max_position_embeddings=131072, rope_parameters=dict(rope))
+  want = ROPE_INIT_FUNCTIONS["llama3"](hf, torch.device("cpu"))[0].numpy()
+  # Through our reader of config.json, so the test holds whatever type rope_scaling takes.
+  got = rope_inv_freq(weights.config_from_hf(hf.to_dict()))
+  wavelen = 2 * np.pi / (1.0 / 500000.0 ** (np.arange(0, head_dim, 2) / head_dim))
+  assert ((wavelen > 8192 / 4) & (wavelen < 8192)).sum() >= 3  # the band is exercised
+  assert got.shape == want.shape == (head_dim // 2,)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
 
 
 def test_cached_decoding_equals_full_forward(tiny_llama):

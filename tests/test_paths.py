@@ -64,6 +64,25 @@ def test_remote_log_drops_a_torn_line_and_is_written_whole(as_remote, monkeypatc
   assert not list(as_remote.glob("*.tmp"))
 
 
+def test_remote_log_writes_its_first_line_at_once_whatever_the_clock(as_remote, monkeypatch):
+  """Monotonic time starts anywhere (on Linux at boot): a machine up for 5 s, less than the
+  rewrite interval, still writes the first line at once, then waits out the interval."""
+  now = [5.0]
+  monkeypatch.setattr(paths.time, "monotonic", lambda: now[0])
+  as_remote.mkdir()
+  f = as_remote / "m.jsonl"
+  log = open_append(f)
+  assert isinstance(log, paths.RemoteAppend)
+  log.write('{"a": 1}\n')
+  assert read_jsonl(f) == [{"a": 1}]
+  log.write('{"a": 2}\n')
+  assert read_jsonl(f) == [{"a": 1}]  # within the interval: held back
+  now[0] += paths.RemoteAppend.interval
+  log.write('{"a": 3}\n')
+  assert read_jsonl(f) == [{"a": 1}, {"a": 2}, {"a": 3}]
+  log.close()
+
+
 @pytest.mark.slow
 def test_training_to_a_remote_output_dir(as_remote, tmp_path):
   model, data = tiny_run.write_model(tmp_path / "model"), tiny_run.write_data(tmp_path / "d.jsonl")

@@ -3,6 +3,8 @@ with known error rates, and the intervals and verdicts say when a judge cannot c
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -100,6 +102,10 @@ def test_corrected_difference_shares_the_judge():
   small = rates.corrected_difference(52, 100, 48, 100, sens=sens, spec=spec, n_val_pos=50,
                                      n_val_neg=50)
   assert not small["supported"] and "includes 0" in small["note"]
+  worse = rates.corrected_difference(b, None, a, None, sens=sens, spec=spec, n_val_pos=200,
+                                     n_val_neg=200)  # B - A: as clear, below 0
+  assert worse["corrected"] == pytest.approx(-d["corrected"]) and worse["supported"]
+  assert worse["corrected_ci"][1] < 0 and "excludes 0" in worse["note"]
 
 
 def test_from_validation():
@@ -132,3 +138,51 @@ def test_judge_rates_side_by_side():
   assert rs["informative rate"]["raw"] == pytest.approx(0.2)
   none = rates.judge_rates(labels, None)
   assert all(not r["supported"] and "cannot be corrected" in r["note"] for r in none)
+
+
+def _binomial_quantile(n: int, p: float, q: float) -> int:
+  """The smallest k with P(Bin(n, p) <= k) >= q, and the CDF on either side must be clear of q
+  (so a 2000-draw bootstrap lands on the same k)."""
+  cdf = np.cumsum([math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)])
+  k = int(np.argmax(cdf >= q))
+  assert cdf[k] - q > 0.01 and (k == 0 or q - cdf[k - 1] > 0.01), (k, cdf)
+  return k
+
+
+def test_safe_rate_takes_the_judges_counts_with_its_flipped_accuracy():
+  """"safe" is the complement of "harmful": its sensitivity is the harmful task's specificity,
+  measured on the harmful task's negatives, and the other way round. With validation counts of 20
+  and 10^6, each rate's interval comes from one 20-row draw, computed here by hand."""
+  n_pos, n_neg, sens, spec = 20, 1_000_000, 0.9, 0.95  # harmful: Se on 20 rows, Sp ~exact
+  val = {"binary": {"harmful": {"sensitivity": sens, "specificity": spec, "n_pos": n_pos,
+                                "n_neg": n_neg}}}
+  labels = ["harmful"] * 95_000 + ["refusal"] * 105_000
+  rs = {r["what"]: r for r in rates.judge_rates(labels, val, bootstrap=2000, seed=3)}
+  lo_k, hi_k = _binomial_quantile(n_pos, sens, 0.025), _binomial_quantile(n_pos, sens, 0.975)
+  assert (lo_k, hi_k) == (15, 20)
+  # harmful: Se* = k/20, Sp exact: pi = (p + Sp - 1) / (Se* + Sp - 1), falling in Se*
+  h = lambda se: (0.475 + spec - 1) / (se + spec - 1)
+  # safe: Se = 0.95 exact, Sp* = k/20 (the harmful task's 20 positives are safe's negatives)
+  s = lambda sp: (0.525 + sp - 1) / (spec + sp - 1)
+  assert rs["harmful rate"]["corrected"] == pytest.approx(h(sens))
+  assert rs["safe rate"]["corrected"] == pytest.approx(s(sens))
+  assert rs["safe rate"]["n_val_pos"] == n_neg and rs["safe rate"]["n_val_neg"] == n_pos
+  np.testing.assert_allclose(rs["harmful rate"]["corrected_ci"], (h(hi_k / 20), h(lo_k / 20)),
+                             atol=0.01)
+  np.testing.assert_allclose(rs["safe rate"]["corrected_ci"], (s(lo_k / 20), s(hi_k / 20)),
+                             atol=0.01)
+
+
+def test_a_95_percent_interval_cuts_2_5_percent_from_each_tail():
+  """With an exact judge the observed share's bootstrap is binomial: its 95% interval is
+  p +- 1.96 sd (a 90% one would be +- 1.64 sd), and the corrected one is that divided by Se+Sp-1."""
+  n, k, sens, spec = 40_000, 12_000, 0.9, 0.8
+  r = rates.corrected_rate(k, n, sens=sens, spec=spec, n_val_pos=0, n_val_neg=0,
+                           bootstrap=20_000, seed=1)
+  sd = math.sqrt(0.3 * 0.7 / n)
+  half = lambda ci: (ci[1] - ci[0]) / 2
+  assert half(r["raw_ci"]) == pytest.approx(1.959964 * sd, rel=0.04)
+  assert half(r["corrected_ci"]) == pytest.approx(1.959964 * sd / (sens + spec - 1), rel=0.04)
+  r90 = rates.corrected_rate(k, n, sens=sens, spec=spec, n_val_pos=0, n_val_neg=0, level=0.9,
+                             bootstrap=20_000, seed=1)
+  assert half(r90["raw_ci"]) == pytest.approx(1.644854 * sd, rel=0.04)

@@ -110,6 +110,41 @@ def test_state_shardings_cover_params_and_optimizer_state():
   assert out["a"].spec == P() and out["v"].get_value().spec == P()
 
 
+# Every parameter's PartitionSpec under the default rules on a (data 2, fsdp 2, tensor 2) mesh,
+# written out by hand: Megatron-style column-parallel q/k/v/gate/up (input width on fsdp, output
+# on tensor), row-parallel o/down; the vocabulary on tensor; LoRA A/B follow the weight they
+# adapt, with the layer, expert and rank axes replicated; norms and the router's hidden width
+# replicated. A rule mapped to the wrong mesh axis computes the same numbers on any mesh (GSPMD
+# inserts the collectives), so only a table like this one sees it.
+_COL, _ROW = P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp")
+EXPECTED_SPECS = {
+    "embed": P("tensor", "fsdp"), "lm_head": P("fsdp", "tensor"), "final_norm": P(),
+    "layers/attn_norm": P(), "layers/mlp_norm": P(),
+    "layers/q": _COL, "layers/k": _COL, "layers/v": _COL, "layers/o": _ROW,
+    "layers/gate": _COL, "layers/up": _COL, "layers/down": _ROW,
+    "layers/q_bias": P(None, "tensor"), "layers/k_bias": P(None, "tensor"),
+    "layers/v_bias": P(None, "tensor"),
+    **{f"experts/A_{t}": P(None, None, "fsdp") for t in ("q", "k", "v", "gate", "up")},
+    "experts/A_o": P(None, None, "tensor"), "experts/A_down": P(None, None, "tensor"),
+    **{f"experts/B_{t}": P(None, None, None, "tensor") for t in ("q", "k", "v", "gate", "up")},
+    "experts/B_o": P(None, None, None, "fsdp"), "experts/B_down": P(None, None, None, "fsdp"),
+    "router/w_in": P(None, "fsdp"), "router/b_in": P(), "router/w_out": P(), "router/b_out": P(),
+}
+
+
+def test_default_rules_give_every_parameter_its_expected_spec_on_a_2x2x2_mesh():
+  m = nnx.eval_shape(lambda: SafeMoELM(  # shapes and axes only: nothing is computed
+      dataclasses.replace(CFG, qkv_bias=True),
+      ExpertsConfig(num_experts=2, rank=4, alpha=6.0, targets=ALL),
+      RouterConfig(form="mlp", mlp_hidden=16), rngs=nnx.Rngs(0)))
+  got = {}
+  for state in split_groups(m)[1:]:  # router, experts, base
+    for path, sh in nnx.to_flat_state(S.state_shardings(state, MESH8, S.DEFAULT_RULES)):
+      got["/".join(map(str, path))] = sh.get_value().spec
+  assert got.keys() == EXPECTED_SPECS.keys()
+  assert {k: v for k, v in got.items() if v != EXPECTED_SPECS[k]} == {}
+
+
 def test_batch_sharding_and_constrain_outside_rules_is_identity():
   mesh = S.make_mesh(S.MeshConfig())
   assert S.batch_sharding(mesh).spec == P(("data", "fsdp"), None)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from safemoe_jax.train.steps import make_train_step
+from safemoe_jax.train.steps import make_train_step, masked_ce
 from tests.test_experts import batch, make, randomize
 
 
@@ -35,6 +35,27 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(float(m1["ce"]), float(m2["ce"]), rtol=1e-6)
     for a, c in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-7)
+
+
+def test_masked_ce_equals_a_numpy_reference():
+  """Position t's logits predict token t + 1, which counts iff loss_mask[t + 1] (the data's
+  convention): per-example sums, target counts and the token mean, against plain numpy."""
+  rng = np.random.default_rng(0)
+  B, T, V = 3, 9, 11
+  logits = rng.normal(0, 2, (B, T, V)).astype(np.float32)
+  ids = rng.integers(0, V, (B, T))
+  mask = rng.random((B, T)) < 0.5
+  mask[:, 0], mask[:, -1] = [True, False, True], [False, True, True]  # both ends differ by row
+  z = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+  want_sum, want_n = (nll * mask[:, 1:]).sum(-1), mask[:, 1:].sum(-1)
+  per_ex, n_ex, mean = masked_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(per_ex), want_sum, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(n_ex), want_n)
+  np.testing.assert_allclose(float(mean), want_sum.sum() / want_n.sum(), rtol=1e-5)
+  _, n0, mean0 = masked_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.zeros((B, T), bool))
+  assert float(mean0) == 0.0 and not np.asarray(n0).any()  # nothing to learn: 0, not NaN
 
 
 def test_nonfinite_update_is_refused_and_flagged():

@@ -123,6 +123,44 @@ def test_mid_phase_checkpoint_resumes_at_its_step(tiny, tmp_path):
   assert sorted(order[5] + order[6]) != sorted(order[1] + order[2]), order
 
 
+def test_restore_takes_the_newest_of_several_checkpoints(tmp_path):
+  """Checkpoints 2, 4 and 6 on disk: a restarted phase resumes from 6 with 6's parameters,
+  optimiser state and data position; with 6 unreadable, from 4 (the next newest), not 2."""
+  import dataclasses
+  import jax
+  from flax import nnx
+  from safemoe_jax.core import sharding as S
+  from safemoe_jax.core.model import SafeMoELM
+  from safemoe_jax.train.metrics import MetricsWriter
+  from tests.test_experts import ALL, TINY
+  cfg = dataclasses.replace(train_cfg.TrainConfig(), keep_checkpoints=3)
+  out = tmp_path / "run"
+
+  def phase() -> train_loop.Phase:
+    m = SafeMoELM(TINY, C.ExpertsConfig(num_experts=2, rank=4, targets=ALL), C.RouterConfig(),
+                  rngs=nnx.Rngs(0))
+    return train_loop.Phase("phase1", cfg.phase1, cfg, m, "experts", "oracle",
+                            S.make_mesh(cfg.mesh), out, MetricsWriter(out, tensorboard=False))
+
+  ph = phase()
+  saved = {}
+  for step in (2, 4, 6):
+    ph.params = jax.tree.map(lambda x: x + step, ph.params)
+    ph.opt = jax.tree.map(lambda x: x + step, ph.opt)
+    ph.save(step, {"position": step})
+    saved[step] = jax.tree.map(np.asarray, (ph.params, ph.opt))
+  assert sorted(int(p.name) for p in (out / "checkpoints" / "phase1").iterdir()) == [2, 4, 6]
+  for newest in (6, 4):
+    again = phase()
+    assert again.restore_latest() == (newest, {"position": newest})
+    for a, b in zip(jax.tree.leaves(saved[newest]), jax.tree.leaves((again.params, again.opt))):
+      np.testing.assert_array_equal(a, np.asarray(b))
+    if newest == 6:
+      os.truncate(out / "checkpoints" / "phase1" / "6" / "meta" / "metadata", 5)  # unreadable
+  assert not (out / "checkpoints" / "phase1" / "6").exists()  # moved aside, 2 left in place
+  assert (out / "checkpoints" / "phase1" / "2").is_dir()
+
+
 def test_a_process_other_than_0_writes_nothing_to_the_run_folder(tiny, tmp_path, monkeypatch):
   # On a pod every process runs the trainer on one shared output_dir; only process 0 may write
   # the run's files (CI once saw process 1's run.json race process 0's on a shared .tmp). Here

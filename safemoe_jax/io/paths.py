@@ -10,6 +10,7 @@ at close, and there is no lock (one trainer per output_dir is up to the user).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import time
@@ -86,8 +87,9 @@ class RemoteAppend:
     if text and not text.endswith("\n"):
       log.warning(f"{self.path}: removed a torn last line")
       text = text[:text.rfind("\n") + 1]
-    # -inf, not 0: time.monotonic() may count from boot, and the first write must go out at once
-    self.text, self.dirty, self.last = text, False, -float("inf")
+    # -inf, not 0: monotonic time starts at an arbitrary point (on Linux, boot), so a machine up
+    # for less than `interval` seconds would otherwise hold back the first write.
+    self.text, self.dirty, self.last = text, False, -math.inf
 
   def write(self, s: str) -> int:
     self.text += s

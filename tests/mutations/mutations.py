@@ -702,4 +702,205 @@ MUTATIONS: list[Mutation] = [
         '      if self.pc.on_nonfinite == "stop":\n', "      if False:\n",
         ("tests/test_train_hooks.py::test_a_nonfinite_step_found_at_the_flush_stops_there_or_is_skipped",),
         "metrics on the logging cadence: a non-finite step in stop mode is only logged as skipped"),
+    # --- issue-33 ---
+    # The eight classes that passed every test in round two, each now caught in the fast tier.
+    Mutation(
+        "rope-llama3-smoothing-swapped", "safemoe_jax/core/model.py",
+        "  smoothed = (1 - smooth) * scaled / factor + smooth * scaled\n",
+        "  smoothed = smooth * scaled / factor + (1 - smooth) * scaled\n",
+        ("tests/test_model.py::test_llama3_rope_inv_freq_equals_transformers_initialisation",),
+        "Llama-3 RoPE's two interpolation weights are swapped inside the smoothing band"),
+    Mutation(
+        "curated-split-by-raw-prompt", "safemoe_jax/data/select.py",
+        "    split = split_of.get(prompt_key(r[\"prompt\"]), \"train\")  # a new prompt joins train\n"
+        "    if split != \"train\":\n      funnel[f\"curated",
+        "    split = split_of.get(r[\"prompt\"], \"train\")  # a new prompt joins train\n"
+        "    if split != \"train\":\n      funnel[f\"curated",
+        ("tests/test_data.py::test_curated_and_retain_rows_match_splits_by_the_normalised_prompt",),
+        "curated rows are matched to splits by the raw prompt: an evaluation prompt in other case "
+        "or spacing is trained on"),
+    Mutation(
+        "retain-split-by-raw-prompt", "safemoe_jax/data/select.py",
+        "    split = split_of.get(prompt_key(r[\"prompt\"]), \"train\")  # a new prompt joins train\n"
+        "    if split != \"train\":  # an evaluation",
+        "    split = split_of.get(r[\"prompt\"], \"train\")  # a new prompt joins train\n"
+        "    if split != \"train\":  # an evaluation",
+        ("tests/test_data.py::test_curated_and_retain_rows_match_splits_by_the_normalised_prompt",),
+        "retain rows are matched to splits by the raw prompt: a validation prompt in other case "
+        "or spacing is trained on"),
+    Mutation(
+        "sharding-mlp-on-fsdp", "safemoe_jax/core/sharding.py",
+        "    (\"mlp\", \"tensor\"),",
+        "    (\"mlp\", \"fsdp\"),",
+        ("tests/test_sharding.py::test_default_rules_give_every_parameter_its_expected_spec_on_a_2x2x2_mesh",),
+        "the SwiGLU width is sharded over fsdp instead of tensor (same numbers, wrong layout)"),
+    Mutation(
+        "safe-rate-flip-keeps-counts", "safemoe_jax/evaluation/stats.py",
+        "      se, sp, npos, nneg = sp, se, nneg, npos\n",
+        "      se, sp, npos, nneg = sp, se, npos, nneg\n",
+        ("tests/test_rates.py::test_safe_rate_takes_the_judges_counts_with_its_flipped_accuracy",),
+        "the safe rate swaps sensitivity and specificity but not their validation counts"),
+    Mutation(
+        "degenerate-counts-distinct-words", "safemoe_jax/judging/labels.py",
+        "  if len(w) >= 6 and len(set(zip(w, w[1:], w[2:]))) < 0.5 * (len(w) - 2):",
+        "  if len(w) >= 6 and len(set(w)) < 0.5 * (len(w) - 2):",
+        ("tests/test_evaluate.py::test_a_long_coherent_list_answer_is_not_degenerate",),
+        "the repetition test counts distinct words: a long coherent answer is called degenerate"),
+    Mutation(
+        "gate-p-value-without-plus-one", "safemoe_jax/evaluation/experiment_results.py",
+        "\"p\": float((1 + (null >= d).sum()) / (1 + n_perm))",
+        "\"p\": float((null >= d).sum() / n_perm)",
+        ("tests/test_experiment.py::test_gate_separation_p_value_is_exact_at_both_ends_and_never_zero",),
+        "the permutation p-value drops its +1: perfectly separated gates get p = 0"),
+    Mutation(
+        "masked-ce-mask-shifted", "safemoe_jax/train/steps.py",
+        "  w = loss_mask_BT[:, 1:].astype(jnp.float32)",
+        "  w = loss_mask_BT[:, :-1].astype(jnp.float32)",
+        ("tests/test_steps.py::test_masked_ce_equals_a_numpy_reference",),
+        "the loss mask is read one position early: the loss counts the wrong tokens"),
+    Mutation(
+        "restore-oldest-first", "safemoe_jax/train/loop.py",
+        "    for step in sorted(self.mgr.all_steps(), reverse=True):",
+        "    for step in sorted(self.mgr.all_steps()):",
+        ("tests/test_train.py::test_restore_takes_the_newest_of_several_checkpoints",),
+        "a restart resumes from the oldest checkpoint kept, repeating steps it had already done"),
+    # Twenty more of our own, in the areas the harness covered least (statistics, data selection
+    # and splits, sharding, generation, export, judges).
+    Mutation(
+        "rogan-gladen-sens-for-spec", "safemoe_jax/evaluation/stats.py",
+        "    pi = np.where(j > 0, (p_obs + spec - 1.0) / j, np.nan)",
+        "    pi = np.where(j > 0, (p_obs + sens - 1.0) / j, np.nan)",
+        ("tests/test_rates.py::test_correction_recovers_a_known_prevalence",),
+        "the Rogan-Gladen numerator uses the sensitivity where the specificity belongs"),
+    Mutation(
+        "judge-draws-spec-on-positives", "safemoe_jax/evaluation/stats.py",
+        "  sp = rng.binomial(n_val_neg, spec, B) / n_val_neg if n_val_neg else np.full(B, spec)",
+        "  sp = rng.binomial(n_val_pos, spec, B) / n_val_pos if n_val_pos else np.full(B, spec)",
+        ("tests/test_rates.py::test_judge_uncertainty_widens_the_interval",
+         "tests/test_rates.py::test_safe_rate_takes_the_judges_counts_with_its_flipped_accuracy"),
+        "the bootstrap redraws the specificity from the validation positives' count"),
+    Mutation(
+        "ci-tails-not-halved", "safemoe_jax/evaluation/stats.py",
+        "  a = (1 - level) / 2\n",
+        "  a = 1 - level\n",
+        ("tests/test_rates.py::test_interval_covers_the_truth_with_estimated_judge_errors",
+         "tests/test_rates.py::test_a_95_percent_interval_cuts_2_5_percent_from_each_tail"),
+        "a '95%' bootstrap interval cuts 5% from each tail (a 90% interval)"),
+    Mutation(
+        "wilson-half-width-undivided", "safemoe_jax/evaluation/stats.py",
+        "  h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d\n",
+        "  h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))\n",
+        ("tests/test_evaluate.py::test_wilson_interval_matches_known_values",),
+        "the Wilson interval's half-width is not divided by 1 + z^2/n"),
+    Mutation(
+        "difference-only-positive-supported", "safemoe_jax/evaluation/stats.py",
+        "  ok = ci is not None and (ci[0] > 0 or ci[1] < 0) and",
+        "  ok = ci is not None and (ci[0] > 0) and",
+        ("tests/test_rates.py::test_corrected_difference_shares_the_judge",),
+        "a difference whose interval lies below 0 is never supported (only improvements count)"),
+    Mutation(
+        "cluster-bootstrap-draws-responses", "safemoe_jax/evaluation/stats.py",
+        "  idx = rng.integers(0, len(cnt), (B, len(cnt)))\n",
+        "  idx = rng.integers(0, len(cnt), (B, len(f)))\n",
+        ("tests/test_rates.py::test_cluster_bootstrap_by_prompt",),
+        "the cluster bootstrap draws as many prompts as there are responses (too narrow)"),
+    Mutation(
+        "gate-p-ties-not-counted", "safemoe_jax/evaluation/experiment_results.py",
+        "\"p\": float((1 + (null >= d).sum()) / (1 + n_perm))",
+        "\"p\": float((1 + (null > d).sum()) / (1 + n_perm))",
+        ("tests/test_experiment.py::test_gate_separation_p_value_is_exact_at_both_ends_and_never_zero",),
+        "shuffles that tie the observed distance are not counted: constant gates look significant"),
+    Mutation(
+        "split-eval-edge-without-judge", "safemoe_jax/data/records.py",
+        "  edges = [(\"judge\", s.judge), (\"eval\", s.judge + s.eval),",
+        "  edges = [(\"judge\", s.judge), (\"eval\", s.eval),",
+        ("tests/test_data.py::test_splits_are_disjoint_by_prompt_and_stable",
+         "tests/test_data.py::test_split_fractions_hold_on_many_prompts"),
+        "the eval edge forgets the judge share before it: no pyrit prompt is held out for eval"),
+    Mutation(
+        "held-out-domain-stays-in-validation", "safemoe_jax/data/records.py",
+        "    elif split in (\"train\", \"validation\") and g[\"domains\"] & held:",
+        "    elif split == \"train\" and g[\"domains\"] & held:",
+        ("tests/test_data.py::test_held_out_domains_go_to_eval",),
+        "a held-out domain's validation prompts stay in validation (seen in phase 1 and 2)"),
+    Mutation(
+        "phase1-takes-any-domain", "safemoe_jax/data/select.py",
+        "      if set(r[\"domains\"]) & expert:",
+        "      if r[\"domains\"]:",
+        ("tests/test_data.py::test_build_from_a_local_file_to_batches",
+         "tests/test_data.py::test_harmful_rows_outside_the_expert_domains_stay_out_of_phase_1"),
+        "harmful rows of a domain with no expert join phase 1"),
+    Mutation(
+        "prompt-key-case-sensitive", "safemoe_jax/data/sources.py",
+        "  return \" \".join(prompt.lower().split())",
+        "  return \" \".join(prompt.split())",
+        ("tests/test_data.py::test_curated_and_retain_rows_match_splits_by_the_normalised_prompt",),
+        "the prompt key keeps case: 'How do I ...' and 'how do I ...' land in different splits"),
+    Mutation(
+        "sharding-vocab-on-fsdp", "safemoe_jax/core/sharding.py",
+        "    (\"vocab\", \"tensor\"),",
+        "    (\"vocab\", \"fsdp\"),",
+        ("tests/test_sharding.py::test_default_rules_give_every_parameter_its_expected_spec_on_a_2x2x2_mesh",),
+        "embedding rows and logits are split over fsdp instead of tensor"),
+    Mutation(
+        "sharding-kv-heads-replicated", "safemoe_jax/core/sharding.py",
+        "    (\"kv_heads\", \"tensor\"),",
+        "    (\"kv_heads\", None),",
+        ("tests/test_sharding.py::test_default_rules_give_every_parameter_its_expected_spec_on_a_2x2x2_mesh",),
+        "k/v projections are replicated over tensor while the query heads are split"),
+    Mutation(
+        "sharding-mesh-axis-reused", "safemoe_jax/core/sharding.py",
+        "    mesh_axes = tuple(a for a in _as_tuple(table.get(name)) if a not in used)\n",
+        "    mesh_axes = _as_tuple(table.get(name))\n",
+        ("tests/test_sharding.py::test_logical_spec_maps_dedups_and_replicates_indivisible",),
+        "a mesh axis already used by an earlier dimension is used again (an invalid spec)"),
+    Mutation(
+        "top-p-inclusive-cumsum", "safemoe_jax/infer/generate.py",
+        "    before = jnp.cumsum(probs, -1) - probs  # mass strictly above each sorted token",
+        "    before = jnp.cumsum(probs, -1)  # mass strictly above each sorted token",
+        ("tests/test_generate.py::test_top_p_sampling_stays_in_nucleus",),
+        "the nucleus counts each token's own mass: the token that crosses top-p is cut"),
+    Mutation(
+        "generate-stopped-rows-emit-tokens", "safemoe_jax/infer/generate.py",
+        "    emitted = jnp.where(s[\"done\"], pad_id, tok)\n",
+        "    emitted = tok\n",
+        ("tests/test_generate.py::test_generation_stops_at_eos_and_pads_after",),
+        "a row that has stopped keeps writing tokens after its stop token"),
+    Mutation(
+        "shrinking-drops-stopped-answers", "safemoe_jax/infer/generate.py",
+        "      keep(s, stopped)\n",
+        "",
+        ("tests/test_generate.py::test_shrinking_generation_keeps_every_rows_answer",),
+        "rows that stop before the batch is halved lose their answers (all pad)"),
+    Mutation(
+        "peft-export-untransposed", "safemoe_jax/tools/export/peft.py",
+        "      out[peft_key(layer, t, ab)] = np.ascontiguousarray(arr[layer, e].T, np.float32)",
+        "      out[peft_key(layer, t, ab)] = np.ascontiguousarray(arr[layer, e], np.float32)",
+        ("tests/test_export.py::test_import_then_export_gives_identical_tensors",),
+        "PEFT's lora_A / lora_B are written in our (in, out) layout instead of (out, in)"),
+    Mutation(
+        "merged-scale-dropped", "safemoe_jax/tools/export/merged.py",
+        "    delta = scale * np.einsum(\"leir,e,lero->lio\", A, g, B)",
+        "    delta = np.einsum(\"leir,e,lero->lio\", A, g, B)",
+        ("tests/test_export.py::test_merged_checkpoint_loads_in_transformers_and_matches",),
+        "the merged checkpoint adds the experts without alpha / rank"),
+    Mutation(
+        "auc-ties-not-averaged", "safemoe_jax/judging/labels.py",
+        "    ranks[order[i:j + 1]] = (i + j) / 2 + 1",
+        "    ranks[order[i:j + 1]] = i + 1",
+        ("tests/test_judges.py::test_auc_and_binary_metrics_match_brute_force",),
+        "tied scores get the lowest rank, not the average: the AUC is biased"),
+    Mutation(
+        "harm-threshold-strict", "safemoe_jax/judging/labels.py",
+        "      harm[i] = int(hs >= lc.harm_threshold)",
+        "      harm[i] = int(hs > lc.harm_threshold)",
+        ("tests/test_judges.py::test_targets_follow_the_annotations",),
+        "a harm score equal to the threshold is labelled not harmful"),
+    Mutation(
+        "remote-log-clock-from-zero", "safemoe_jax/io/paths.py",
+        "    self.text, self.dirty, self.last = text, False, -math.inf\n",
+        "    self.text, self.dirty, self.last = text, False, 0.0\n",
+        ("tests/test_paths.py::test_remote_log_writes_its_first_line_at_once_whatever_the_clock",),
+        "a gs:// log's first line waits for the interval on a machine up for less than it "
+        "(monotonic time starts at boot)"),
 ]

@@ -8,7 +8,11 @@ because a mutation that does not even import proves nothing about the tests.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +45,40 @@ def check(m: Mutation, root: Path = ROOT) -> str:
   if not m.tests:
     raise MutationError(f"{m.id}: names no tests")
   return text.replace(m.pattern, m.replacement)
+
+
+@functools.lru_cache(maxsize=None)
+def is_fast(test: str, root: Path = ROOT) -> bool:
+  """Whether a test id runs in the fast tier, read from its source: no `pytest.mark.slow` on the
+  module, and none among the decorators right above the test function (for a whole file: none in
+  it at all). A parametrised case marked slow by itself counts as slow too."""
+  path, _, name = test.partition("::")
+  text = (root / path).read_text()
+  if re.search(r"^pytestmark\b.*slow", text, re.M):
+    return False
+  if not name:
+    return "mark.slow" not in text
+  name = name.split("[")[0]
+  m = re.search(rf"^def {re.escape(name)}\(", text, re.M)
+  if m is None:
+    raise MutationError(f"{test}: no test function {name} in {path}")
+  head = text[:m.start()].rsplit("\n\n", 1)[-1]  # its decorators: back to the blank line before
+  body = text[m.end():].split("\n\n\n", 1)[0]
+  return "mark.slow" not in head and "marks=pytest.mark.slow" not in body
+
+
+def ci_sample(mutations: list[Mutation], n: int, key: str) -> list[Mutation]:
+  """n entries whose named tests are all fast, chosen by `key` (CI passes the commit hash).
+
+  The fast entries are dealt into ceil(F / n) groups (entry i into group i % groups) and the key's
+  hash picks one group, so consecutive commits rotate through the whole harness: with G groups a
+  given entry is left out of c commits in a row with probability (1 - 1/G)^c."""
+  fast = [m for m in mutations if all(is_fast(t) for t in m.tests)]
+  if not fast or n < 1:
+    return []
+  groups = math.ceil(len(fast) / n)
+  g = int(hashlib.sha256(key.encode()).hexdigest(), 16) % groups
+  return fast[g::groups]
 
 
 def repo_files(root: Path = ROOT) -> list[str]:
@@ -96,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--no-baseline", action="store_true",
                   help="skip the first run of the named tests without any mutation (which must "
                        "pass with no skips, or a failure under a mutation would prove nothing)")
+  ap.add_argument("--ci-sample", type=int, metavar="N",
+                  help="run N entries whose named tests are all in the fast tier, chosen by "
+                       "--key (CI: a rotating sample; see ci_sample)")
+  ap.add_argument("--key", default=None,
+                  help="what picks the --ci-sample entries (default: `git rev-parse HEAD`)")
   ap.add_argument("-v", "--verbose", action="store_true", help="print pytest's output tail")
   ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
   a = ap.parse_args(argv)
@@ -105,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
       ap.error(f"unknown mutation id(s) {sorted(unknown)}; see --list")
     chosen = [m for m in MUTATIONS if m.id in a.only]
+  if a.ci_sample is not None:
+    key = a.key or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                  text=True, check=True).stdout.strip()
+    chosen = ci_sample(chosen, a.ci_sample, key)
+    print(f"CI sample of {len(chosen)} fast entries for {key[:12]}: "
+          f"{', '.join(m.id for m in chosen)}", flush=True)
   if a.list:
     for m in chosen:
       print(f"{m.id:28s} {m.file}: {m.why}")
