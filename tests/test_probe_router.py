@@ -118,7 +118,6 @@ def test_phase2_with_the_probe_router_centres_it_and_trains_the_routing_term(tmp
   the phase-2 training prompts, saved with the router and never trained; the routing term is
   logged and falls; the probe and the direction move."""
   import json
-  from pathlib import Path
   from safetensors.numpy import load_file
   from safemoe_jax.train import config as train_cfg, loop as train_loop
   from safemoe_jax.data.encode import build
@@ -126,15 +125,7 @@ def test_phase2_with_the_probe_router_centres_it_and_trains_the_routing_term(tmp
   from tests.fixtures import tiny_run
   model_dir = tiny_run.write_model(tmp_path / "model")
   data = tiny_run.write_data(tmp_path / "data.jsonl")
-  rows = [json.loads(l) for l in data.read_text().splitlines()]
-  curated = tmp_path / "curated.jsonl"
-  curated.write_text("".join(json.dumps({"prompt": r["question"], "response": "a careful "
-                                         "placeholder answer that declines"}) + "\n"
-                             for r in rows))
-  retain = tmp_path / "retain.jsonl"
-  retain.write_text("".join(json.dumps({"prompt": f"placeholder everyday question {i}",
-                                        "response": f"placeholder everyday answer {i}"}) + "\n"
-                            for i in range(16)))
+  curated, retain = tiny_run.write_phase2_files(tmp_path, data, 16)
   out = tmp_path / "run"
   cfg = train_cfg.load_config(None, tiny_run.overrides(
       model_dir, data, out, **{"data.phase2_targets": str(curated), "data.phase2_harmful": True,

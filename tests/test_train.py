@@ -285,14 +285,7 @@ def test_phase2_with_curated_targets_a_contrast_and_a_retain_term(tiny, tmp_path
   from safemoe_jax.io.base import load_base
   model_dir, data = tiny
   rows = [json.loads(l) for l in data.read_text().splitlines()]
-  curated = tmp_path / "curated.jsonl"
-  curated.write_text("".join(json.dumps({"prompt": r["question"], "response": "a careful "
-                                         "placeholder answer that declines"}) + "\n"
-                             for r in rows))
-  retain = tmp_path / "retain.jsonl"
-  retain.write_text("".join(json.dumps({"prompt": f"placeholder everyday question {i}",
-                                        "response": f"placeholder everyday answer {i}"}) + "\n"
-                            for i in range(8)))
+  curated, retain = tiny_run.write_phase2_files(tmp_path, data, 8)
   out = tmp_path / "run"
   cfg = train_cfg.load_config(None, tiny_run.overrides(
       model_dir, data, out, **{"data.phase2_targets": str(curated), "data.phase2_harmful": True,
