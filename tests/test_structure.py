@@ -214,6 +214,25 @@ def test_docs_name_only_existing_entry_points():
   assert not bad, bad
 
 
+def test_imports_in_the_notebook_docs_and_launch_scripts_exist():
+  """`from safemoe_jax[.x] import y` in the notebook, the docs and the launch scripts names a
+  module or a top-level name that exists (the notebook imported a command shim that was removed)."""
+  texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+           *sorted((ROOT / "launch").glob("*"))]
+  bad = []
+  for t in texts:
+    for sub, names in re.findall(r"from safemoe_jax((?:\.\w+)*) import ([\w, ]+)", t.read_text()):
+      base = ROOT / PKG / Path(*sub.strip(".").split(".")) if sub else ROOT / PKG
+      for name in (n.strip() for n in names.split(",") if n.strip()):
+        module = base.with_suffix(".py")
+        defined = module.exists() and re.search(rf"^(def|class) {name}\b|^{name}\b.*=",
+                                                module.read_text(), re.M)
+        if not ((base / f"{name}.py").exists() or (base / name / "__init__.py").exists()
+                or defined):
+          bad.append((t.relative_to(ROOT).as_posix(), f"safemoe_jax{sub}", name))
+  assert not bad, bad
+
+
 def test_every_config_file_the_docs_name_exists():
   """A `configs/<name>.yaml` named in the README, the docs, a config's comments, the launch scripts or the
   package's help texts is a file of the repository (a renamed or never-written config is caught here)."""

@@ -50,7 +50,7 @@ class PathError(SafeMoEError, ValueError):
 def require_backend(path: PathLike, what: str = "output_dir") -> None:
   """One clear error, before anything runs, when `path` is on storage whose client library is
   not installed (a fresh `pip install safemoe_jax` has no gcsfs: gs:// ended in an ImportError)."""
-  if is_local(path):
+  if is_local(path) or "://" not in os.fspath(path):  # no scheme: a folder of this machine
     return
   scheme = os.fspath(path).split("://", 1)[0].lower()
   if scheme not in (*BACKENDS, "hf"):
