@@ -346,8 +346,8 @@ def stopped_at_4(tiny, tmp_path_factory) -> Path:
 
   real = train_loop.Phase.save
 
-  def save(self, step, data_state):
-    real(self, step, data_state)
+  def save(self, step, data_state, **kw):
+    real(self, step, data_state, **kw)
     if step == 4:
       raise Crash
 
