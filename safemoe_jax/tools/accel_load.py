@@ -19,14 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from safemoe_jax.core import sharding as S
 from safemoe_jax.core.config import ExpertsConfig, RouterConfig
 from safemoe_jax.core.flops import device_peak_flops, train_flops_per_token
-from safemoe_jax.io import base as B
 from safemoe_jax.tools import aot, bench
-from safemoe_jax.tools.bench_load import LLAMA32_1B, write_random_checkpoint
+from safemoe_jax.tools.bench_load import (LLAMA32_1B, timed_sharded_load,
+                                          write_random_checkpoint)
 from safemoe_jax.train.steps import make_train_step
 
 # Llama-3.2-1B's shapes; its rope_scaling is exercised by llama3_rope_train (it changes no shape).
@@ -105,17 +104,8 @@ def load_and_step(folder: str, dtype: str, batch: int, seq: int, steps: int) -> 
   mesh = S.make_mesh(mesh_cfg)
   ecfg = ExpertsConfig(num_experts=2, rank=16, alpha=32.0, targets=("q", "k", "v"), dropout=0.0)
   rcfg = RouterConfig()
-  t0 = time.perf_counter()
-  base = B.load_base(folder, param_dtype=dtype, compute_dtype=dtype, with_tokenizer=False,
-                     lazy=True)
-  model = base.sharded_model(ecfg, rcfg, 0, mesh, rules)
-  leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]
-  jax.block_until_ready(leaves)
-  load_s = time.perf_counter() - t0
-  per_device: dict[str, int] = {}
-  for x in leaves:
-    for sh in x.addressable_shards:
-      per_device[str(sh.device)] = per_device.get(str(sh.device), 0) + sh.data.nbytes
+  model, leaves, load_s, per_device = timed_sharded_load(folder, dtype, mesh, rules, ecfg, rcfg,
+                                                        compute_dtype=dtype)
   doc: dict[str, Any] = {
       "devices": n, "device_kind": jax.devices()[0].device_kind, "load_s": load_s,
       "rss_before_mb": rss0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -123,7 +113,7 @@ def load_and_step(folder: str, dtype: str, batch: int, seq: int, steps: int) -> 
       "per_device_bytes_max": max(per_device.values()), "slice_bytes": aot._shard_bytes(leaves),
       "device_stats_after_load":
       _device_stats()}
-  mcfg = base.config
+  mcfg = model.cfg
 
   # The AOT tool's prediction for this step on these devices (its own abstract model and step).
   pred = aot.aot_compile(mcfg, ecfg, rcfg, mesh_cfg, jax.devices(), "phase1", batch, seq)

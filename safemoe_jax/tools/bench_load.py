@@ -98,14 +98,12 @@ def _rss_mb() -> float:
   return float("nan")
 
 
-def measure_child(folder: str, dtype: str, fsdp: int) -> dict[str, Any]:
-  """In a process of its own: load the folder sharded over every device; memory figures."""
-  jax.numpy.zeros(1).block_until_ready()  # the runtime's own memory belongs to the baseline
-  before = _rss_mb()
+def timed_sharded_load(folder: str, dtype: str, mesh, rules, ecfg=None, rcfg=None, **kw):
+  """(model, its arrays, seconds, bytes per device): the folder loaded sharded over `mesh` as
+  training loads it, timed until every array is on its devices."""
   t0 = time.perf_counter()
-  base = B.load_base(folder, param_dtype=dtype, with_tokenizer=False, lazy=True)
-  mesh = S.make_mesh(S.MeshConfig(data=-1, fsdp=fsdp))
-  model = base.sharded_model(None, None, 0, mesh, S.DEFAULT_RULES)
+  base = B.load_base(folder, param_dtype=dtype, with_tokenizer=False, lazy=True, **kw)
+  model = base.sharded_model(ecfg, rcfg, 0, mesh, rules)
   leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]
   jax.block_until_ready(leaves)
   seconds = time.perf_counter() - t0
@@ -113,6 +111,15 @@ def measure_child(folder: str, dtype: str, fsdp: int) -> dict[str, Any]:
   for x in leaves:
     for sh in x.addressable_shards:
       per_device[str(sh.device)] = per_device.get(str(sh.device), 0) + sh.data.nbytes
+  return model, leaves, seconds, per_device
+
+
+def measure_child(folder: str, dtype: str, fsdp: int) -> dict[str, Any]:
+  """In a process of its own: load the folder sharded over every device; memory figures."""
+  jax.numpy.zeros(1).block_until_ready()  # the runtime's own memory belongs to the baseline
+  before = _rss_mb()
+  mesh = S.make_mesh(S.MeshConfig(data=-1, fsdp=fsdp))
+  _, leaves, seconds, per_device = timed_sharded_load(folder, dtype, mesh, S.DEFAULT_RULES)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   return {"devices": jax.device_count(), "mesh": dict(mesh.shape), "load_s": seconds,
           "rss_before_mb": before, "rss_after_mb": _rss_mb(), "peak_rss_mb": peak,
