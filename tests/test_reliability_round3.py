@@ -901,3 +901,15 @@ def test_export_files_are_written_through_the_atomic_writer(tiny, tmp_path, monk
   r = _run_copy(tiny, tmp_path)
   assert _main(EXPORT)(["peft", "--run", str(r), "--out", str(tmp_path / "peft")]) == 0
   assert {"README.md", "router.json", "adapter_config.json"} <= set(seen)
+
+
+def test_a_setting_added_to_the_schema_since_a_run_started_is_not_a_change():
+  """A run recorded before a field existed (data sources had no `revision`) resumes: keys on one
+  side only are not compared, at any depth; a changed value inside a list of sources still is."""
+  from safemoe_jax.core.config import same_setting
+  old = [{"name": "a", "kind": "local"}, {"name": "b", "kind": "pyrit_harm"}]
+  now = [{"name": "a", "kind": "local", "revision": ""}, {"name": "b", "kind": "pyrit_harm",
+                                                          "revision": ""}]
+  assert same_setting(old, now) and same_setting({"x": old}, {"x": now, "y": 1})
+  assert not same_setting(old, [dict(now[0], kind="hub"), now[1]])
+  assert not same_setting(old, now[:1])

@@ -344,6 +344,16 @@ def from_dict(cls, d: dict, path: str = "", base: Any = None) -> Any:
   return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
+def same_setting(a: Any, b: Any) -> bool:
+  """Equal where both sides have the setting: keys of a mapping on one side only (a field added
+  to a source's schema since a run started, e.g. `revision`) are not compared, at any depth."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return all(same_setting(a[k], b[k]) for k in a.keys() & b.keys())
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(same_setting(x, y) for x, y in zip(a, b))
+  return a == b
+
+
 def to_dict(obj: Any) -> Any:
   if dataclasses.is_dataclass(obj):
     return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

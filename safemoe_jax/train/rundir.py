@@ -333,7 +333,7 @@ class RunDir:
     for k in sorted(set(was) & set(now)):
       if k.startswith(("phase1.", "phase2.")) and not started[k.split(".")[0]]:
         continue
-      if was[k] != now[k]:
+      if not C.same_setting(was[k], now[k]):
         diff[k] = (was[k], now[k])
     return diff
 
