@@ -24,7 +24,7 @@ from safemoe_jax.core import sharding as S
 from safemoe_jax.core.config import ExpertsConfig, RouterConfig
 from safemoe_jax.core.flops import device_peak_flops, train_flops_per_token
 from safemoe_jax.tools import aot, bench
-from safemoe_jax.tools.bench_load import (LLAMA32_1B, timed_sharded_load,
+from safemoe_jax.tools.bench_load import (LLAMA32_1B, rss_mb, timed_sharded_load,
                                           write_random_checkpoint)
 from safemoe_jax.train.steps import make_train_step
 
@@ -65,14 +65,6 @@ class Row:
 # --------------------------------------------------------------------------------------------
 
 
-def _rss_mb() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024.0
-  return float("nan")
-
-
 def _device_stats() -> dict[str, int] | None:
   """Largest bytes_in_use and peak_bytes_in_use over this process's devices, or None (CPU)."""
   stats = [d.memory_stats() for d in jax.local_devices()]
@@ -97,7 +89,7 @@ def load_and_step(folder: str, dtype: str, batch: int, seq: int, steps: int) -> 
   """In a process of its own (host peak RSS is per process): load sharded, then the phase-1
   step: the AOT prediction, the real peak, step time and MFU."""
   jnp.zeros(1).block_until_ready()  # the runtime's own memory belongs to the baseline
-  rss0 = _rss_mb()
+  rss0 = rss_mb()
   n = jax.device_count()
   mesh_cfg = S.MeshConfig(data=1, fsdp=n)
   rules = mesh_cfg.rules

@@ -90,7 +90,7 @@ def write_random_checkpoint(folder: Path, hf_config: dict, dtype: str = "bfloat1
   return total
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
   with open("/proc/self/status") as f:
     for line in f:
       if line.startswith("VmRSS:"):
@@ -117,12 +117,12 @@ def timed_sharded_load(folder: str, dtype: str, mesh, rules, ecfg=None, rcfg=Non
 def measure_child(folder: str, dtype: str, fsdp: int) -> dict[str, Any]:
   """In a process of its own: load the folder sharded over every device; memory figures."""
   jax.numpy.zeros(1).block_until_ready()  # the runtime's own memory belongs to the baseline
-  before = _rss_mb()
+  before = rss_mb()
   mesh = S.make_mesh(S.MeshConfig(data=-1, fsdp=fsdp))
   _, leaves, seconds, per_device = timed_sharded_load(folder, dtype, mesh, S.DEFAULT_RULES)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   return {"devices": jax.device_count(), "mesh": dict(mesh.shape), "load_s": seconds,
-          "rss_before_mb": before, "rss_after_mb": _rss_mb(), "peak_rss_mb": peak,
+          "rss_before_mb": before, "rss_after_mb": rss_mb(), "peak_rss_mb": peak,
           "model_bytes": sum(x.nbytes for x in leaves), "per_device_bytes": per_device}
 
 
